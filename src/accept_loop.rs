@@ -1,0 +1,270 @@
+//! The accepting thread of one port.
+//!
+//! It does system calls only and never touches an interpreter: it accepts
+//! on the port's listeners, sends each connection into the hand-off queue,
+//! and re-queues connections that workers send back. A full queue blocks
+//! it (the kernel's backlog then holds new connections); running out of
+//! descriptors makes it back off instead of spinning.
+
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::socket::{MsgFlags, SockaddrLike, SockaddrStorage};
+
+use crate::handoff::{self, Connection, Received};
+use crate::listener;
+
+/// How long to pause when accept or send fails for lack of resources.
+const BACKOFF: Duration = Duration::from_millis(50);
+
+/// Counters shared by the accepting thread and the commands.
+#[derive(Default)]
+pub struct Counters {
+    pub accepted: AtomicU64,
+    pub received: AtomicU64,
+}
+
+/// A running accept loop; stopping it closes the listeners and the accept end.
+pub struct AcceptLoop {
+    stop: Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+    /// Descriptor numbers the thread owns, so a forked child (which has
+    /// copies of them but no thread) can close its copies.
+    owned_fds: Vec<RawFd>,
+}
+
+impl AcceptLoop {
+    pub fn start(
+        listeners: Vec<OwnedFd>,
+        accept_end: OwnedFd,
+        counters: Arc<Counters>,
+    ) -> std::io::Result<AcceptLoop> {
+        let stop = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?);
+        // The accept end is used by this thread only: non-blocking lets a
+        // full queue be waited on together with the stop signal.
+        nix::fcntl::fcntl(
+            accept_end.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )?;
+        let mut owned_fds: Vec<RawFd> = listeners.iter().map(|l| l.as_raw_fd()).collect();
+        owned_fds.push(accept_end.as_raw_fd());
+        owned_fds.push(stop.as_fd().as_raw_fd());
+        let thread_stop = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("socketserver-accept".into())
+            .spawn(move || {
+                let mut state = LoopState { listeners, accept_end, stop: thread_stop, counters };
+                state.run();
+            })?;
+        Ok(AcceptLoop { stop, thread: Some(thread), owned_fds })
+    }
+
+    /// Stops accepting and waits for the thread, which closes the listeners
+    /// (so the port can be bound again at once) and the accept end.
+    pub fn stop(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = self.stop.write(1);
+            let _ = thread.join();
+        }
+    }
+
+    /// In a forked child: the thread does not exist here, only copies of its
+    /// descriptors. Close those copies and forget the rest.
+    pub fn abandon_after_fork(mut self) {
+        for fd in self.owned_fds.drain(..) {
+            // Another Arc holder of `stop` lives in the (absent) thread's
+            // memory; close by number and never drop the owners.
+            let _ = nix::unistd::close(fd);
+        }
+        std::mem::forget(self.thread.take());
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for AcceptLoop {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+struct LoopState {
+    listeners: Vec<OwnedFd>,
+    accept_end: OwnedFd,
+    stop: Arc<EventFd>,
+    counters: Arc<Counters>,
+}
+
+enum Wake {
+    Stop,
+    Ready(Vec<bool>),
+}
+
+impl LoopState {
+    fn run(&mut self) {
+        loop {
+            let ready = match self.wait_for_events() {
+                Wake::Stop => return,
+                Wake::Ready(ready) => ready,
+            };
+            let (listeners_ready, returns_ready) = ready.split_at(self.listeners.len());
+            for index in 0..self.listeners.len() {
+                if listeners_ready[index] && !self.accept_all(index) {
+                    return;
+                }
+            }
+            if returns_ready[0] && !self.requeue_returned() {
+                return;
+            }
+        }
+    }
+
+    /// Waits until a listener or the accept end is readable, or stop is asked.
+    fn wait_for_events(&self) -> Wake {
+        let mut fds: Vec<PollFd> = self
+            .listeners
+            .iter()
+            .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN))
+            .collect();
+        fds.push(PollFd::new(self.accept_end.as_fd(), PollFlags::POLLIN));
+        fds.push(PollFd::new(self.stop.as_fd(), PollFlags::POLLIN));
+        loop {
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => break,
+                Err(Errno::EINTR) => continue,
+                Err(_) => {
+                    std::thread::sleep(BACKOFF);
+                    continue;
+                }
+            }
+        }
+        let readable = |fd: &PollFd| fd.any().unwrap_or(false);
+        if readable(fds.last().expect("stop is polled")) {
+            return Wake::Stop;
+        }
+        Wake::Ready(fds[..fds.len() - 1].iter().map(readable).collect())
+    }
+
+    /// Accepts every pending connection on one listener; false when stopping.
+    fn accept_all(&mut self, index: usize) -> bool {
+        loop {
+            match accept_connection(&self.listeners[index]) {
+                Ok(conn) => {
+                    self.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                    if !self.enqueue(conn) {
+                        return false;
+                    }
+                }
+                Err(Errno::EAGAIN) => return true,
+                // The peer gave up before we took it: nothing to hand off.
+                Err(Errno::ECONNABORTED | Errno::EINTR | Errno::EPROTO) => continue,
+                // Out of descriptors or memory: wait, the connection stays
+                // in the kernel's backlog until we can take it.
+                Err(_) => return self.pause(),
+            }
+        }
+    }
+
+    /// Sends one connection into the queue, waiting while it is full;
+    /// false when stopping.
+    fn enqueue(&self, conn: Connection) -> bool {
+        loop {
+            match handoff::send_connection(self.accept_end.as_fd(), &conn, MsgFlags::empty()) {
+                // Our copy closes here; the queue holds the connection now.
+                Ok(()) => return true,
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => {
+                    if !self.wait_writable() {
+                        return false;
+                    }
+                }
+                // ETOOMANYREFS (too many descriptors in flight) or ENOBUFS:
+                // wait for workers to drain the queue.
+                Err(Errno::ETOOMANYREFS | Errno::ENOBUFS | Errno::ENOMEM) => {
+                    if !self.pause() {
+                        return false;
+                    }
+                }
+                // No worker end is left anywhere: nobody can take it.
+                Err(_) => return true,
+            }
+        }
+    }
+
+    /// Re-queues the connections workers sent back; false when stopping.
+    fn requeue_returned(&self) -> bool {
+        loop {
+            match handoff::receive_connection(self.accept_end.as_fd(), MsgFlags::MSG_DONTWAIT) {
+                Ok(Received::Connection(conn)) => {
+                    if !self.enqueue(conn) {
+                        return false;
+                    }
+                }
+                Ok(Received::Empty | Received::Closed) => return true,
+                Err(handoff::ReceiveError::DescriptorLost) => {
+                    if !self.pause() {
+                        return false;
+                    }
+                }
+                Err(_) => return true,
+            }
+        }
+    }
+
+    fn wait_writable(&self) -> bool {
+        let mut fds = [
+            PollFd::new(self.accept_end.as_fd(), PollFlags::POLLOUT),
+            PollFd::new(self.stop.as_fd(), PollFlags::POLLIN),
+        ];
+        let _ = poll(&mut fds, PollTimeout::from(1000u16));
+        !fds[1].any().unwrap_or(false)
+    }
+
+    /// Sleeps for the back-off interval unless stop is asked; false when stopping.
+    fn pause(&self) -> bool {
+        let mut fds = [PollFd::new(self.stop.as_fd(), PollFlags::POLLIN)];
+        let millis = u16::try_from(BACKOFF.as_millis()).unwrap_or(u16::MAX);
+        let _ = poll(&mut fds, PollTimeout::from(millis));
+        !fds[0].any().unwrap_or(false)
+    }
+}
+
+/// `accept4` with close-on-exec, wrapping the descriptor before anything
+/// else can fail, and recording the peer as Tcl would print it.
+fn accept_connection(listener: &OwnedFd) -> Result<Connection, Errno> {
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut length = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: storage and length describe a writable sockaddr_storage.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut length,
+            libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: accept4 returned a new descriptor that nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: the kernel filled `length` bytes of a sockaddr_storage.
+    let address = unsafe {
+        SockaddrStorage::from_raw((&storage as *const libc::sockaddr_storage).cast(), Some(length))
+    };
+    let peer = address
+        .as_ref()
+        .and_then(listener::to_socket_addr)
+        .map(|a| format!("{} {}", listener::host_string(a.ip()), a.port()))
+        .unwrap_or_else(|| "0.0.0.0 0".into());
+    Ok(Connection { socket, peer })
+}

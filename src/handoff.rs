@@ -1,0 +1,149 @@
+//! The hand-off queue between the accepting process and its workers.
+//!
+//! Each port has one `SOCK_SEQPACKET` socketpair. The accepting thread sends
+//! on one end (the *accept end*); every worker receives from the other (the
+//! *worker end*), which it inherited through `fork`. One message is one
+//! connection: its payload is the peer's address as `accept()` reported it,
+//! and its control message carries exactly one descriptor (`SCM_RIGHTS`).
+//! SEQPACKET keeps message boundaries, so a connection is never split or
+//! merged with another, and the kernel gives each message to one receiver.
+//!
+//! A worker that took a connection it can no longer use (its registration
+//! was cancelled while the connection was in flight) sends it back through
+//! the worker end; the accepting thread queues it again.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType,
+};
+
+/// Longest payload: an IPv6 address, a space and a port fit easily.
+const MAX_PAYLOAD: usize = 96;
+
+/// The two ends of a port's queue, both close-on-exec.
+pub fn new_queue() -> nix::Result<(OwnedFd, OwnedFd)> {
+    socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+}
+
+/// A connection in transit: the socket and its peer as "host port".
+#[derive(Debug)]
+pub struct Connection {
+    pub socket: OwnedFd,
+    pub peer: String,
+}
+
+impl Connection {
+    /// The peer's address and port, as Tcl's `socket -server` reports them.
+    pub fn peer_host_and_port(&self) -> (String, String) {
+        match self.peer.rsplit_once(' ') {
+            Some((host, port)) => (host.to_string(), port.to_string()),
+            None => (String::new(), "0".to_string()),
+        }
+    }
+}
+
+/// Sends one connection as one message. The caller keeps `conn` and closes
+/// it after a successful send (the receiver then holds the only copy).
+pub fn send_connection(queue: BorrowedFd<'_>, conn: &Connection, flags: MsgFlags) -> nix::Result<()> {
+    let fds = [conn.socket.as_raw_fd()];
+    let payload = conn.peer.as_bytes();
+    let sent = sendmsg::<()>(
+        queue.as_raw_fd(),
+        &[IoSlice::new(payload)],
+        &[ControlMessage::ScmRights(&fds)],
+        flags | MsgFlags::MSG_NOSIGNAL,
+        None,
+    )?;
+    // SEQPACKET sends whole messages or nothing.
+    debug_assert_eq!(sent, payload.len());
+    Ok(())
+}
+
+/// What one receive gave.
+#[derive(Debug)]
+pub enum Received {
+    Connection(Connection),
+    /// Nothing queued (only with `MSG_DONTWAIT`).
+    Empty,
+    /// Every accept end is closed and the queue is drained.
+    Closed,
+}
+
+/// Why a receive failed.
+#[derive(Debug)]
+pub enum ReceiveError {
+    /// The descriptor did not fit (`MSG_CTRUNC`): the process is out of
+    /// descriptors, and the kernel closed the connection.
+    DescriptorLost,
+    /// A message arrived without exactly one descriptor, or truncated.
+    Malformed,
+    Os(Errno),
+}
+
+impl std::fmt::Display for ReceiveError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReceiveError::DescriptorLost => write!(
+                f,
+                "a connection was lost: no free descriptor to receive it (too many open files)"
+            ),
+            ReceiveError::Malformed => write!(f, "a malformed message arrived on the hand-off queue"),
+            ReceiveError::Os(errno) => write!(f, "{}", errno.desc().to_lowercase()),
+        }
+    }
+}
+
+/// Receives one connection; the descriptor arrives close-on-exec.
+pub fn receive_connection(queue: BorrowedFd<'_>, flags: MsgFlags) -> Result<Received, ReceiveError> {
+    let mut payload = [0u8; MAX_PAYLOAD];
+    let mut cmsg_space = nix::cmsg_space!([RawFd; 1]);
+    let mut iov = [IoSliceMut::new(&mut payload)];
+    let message = match recvmsg::<()>(
+        queue.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg_space),
+        flags | MsgFlags::MSG_CMSG_CLOEXEC,
+    ) {
+        Ok(message) => message,
+        Err(Errno::EAGAIN) => return Ok(Received::Empty),
+        Err(errno) => return Err(ReceiveError::Os(errno)),
+    };
+
+    // Take ownership of every descriptor first, so that no error path below
+    // can leak one.
+    let mut descriptors: Vec<OwnedFd> = Vec::new();
+    if let Ok(cmsgs) = message.cmsgs() {
+        for cmsg in cmsgs {
+            if let ControlMessageOwned::ScmRights(fds) = cmsg {
+                // SAFETY: the kernel just installed these descriptors in
+                // this process for us; nothing else owns them.
+                descriptors.extend(fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+            }
+        }
+    }
+    let truncated_control = message.flags.contains(MsgFlags::MSG_CTRUNC);
+    let truncated_payload = message.flags.contains(MsgFlags::MSG_TRUNC);
+    let length = message.bytes;
+
+    if length == 0 && descriptors.is_empty() && !truncated_control {
+        return Ok(Received::Closed);
+    }
+    if truncated_control {
+        return Err(ReceiveError::DescriptorLost);
+    }
+    if truncated_payload || descriptors.len() != 1 {
+        return Err(ReceiveError::Malformed);
+    }
+    let peer = String::from_utf8_lossy(&payload[..length]).into_owned();
+    let socket = descriptors.pop().expect("checked: exactly one descriptor");
+    Ok(Received::Connection(Connection { socket, peer }))
+}

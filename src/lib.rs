@@ -1,0 +1,99 @@
+//! socketserver: pre-forked TCP servers for Tcl.
+//!
+//! One process opens the listener and accepts in a background thread
+//! (`accept_loop`); each connection travels over a `SOCK_SEQPACKET`
+//! socketpair (`handoff`) to exactly one idle worker (`receiver`), which
+//! hands it to the Tcl handler that registered for it (`registration`) as
+//! an ordinary Tcl TCP channel. `command` parses `::socketserver::socket`;
+//! `port_table` is the process-wide table of ports; `tcl` is the only code
+//! that touches the Tcl C API.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod tcl;
+
+pub mod accept_loop;
+mod command;
+pub mod handoff;
+pub mod listener;
+mod port_table;
+pub mod receiver;
+mod registration;
+
+use std::ffi::{c_int, c_void};
+
+use registration::InterpState;
+use tcl::{Interp, Obj, TclError, Tcl_Interp, Tcl_Obj, TCL_ERROR};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+const ASSOC_KEY: &std::ffi::CStr = c"socketserver";
+
+/// Entry point for `load` and `package require`.
+///
+/// # Safety
+/// Called by Tcl with a live interpreter, on the thread that owns it.
+#[no_mangle]
+pub unsafe extern "C" fn Socketserver_Init(interp: *mut Tcl_Interp) -> c_int {
+    // SAFETY: Tcl passes a live interpreter.
+    if !unsafe { tcl::init_stubs(interp) } {
+        return TCL_ERROR;
+    }
+    // SAFETY: as above; stubs are ready.
+    let interp = unsafe { Interp::from_raw(interp) };
+    tcl::run_command(interp, || init(interp).map(|()| Obj::new_string("")))
+}
+
+/// Refuses safe interpreters: the extension opens sockets and is meant to
+/// run in processes that fork.
+///
+/// # Safety
+/// Called by Tcl with a live interpreter, on the thread that owns it.
+#[no_mangle]
+pub unsafe extern "C" fn Socketserver_SafeInit(interp: *mut Tcl_Interp) -> c_int {
+    // SAFETY: Tcl passes a live interpreter.
+    if !unsafe { tcl::init_stubs(interp) } {
+        return TCL_ERROR;
+    }
+    // SAFETY: as above; stubs are ready.
+    let interp = unsafe { Interp::from_raw(interp) };
+    interp.set_error(TclError::new(
+        "socketserver cannot be loaded into a safe interpreter: it opens sockets and is meant for processes that fork",
+        &["SOCKETSERVER", "SAFE"],
+    ));
+    TCL_ERROR
+}
+
+fn init(interp: Interp) -> tcl::TclResult<()> {
+    let mut state = interp.get_assoc_data(ASSOC_KEY);
+    if state.is_null() {
+        state = Box::into_raw(Box::new(InterpState::new(interp))).cast::<c_void>();
+        interp.set_assoc_data(ASSOC_KEY, Some(registration::on_interp_deleted), state);
+    }
+    interp.create_command(c"::socketserver::socket", Some(socket_command), state);
+    interp.export(c"::socketserver", c"socket");
+    let version = std::ffi::CString::new(VERSION).expect("version has no NUL");
+    if interp.provide_package(c"socketserver", &version) != tcl::TCL_OK {
+        return Err(TclError::AlreadySet);
+    }
+    Ok(())
+}
+
+/// The `::socketserver::socket` command procedure.
+unsafe extern "C" fn socket_command(
+    state: *mut c_void,
+    interp: *mut Tcl_Interp,
+    objc: c_int,
+    objv: *const *mut Tcl_Obj,
+) -> c_int {
+    // SAFETY: Tcl passes a live interpreter and objc live words; `state` is
+    // the InterpState registered with the command, freed only with the
+    // interpreter.
+    let (interp, objv, state) = unsafe {
+        (
+            Interp::from_raw(interp),
+            std::slice::from_raw_parts(objv, objc as usize),
+            &*state.cast::<InterpState>(),
+        )
+    };
+    tcl::run_command(interp, || command::dispatch(state, interp, objv))
+}

@@ -1,0 +1,74 @@
+//! The process's table of ports.
+//!
+//! The table belongs to the process, not to an interpreter: any interpreter
+//! or thread can register for a port another one opened, and a forked child
+//! inherits the table. A child is recognised by its pid: on its first use
+//! of the table it closes its copies of the listeners and of the queue's
+//! accept end (so that the port is freed when the accepting process exits,
+//! and workers see the queue close) and starts its own counters.
+
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use nix::unistd::{getpid, Pid};
+
+use crate::accept_loop::{AcceptLoop, Counters};
+
+pub struct Port {
+    pub number: u16,
+    /// The queue's receiving end, shared by every worker of the port.
+    pub worker_end: Arc<OwnedFd>,
+    pub addresses: Vec<SocketAddr>,
+    pub backlog: i32,
+    pub counters: Arc<Counters>,
+    /// The accept loop, in the accepting process only.
+    pub accept_loop: Option<AcceptLoop>,
+}
+
+pub struct PortTable {
+    pid: Pid,
+    /// In the order `server` opened them; the first is the default port.
+    ports: Vec<Port>,
+}
+
+static TABLE: Mutex<PortTable> = Mutex::new(PortTable { pid: Pid::from_raw(0), ports: Vec::new() });
+
+/// Locks the table, first adopting it if this is a forked child.
+pub fn table() -> MutexGuard<'static, PortTable> {
+    let mut table = TABLE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let pid = getpid();
+    if table.pid != pid {
+        table.pid = pid;
+        for port in &mut table.ports {
+            if let Some(accept_loop) = port.accept_loop.take() {
+                accept_loop.abandon_after_fork();
+            }
+            port.counters = Arc::new(Counters::default());
+        }
+    }
+    table
+}
+
+impl PortTable {
+    pub fn get(&self, number: u16) -> Option<&Port> {
+        self.ports.iter().find(|p| p.number == number)
+    }
+
+    pub fn default_port(&self) -> Option<u16> {
+        self.ports.first().map(|p| p.number)
+    }
+
+    pub fn numbers(&self) -> Vec<u16> {
+        self.ports.iter().map(|p| p.number).collect()
+    }
+
+    pub fn insert(&mut self, port: Port) {
+        self.ports.push(port);
+    }
+
+    pub fn remove(&mut self, number: u16) -> Option<Port> {
+        let index = self.ports.iter().position(|p| p.number == number)?;
+        Some(self.ports.remove(index))
+    }
+}

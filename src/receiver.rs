@@ -1,0 +1,210 @@
+//! Waiting for a connection without waking every idle worker.
+//!
+//! A Tcl file handler on the shared worker end would be `poll()`ed by every
+//! worker, and the kernel wakes every poller for every message: the herd
+//! that made socketservertcl 1.1.3 slower with more workers. Instead, each
+//! registration has a `Receiver`: a thread blocked in `epoll_wait` on its own
+//! epoll instance, in which the worker end is added with `EPOLLEXCLUSIVE`
+//! only while a registration is pending (armed). The kernel then wakes one
+//! armed receiver per message, and because arming appends to the socket's
+//! wait queue, the one that has waited longest (FIFO). The receiver takes
+//! one message, disarms, and hands the connection to its interpreter's
+//! thread as a Tcl event. A worker with nothing pending is not on the wait
+//! queue at all, so it can never take a connection it would not serve.
+
+use std::os::fd::{AsFd, OwnedFd, RawFd, AsRawFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::socket::MsgFlags;
+
+use crate::handoff::{self, Connection, ReceiveError, Received};
+
+const QUEUE_TOKEN: u64 = 1;
+const WAKE_TOKEN: u64 = 2;
+
+/// What a receiver hands to its interpreter.
+#[derive(Debug)]
+pub enum Outcome {
+    Connection(Connection),
+    /// The queue is closed and drained: the accepting process closed the
+    /// port or exited. The registration is over.
+    QueueClosed,
+    /// Something went wrong; `ended` means the registration is over (the
+    /// queue is closed), otherwise it stays pending.
+    Failed { error: ReceiveError, ended: bool },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Idle,
+    Armed,
+    Quit,
+}
+
+struct Shared {
+    queue: Arc<OwnedFd>,
+    epoll: Epoll,
+    wake: EventFd,
+    mode: Mutex<Mode>,
+}
+
+impl Shared {
+    fn mode(&self) -> MutexGuard<'_, Mode> {
+        self.mode.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+pub struct Receiver {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Receiver {
+    /// Starts the waiting thread (idle). `deliver` runs on that thread.
+    pub fn spawn(
+        queue: Arc<OwnedFd>,
+        deliver: impl Fn(Outcome) + Send + 'static,
+    ) -> std::io::Result<Receiver> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        let wake = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
+        epoll.add(wake.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN))?;
+        let shared = Arc::new(Shared { queue, epoll, wake, mode: Mutex::new(Mode::Idle) });
+        let thread_shared = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("socketserver-recv".into())
+            .spawn(move || wait_loop(&thread_shared, deliver))?;
+        Ok(Receiver { shared, thread: Some(thread) })
+    }
+
+    /// Joins the wait queue: the next connection may come to us.
+    pub fn arm(&self) -> Result<(), Errno> {
+        let mut mode = self.shared.mode();
+        if *mode == Mode::Idle {
+            let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
+            self.shared
+                .epoll
+                .add(self.shared.queue.as_fd(), EpollEvent::new(flags, QUEUE_TOKEN))?;
+            *mode = Mode::Armed;
+        }
+        Ok(())
+    }
+
+    /// Leaves the wait queue; after this returns no connection is taken.
+    pub fn disarm(&self) {
+        let mut mode = self.shared.mode();
+        if *mode == Mode::Armed {
+            let _ = self.shared.epoll.delete(self.shared.queue.as_fd());
+            *mode = Mode::Idle;
+            pass_on_wakeup(&self.shared.queue);
+        }
+    }
+
+    /// In a forked child: the thread does not exist here. Close our copies
+    /// of its descriptors by number and forget the rest.
+    pub fn abandon_after_fork(mut self) {
+        let epoll_fd: RawFd = self.shared.epoll.0.as_raw_fd();
+        let wake_fd: RawFd = self.shared.wake.as_fd().as_raw_fd();
+        let _ = nix::unistd::close(epoll_fd);
+        let _ = nix::unistd::close(wake_fd);
+        std::mem::forget(self.thread.take());
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        {
+            let mut mode = self.shared.mode();
+            if *mode == Mode::Armed {
+                let _ = self.shared.epoll.delete(self.shared.queue.as_fd());
+                pass_on_wakeup(&self.shared.queue);
+            }
+            *mode = Mode::Quit;
+        }
+        let _ = self.shared.wake.write(1);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// After leaving the wait queue, a wakeup meant for us may have been spent
+/// on us without our taking the message. If a message is waiting, take it
+/// and send it back to the accepting thread, whose re-send wakes the next
+/// idle worker. (When the accept end is gone, the queue reports hang-up to
+/// every waiter, so no wakeup can be lost and we leave it be.)
+fn pass_on_wakeup(queue: &OwnedFd) {
+    let mut fds = [PollFd::new(queue.as_fd(), PollFlags::POLLIN)];
+    if poll(&mut fds, PollTimeout::ZERO).is_err() {
+        return;
+    }
+    let revents = fds[0].revents().unwrap_or(PollFlags::empty());
+    if !revents.contains(PollFlags::POLLIN) || revents.contains(PollFlags::POLLHUP) {
+        return;
+    }
+    if let Ok(Received::Connection(conn)) =
+        handoff::receive_connection(queue.as_fd(), MsgFlags::MSG_DONTWAIT)
+    {
+        give_back(queue, conn);
+    }
+}
+
+/// Returns a connection to the accepting thread for another worker.
+pub fn give_back(queue: &OwnedFd, conn: Connection) {
+    // On failure the connection closes: the accepting process is gone.
+    let _ = handoff::send_connection(queue.as_fd(), &conn, MsgFlags::MSG_DONTWAIT);
+}
+
+fn wait_loop(shared: &Shared, deliver: impl Fn(Outcome)) {
+    let mut events = [EpollEvent::empty(); 2];
+    loop {
+        let count = match shared.epoll.wait(&mut events, EpollTimeout::NONE) {
+            Ok(count) => count,
+            Err(Errno::EINTR) => continue,
+            Err(_) => return,
+        };
+        for event in &events[..count] {
+            if event.data() == WAKE_TOKEN {
+                let _ = shared.wake.read();
+                if *shared.mode() == Mode::Quit {
+                    return;
+                }
+                continue;
+            }
+            let outcome = {
+                let mut mode = shared.mode();
+                if *mode != Mode::Armed {
+                    continue;
+                }
+                match handoff::receive_connection(shared.queue.as_fd(), MsgFlags::MSG_DONTWAIT) {
+                    // Another worker was quicker; keep waiting.
+                    Ok(Received::Empty) => continue,
+                    Ok(Received::Connection(conn)) => {
+                        let _ = shared.epoll.delete(shared.queue.as_fd());
+                        *mode = Mode::Idle;
+                        Outcome::Connection(conn)
+                    }
+                    Ok(Received::Closed) => {
+                        let _ = shared.epoll.delete(shared.queue.as_fd());
+                        *mode = Mode::Idle;
+                        Outcome::QueueClosed
+                    }
+                    Err(ReceiveError::DescriptorLost) => {
+                        Outcome::Failed { error: ReceiveError::DescriptorLost, ended: false }
+                    }
+                    Err(error) => {
+                        let _ = shared.epoll.delete(shared.queue.as_fd());
+                        *mode = Mode::Idle;
+                        Outcome::Failed { error, ended: true }
+                    }
+                }
+            };
+            deliver(outcome);
+        }
+    }
+}

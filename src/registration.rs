@@ -1,0 +1,265 @@
+//! Registrations: an interpreter's wish to receive the next connection of a
+//! port, and the delivery of that connection to its handler.
+//!
+//! Each interpreter that loads the extension has one `InterpState`, kept as
+//! Tcl assoc data and freed when the interpreter is deleted. It holds one
+//! `Registration` per port the interpreter has asked for. The registration's
+//! `Receiver` thread takes a connection from the queue and queues a Tcl
+//! event on the interpreter's thread; the event calls the handler there.
+
+use std::cell::{Cell, RefCell};
+use std::ffi::{c_int, c_void};
+use std::os::fd::OwnedFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use nix::unistd::{getpid, Pid};
+
+use crate::accept_loop::Counters;
+use crate::receiver::{self, Outcome, Receiver};
+use crate::tcl::{self, Event, Interp, Obj, TclError, TclResult, Tcl_Event, ThreadId};
+
+struct Registration {
+    port: u16,
+    /// The handler's words while a registration is pending.
+    handler: Option<Vec<Obj>>,
+    queue: Arc<OwnedFd>,
+    counters: Arc<Counters>,
+    receiver: Receiver,
+}
+
+/// What an interpreter knows of its own registrations.
+pub struct InterpState {
+    interp: Interp,
+    thread: ThreadId,
+    /// The process this state was made in; a forked child resets it.
+    pid: Cell<Pid>,
+    registrations: RefCell<Vec<Registration>>,
+}
+
+/// A pointer to an `InterpState` that a receiver thread carries to the
+/// interpreter's own thread. It is only dereferenced there, by
+/// `on_delivery`, and the state outlives every event pointing to it
+/// (`on_interp_deleted` stops the receivers, then purges their events).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct StatePtr(*const InterpState);
+// SAFETY: see the type's documentation.
+unsafe impl Send for StatePtr {}
+
+/// The payload of the Tcl event a receiver queues.
+struct Delivery {
+    state: StatePtr,
+    port: u16,
+    pid: Pid,
+    queue: Arc<OwnedFd>,
+    outcome: Outcome,
+}
+
+impl InterpState {
+    pub fn new(interp: Interp) -> InterpState {
+        InterpState {
+            interp,
+            thread: tcl::current_thread(),
+            pid: Cell::new(getpid()),
+            registrations: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// In a forked child, the receiver threads stayed behind in the parent
+    /// and any pending registration belonged to the parent: start afresh.
+    pub fn reset_if_forked(&self) {
+        if self.pid.get() == getpid() {
+            return;
+        }
+        self.pid.set(getpid());
+        for registration in self.registrations.borrow_mut().drain(..) {
+            registration.receiver.abandon_after_fork();
+        }
+    }
+
+    /// Makes `handler` the pending registration for `port`, replacing a
+    /// pending one.
+    pub fn register(
+        &self,
+        port: u16,
+        handler: Vec<Obj>,
+        queue: Arc<OwnedFd>,
+        counters: Arc<Counters>,
+    ) -> TclResult<()> {
+        let mut registrations = self.registrations.borrow_mut();
+        // A port closed and opened again has a new queue: start over.
+        registrations.retain(|r| r.port != port || Arc::ptr_eq(&r.queue, &queue));
+        let index = match registrations.iter().position(|r| r.port == port) {
+            Some(index) => index,
+            None => {
+                let receiver = self.spawn_receiver(port, &queue)?;
+                registrations.push(Registration {
+                    port,
+                    handler: None,
+                    queue,
+                    counters,
+                    receiver,
+                });
+                registrations.len() - 1
+            }
+        };
+        let registration = &mut registrations[index];
+        registration.handler = Some(handler);
+        if let Err(errno) = registration.receiver.arm() {
+            registration.handler = None;
+            return Err(os_error("couldn't wait for a connection", errno as i32));
+        }
+        Ok(())
+    }
+
+    fn spawn_receiver(&self, port: u16, queue: &Arc<OwnedFd>) -> TclResult<Receiver> {
+        let thread = self.thread;
+        let state = StatePtr(self);
+        let pid = self.pid.get();
+        let event_queue = Arc::clone(queue);
+        Receiver::spawn(Arc::clone(queue), move |outcome| {
+            let delivery = Delivery { state, port, pid, queue: Arc::clone(&event_queue), outcome };
+            tcl::queue_event(thread, on_delivery, delivery);
+        })
+        .map_err(|e| os_error("couldn't wait for a connection", e.raw_os_error().unwrap_or(0)))
+    }
+
+    /// Cancels the pending registration for `port`; with `forget`, also
+    /// stops its receiver (the port is gone).
+    pub fn cancel(&self, port: u16, forget: bool) {
+        let removed: Vec<Registration>;
+        {
+            let mut registrations = self.registrations.borrow_mut();
+            for registration in registrations.iter_mut().filter(|r| r.port == port) {
+                registration.receiver.disarm();
+                registration.handler = None;
+            }
+            removed = if forget {
+                let (gone, kept) = registrations.drain(..).partition(|r| r.port == port);
+                *registrations = kept;
+                gone
+            } else {
+                Vec::new()
+            };
+        }
+        drop(removed);
+    }
+
+    pub fn is_waiting(&self, port: u16) -> bool {
+        self.registrations
+            .borrow()
+            .iter()
+            .any(|r| r.port == port && r.handler.is_some())
+    }
+
+    /// Runs on the interpreter's thread when a receiver delivers.
+    fn deliver(&self, port: u16, queue: &OwnedFd, outcome: Outcome) {
+        let mut registrations = self.registrations.borrow_mut();
+        let registration = registrations.iter_mut().find(|r| r.port == port);
+        let interp = self.interp;
+        match outcome {
+            Outcome::Connection(conn) => {
+                let Some(registration) = registration.filter(|r| r.handler.is_some()) else {
+                    // Cancelled while the connection was on its way.
+                    receiver::give_back(queue, conn);
+                    return;
+                };
+                let mut words = registration.handler.take().unwrap_or_default();
+                registration.counters.received.fetch_add(1, Ordering::Relaxed);
+                // The handler usually registers again: release the borrow first.
+                drop(registrations);
+                let (host, peer_port) = conn.peer_host_and_port();
+                let channel = interp.adopt_tcp_socket(conn.socket);
+                words.push(Obj::new_string(&channel));
+                words.push(Obj::new_string(&host));
+                words.push(Obj::new_string(&peer_port));
+                interp.eval_global_in_background(&words);
+            }
+            Outcome::QueueClosed => {
+                let was_waiting = registration.is_some_and(|r| r.handler.take().is_some());
+                drop(registrations);
+                if was_waiting {
+                    interp.background_error(TclError::new(
+                        format!(
+                            "socketserver port {port} is closed: its accepting process \
+                             stopped accepting or exited"
+                        ),
+                        &["SOCKETSERVER", "CLOSED", &port.to_string()],
+                    ));
+                }
+            }
+            Outcome::Failed { error, ended } => {
+                if ended {
+                    if let Some(registration) = registration {
+                        registration.handler = None;
+                    }
+                }
+                drop(registrations);
+                interp.background_error(TclError::new(
+                    format!("socketserver port {port}: {error}"),
+                    &["SOCKETSERVER", "RECEIVE", &port.to_string()],
+                ));
+            }
+        }
+    }
+}
+
+/// The Tcl event procedure for a delivery.
+unsafe extern "C" fn on_delivery(event: *mut Tcl_Event, flags: c_int) -> c_int {
+    // Connections are file events: wait while Tcl processes other kinds only.
+    if flags & tcl::TCL_FILE_EVENTS == 0 {
+        return 0;
+    }
+    // SAFETY: only `spawn_receiver` queues events with this procedure, and
+    // Tcl calls it once per event.
+    let delivery = unsafe { Event::<Delivery>::take_payload(event) };
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        // An event copied into a forked child: the parent delivers it.
+        if delivery.pid != getpid() {
+            return;
+        }
+        // SAFETY: see `StatePtr`.
+        let state = unsafe { &*delivery.state.0 };
+        state.deliver(delivery.port, &delivery.queue, delivery.outcome);
+    }));
+    1
+}
+
+/// Removes an interpreter's pending deliveries, giving their connections back.
+unsafe extern "C" fn purge_delivery(event: *mut Tcl_Event, state: *mut c_void) -> c_int {
+    // SAFETY: Tcl passes live events of this thread's queue.
+    let ours = unsafe { Event::<Delivery>::is_ours(event, on_delivery) }
+        && unsafe { Event::<Delivery>::payload(event) }.state.0 == state.cast_const().cast();
+    if !ours {
+        return 0;
+    }
+    // SAFETY: the event is one of ours and Tcl deletes it after we return 1.
+    let delivery = unsafe { Event::<Delivery>::take_payload(event) };
+    if let Outcome::Connection(conn) = delivery.outcome {
+        if delivery.pid == getpid() {
+            receiver::give_back(&delivery.queue, conn);
+        }
+    }
+    1
+}
+
+/// Tcl's assoc-data delete procedure: the interpreter is going away.
+pub unsafe extern "C" fn on_interp_deleted(state: *mut c_void, _interp: *mut tcl::Tcl_Interp) {
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: `state` is the Box that `Socketserver_Init` leaked for this
+        // interpreter; Tcl calls this procedure once.
+        let state = unsafe { Box::from_raw(state.cast::<InterpState>()) };
+        state.reset_if_forked();
+        // Stop the receivers first, so that no event can be queued after the purge.
+        state.registrations.borrow_mut().clear();
+        let pointer: *const InterpState = &*state;
+        tcl::delete_events(purge_delivery, pointer.cast_mut().cast());
+    }));
+}
+
+/// A Tcl error for a failed system call, worded as `Tcl_PosixError` would.
+pub fn os_error(context: &str, errno: i32) -> TclError {
+    let (message, name) = tcl::posix_error_words(errno);
+    TclError::new(format!("{context}: {message}"), &["POSIX", &name, &message])
+}

@@ -1,0 +1,11 @@
+/*
+ * Tcl_InitStubs is a macro, so it cannot be called from Rust directly.
+ * This is the only C in the extension: it fills in tclStubsPtr, through
+ * which every other Tcl call is made.
+ */
+#include <tcl.h>
+
+int socketserver_init_stubs(Tcl_Interp *interp)
+{
+    return Tcl_InitStubs(interp, "8.6", 0) != NULL;
+}

@@ -1,0 +1,483 @@
+//! The safe layer over the Tcl C API.
+//!
+//! This is the only module that calls into Tcl. Every call goes through the
+//! stubs table (`tclStubsPtr`), which `Socketserver_Init` fills in before
+//! anything else runs, so the library never links libtcl itself.
+//!
+//! Everything here is tied to the thread that owns the interpreter: `Obj`
+//! and `Interp` are neither `Send` nor `Sync`.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::marker::PhantomData;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ptr::{self, NonNull};
+
+pub use tcl_sys::{Tcl_Event, Tcl_Interp, Tcl_Obj, Tcl_ThreadId};
+
+pub const TCL_OK: c_int = tcl_sys::TCL_OK as c_int;
+pub const TCL_ERROR: c_int = tcl_sys::TCL_ERROR as c_int;
+pub const TCL_FILE_EVENTS: c_int = tcl_sys::TCL_FILE_EVENTS as c_int;
+
+/// Looks up a function in Tcl's stubs table. Use only inside `unsafe`.
+macro_rules! stub {
+    ($name:ident) => {
+        (*tcl_sys::tclStubsPtr)
+            .$name
+            .expect(concat!("Tcl stubs table has no ", stringify!($name)))
+    };
+}
+
+extern "C" {
+    /// `Tcl_InitStubs(interp, "8.6", 0) != NULL`, from `src/stubs_shim.c`.
+    fn socketserver_init_stubs(interp: *mut Tcl_Interp) -> c_int;
+}
+
+/// Fills in the stubs table from `interp`; returns false (with the
+/// interpreter's result set by Tcl) when this Tcl cannot host the extension.
+///
+/// # Safety
+/// `interp` must be a live interpreter, on the thread that owns it.
+pub unsafe fn init_stubs(interp: *mut Tcl_Interp) -> bool {
+    // SAFETY: the caller passes a live interpreter; the shim only reads it.
+    unsafe { socketserver_init_stubs(interp) != 0 }
+}
+
+/// A Tcl error on its way to the interpreter.
+#[derive(Debug)]
+pub enum TclError {
+    /// Tcl has already set the result and `-errorcode` (for example
+    /// `Tcl_GetIntFromObj` or `Tcl_WrongNumArgs`).
+    AlreadySet,
+    /// A message and an `-errorcode` list to set.
+    Message { message: String, code: Vec<String> },
+}
+
+impl TclError {
+    pub fn new(message: impl Into<String>, code: &[&str]) -> Self {
+        TclError::Message {
+            message: message.into(),
+            code: code.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
+pub type TclResult<T> = Result<T, TclError>;
+
+/// An owned reference to a `Tcl_Obj`: cloning increments its reference
+/// count, dropping decrements it.
+pub struct Obj {
+    ptr: NonNull<Tcl_Obj>,
+    _not_send: PhantomData<*mut Tcl_Obj>,
+}
+
+impl Obj {
+    /// # Safety
+    /// `ptr` must point to a live `Tcl_Obj` owned by the current thread.
+    pub unsafe fn from_raw(ptr: *mut Tcl_Obj) -> Obj {
+        let ptr = NonNull::new(ptr).expect("Tcl returned a null Tcl_Obj");
+        // SAFETY: the object is live (caller's promise); Tcl_IncrRefCount is
+        // a macro that increments this field.
+        unsafe { (*ptr.as_ptr()).refCount += 1 };
+        Obj { ptr, _not_send: PhantomData }
+    }
+
+    pub fn new_string(s: &str) -> Obj {
+        let len = c_int::try_from(s.len()).expect("string longer than Tcl allows");
+        // SAFETY: Tcl copies `len` bytes from `s` into a new object.
+        unsafe { Obj::from_raw(stub!(tcl_NewStringObj)(s.as_ptr().cast(), len)) }
+    }
+
+    pub fn new_int(value: i64) -> Obj {
+        // SAFETY: creates a fresh object.
+        unsafe { Obj::from_raw(stub!(tcl_NewWideIntObj)(value)) }
+    }
+
+    pub fn new_list(items: &[Obj]) -> Obj {
+        let ptrs: Vec<*mut Tcl_Obj> = items.iter().map(Obj::as_ptr).collect();
+        let len = c_int::try_from(ptrs.len()).expect("list longer than Tcl allows");
+        // SAFETY: Tcl_NewListObj takes its own references to the elements.
+        unsafe { Obj::from_raw(stub!(tcl_NewListObj)(len, ptrs.as_ptr())) }
+    }
+
+    pub fn as_ptr(&self) -> *mut Tcl_Obj {
+        self.ptr.as_ptr()
+    }
+
+    /// The string form of the value (lossy where it is not valid UTF-8).
+    pub fn to_string_lossy(&self) -> String {
+        let mut len: c_int = 0;
+        // SAFETY: the object is live; Tcl returns a pointer to `len` bytes it owns.
+        unsafe {
+            let bytes = stub!(tcl_GetStringFromObj)(self.as_ptr(), &mut len);
+            let slice = std::slice::from_raw_parts(bytes.cast::<u8>(), len as usize);
+            String::from_utf8_lossy(slice).into_owned()
+        }
+    }
+
+    /// The value as an `int`, with Tcl's own error message when it is not one.
+    pub fn get_int(&self, interp: Interp) -> TclResult<i32> {
+        let mut value: c_int = 0;
+        // SAFETY: interpreter and object are live on this thread.
+        let code = unsafe { stub!(tcl_GetIntFromObj)(interp.as_ptr(), self.as_ptr(), &mut value) };
+        if code == TCL_OK {
+            Ok(value)
+        } else {
+            Err(TclError::AlreadySet)
+        }
+    }
+
+    /// The elements of the value as a list, with Tcl's own error message
+    /// when it is not a well-formed list.
+    pub fn list_elements(&self, interp: Interp) -> TclResult<Vec<Obj>> {
+        let mut count: c_int = 0;
+        let mut elements: *mut *mut Tcl_Obj = ptr::null_mut();
+        // SAFETY: interpreter and object are live; Tcl fills `elements` with
+        // `count` pointers that stay valid while the list is unchanged, and we
+        // take our own references before returning.
+        unsafe {
+            let code = stub!(tcl_ListObjGetElements)(
+                interp.as_ptr(),
+                self.as_ptr(),
+                &mut count,
+                &mut elements,
+            );
+            if code != TCL_OK {
+                return Err(TclError::AlreadySet);
+            }
+            Ok((0..count as usize).map(|i| Obj::from_raw(*elements.add(i))).collect())
+        }
+    }
+}
+
+impl Clone for Obj {
+    fn clone(&self) -> Obj {
+        // SAFETY: self holds a reference, so the object is live.
+        unsafe { Obj::from_raw(self.as_ptr()) }
+    }
+}
+
+impl Drop for Obj {
+    fn drop(&mut self) {
+        // SAFETY: we own one reference; Tcl_DbDecrRefCount frees the object
+        // when it was the last one (Tcl_DecrRefCount is a macro over it).
+        unsafe { stub!(tcl_DbDecrRefCount)(self.as_ptr(), c"socketserver".as_ptr(), 0) }
+    }
+}
+
+/// A null-terminated table of names for `Tcl_GetIndexFromObjStruct`. Tcl
+/// caches a pointer to the table in the object, so tables must be `static`.
+pub struct NameTable<const N: usize>(pub [*const c_char; N]);
+// SAFETY: the table holds pointers to string literals only; it is never written.
+unsafe impl<const N: usize> Sync for NameTable<N> {}
+
+impl<const N: usize> NameTable<N> {
+    pub fn name(&self, index: usize) -> &'static str {
+        // SAFETY: every entry but the last is a static C string literal.
+        unsafe { CStr::from_ptr(self.0[index]) }.to_str().unwrap_or("")
+    }
+}
+
+/// A handle on an interpreter, valid while Tcl keeps it alive and only on
+/// the thread that owns it.
+#[derive(Clone, Copy)]
+pub struct Interp {
+    ptr: NonNull<Tcl_Interp>,
+    _not_send: PhantomData<*mut Tcl_Interp>,
+}
+
+impl Interp {
+    /// # Safety
+    /// `ptr` must be a live interpreter owned by the current thread.
+    pub unsafe fn from_raw(ptr: *mut Tcl_Interp) -> Interp {
+        Interp {
+            ptr: NonNull::new(ptr).expect("null Tcl_Interp"),
+            _not_send: PhantomData,
+        }
+    }
+
+    pub fn as_ptr(&self) -> *mut Tcl_Interp {
+        self.ptr.as_ptr()
+    }
+
+    pub fn set_result(&self, value: &Obj) {
+        // SAFETY: interpreter and object are live; Tcl takes its own reference.
+        unsafe { stub!(tcl_SetObjResult)(self.as_ptr(), value.as_ptr()) }
+    }
+
+    /// Sets the result and `-errorcode` from `error` (no-op for `AlreadySet`).
+    pub fn set_error(&self, error: TclError) {
+        if let TclError::Message { message, code } = error {
+            self.set_result(&Obj::new_string(&message));
+            let code: Vec<Obj> = code.iter().map(|c| Obj::new_string(c)).collect();
+            // SAFETY: interpreter and list are live; Tcl takes its own reference.
+            unsafe { stub!(tcl_SetObjErrorCode)(self.as_ptr(), Obj::new_list(&code).as_ptr()) }
+        }
+    }
+
+    /// `Tcl_WrongNumArgs`: the core's `wrong # args: should be "..."`.
+    pub fn wrong_num_args(&self, objv: &[*mut Tcl_Obj], keep: usize, usage: &str) -> TclError {
+        let usage = CString::new(usage).unwrap_or_default();
+        // SAFETY: objv holds at least `keep` live objects (the caller's words).
+        unsafe {
+            stub!(tcl_WrongNumArgs)(self.as_ptr(), keep as c_int, objv.as_ptr(), usage.as_ptr())
+        };
+        TclError::AlreadySet
+    }
+
+    /// `Tcl_GetIndexFromObjStruct`: the core's `bad option "x": must be ...`.
+    pub fn get_index<const N: usize>(
+        &self,
+        word: &Obj,
+        table: &'static NameTable<N>,
+        what: &CStr,
+    ) -> TclResult<usize> {
+        let mut index: c_int = 0;
+        // SAFETY: the table is static and null-terminated, entries are
+        // pointer-sized; interpreter and object are live.
+        let code = unsafe {
+            stub!(tcl_GetIndexFromObjStruct)(
+                self.as_ptr(),
+                word.as_ptr(),
+                table.0.as_ptr().cast::<c_void>(),
+                std::mem::size_of::<*const c_char>() as c_int,
+                what.as_ptr(),
+                0,
+                &mut index,
+            )
+        };
+        if code == TCL_OK {
+            Ok(index as usize)
+        } else {
+            Err(TclError::AlreadySet)
+        }
+    }
+
+    /// Whether `name` resolves to a command from the global namespace.
+    pub fn command_exists_globally(&self, name: &str) -> bool {
+        let Ok(name) = CString::new(name) else { return false };
+        // SAFETY: interpreter is live; a null namespace with TCL_GLOBAL_ONLY
+        // resolves the name as a handler evaluated at global level would.
+        let command = unsafe {
+            stub!(tcl_FindCommand)(
+                self.as_ptr(),
+                name.as_ptr(),
+                ptr::null_mut(),
+                tcl_sys::TCL_GLOBAL_ONLY as c_int,
+            )
+        };
+        !command.is_null()
+    }
+
+    /// Evaluates `words` as one command at global level; a non-OK outcome
+    /// is reported with `Tcl_BackgroundException`, as Tcl's own
+    /// `socket -server` does for its accept callback.
+    pub fn eval_global_in_background(&self, words: &[Obj]) {
+        let ptrs: Vec<*mut Tcl_Obj> = words.iter().map(Obj::as_ptr).collect();
+        // SAFETY: interpreter and words are live; Tcl_Preserve keeps the
+        // interpreter's memory valid even if the script deletes it.
+        unsafe {
+            stub!(tcl_Preserve)(self.as_ptr().cast());
+            let code = stub!(tcl_EvalObjv)(
+                self.as_ptr(),
+                ptrs.len() as c_int,
+                ptrs.as_ptr(),
+                tcl_sys::TCL_EVAL_GLOBAL as c_int,
+            );
+            if code != TCL_OK {
+                stub!(tcl_BackgroundException)(self.as_ptr(), code);
+            }
+            stub!(tcl_Release)(self.as_ptr().cast());
+        }
+    }
+
+    /// Reports `error` with `Tcl_BackgroundException` (`interp bgerror`).
+    pub fn background_error(&self, error: TclError) {
+        self.set_error(error);
+        // SAFETY: interpreter is live on this thread.
+        unsafe { stub!(tcl_BackgroundException)(self.as_ptr(), TCL_ERROR) }
+    }
+
+    /// Wraps a connected TCP socket in a Tcl channel registered in this
+    /// interpreter, and returns the channel's name. The channel owns `fd`.
+    pub fn adopt_tcp_socket(&self, fd: std::os::fd::OwnedFd) -> String {
+        use std::os::fd::IntoRawFd;
+        let raw = fd.into_raw_fd();
+        // SAFETY: Tcl takes ownership of the descriptor (it closes it when
+        // the channel is closed); the descriptor number travels as ClientData.
+        unsafe {
+            let channel = stub!(tcl_MakeTcpClientChannel)(raw as isize as *mut c_void);
+            stub!(tcl_RegisterChannel)(self.as_ptr(), channel);
+            CStr::from_ptr(stub!(tcl_GetChannelName)(channel)).to_string_lossy().into_owned()
+        }
+    }
+
+    /// Registers `command` under `name` with `client_data` passed to it.
+    pub fn create_command(
+        &self,
+        name: &CStr,
+        command: tcl_sys::Tcl_ObjCmdProc,
+        client_data: *mut c_void,
+    ) {
+        // SAFETY: interpreter is live; client_data is kept alive by the
+        // caller for as long as the interpreter is.
+        unsafe {
+            stub!(tcl_CreateObjCommand)(self.as_ptr(), name.as_ptr(), command, client_data, None);
+        }
+    }
+
+    /// Adds `pattern` to the export list of namespace `ns`.
+    pub fn export(&self, ns: &CStr, pattern: &CStr) {
+        // SAFETY: interpreter is live; a missing namespace gives null, which we skip.
+        unsafe {
+            let namespace = stub!(tcl_FindNamespace)(self.as_ptr(), ns.as_ptr(), ptr::null_mut(), 0);
+            if !namespace.is_null() {
+                stub!(tcl_Export)(self.as_ptr(), namespace, pattern.as_ptr(), 0);
+            }
+        }
+    }
+
+    pub fn provide_package(&self, name: &CStr, version: &CStr) -> c_int {
+        // SAFETY: interpreter is live; Tcl copies both strings.
+        unsafe { stub!(tcl_PkgProvideEx)(self.as_ptr(), name.as_ptr(), version.as_ptr(), ptr::null()) }
+    }
+
+    /// Gets the value stored under `key` with `set_assoc_data`.
+    pub fn get_assoc_data(&self, key: &CStr) -> *mut c_void {
+        // SAFETY: interpreter is live; we ask for no delete proc back.
+        unsafe { stub!(tcl_GetAssocData)(self.as_ptr(), key.as_ptr(), ptr::null_mut()) }
+    }
+
+    /// Stores `data` under `key`; Tcl calls `on_delete` when the interpreter is deleted.
+    pub fn set_assoc_data(
+        &self,
+        key: &CStr,
+        on_delete: tcl_sys::Tcl_InterpDeleteProc,
+        data: *mut c_void,
+    ) {
+        // SAFETY: interpreter is live; Tcl copies the key.
+        unsafe { stub!(tcl_SetAssocData)(self.as_ptr(), key.as_ptr(), on_delete, data) }
+    }
+}
+
+/// The core's wording of an errno value (`address already in use`) and its
+/// symbolic name (`EADDRINUSE`), as `Tcl_PosixError` reports them.
+pub fn posix_error_words(errno: i32) -> (String, String) {
+    // SAFETY: both calls return pointers to static strings in Tcl.
+    unsafe {
+        let message = CStr::from_ptr(stub!(tcl_ErrnoMsg)(errno)).to_string_lossy().into_owned();
+        let name = format!("{:?}", nix::errno::Errno::from_raw(errno));
+        (message, name)
+    }
+}
+
+/// The Tcl thread that calls this.
+pub fn current_thread() -> ThreadId {
+    // SAFETY: a plain query, valid on any thread.
+    ThreadId(unsafe { stub!(tcl_GetCurrentThread)() })
+}
+
+/// A Tcl thread id that may be handed to other threads: the only things done
+/// with it are `Tcl_ThreadQueueEvent` and `Tcl_ThreadAlert`, which Tcl
+/// allows from any thread.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ThreadId(Tcl_ThreadId);
+// SAFETY: the id is an opaque token; see the type's documentation.
+unsafe impl Send for ThreadId {}
+
+/// Event procedure type used with `queue_event`.
+pub type EventProc = unsafe extern "C" fn(*mut Tcl_Event, c_int) -> c_int;
+
+/// Queues an event carrying `payload` on `thread`'s event queue and wakes
+/// that thread. Tcl later calls `proc_` on that thread with a pointer to an
+/// `Event<T>`, and frees the event memory after `proc_` returns 1.
+pub fn queue_event<T>(thread: ThreadId, proc_: EventProc, payload: T) {
+    // SAFETY: Tcl_Alloc returns memory for a whole Event<T>; we initialise
+    // every field before handing it over. Queueing and alerting are
+    // documented as safe from any thread.
+    unsafe {
+        let event = stub!(tcl_Alloc)(std::mem::size_of::<Event<T>>() as u32).cast::<Event<T>>();
+        ptr::write(
+            event,
+            Event {
+                header: Tcl_Event { proc_: Some(proc_), nextPtr: ptr::null_mut() },
+                payload: std::mem::ManuallyDrop::new(payload),
+            },
+        );
+        stub!(tcl_ThreadQueueEvent)(
+            thread.0,
+            event.cast(),
+            tcl_sys::Tcl_QueuePosition_TCL_QUEUE_TAIL,
+        );
+        stub!(tcl_ThreadAlert)(thread.0);
+    }
+}
+
+/// An event as queued by `queue_event`: Tcl's header, then our payload.
+#[repr(C)]
+pub struct Event<T> {
+    header: Tcl_Event,
+    payload: std::mem::ManuallyDrop<T>,
+}
+
+impl<T> Event<T> {
+    /// Moves the payload out of a queued event. Tcl frees the memory itself.
+    ///
+    /// # Safety
+    /// `event` must come from `queue_event::<T>` and be taken at most once.
+    pub unsafe fn take_payload(event: *mut Tcl_Event) -> T {
+        // SAFETY: per the contract, the event is an Event<T> whose payload
+        // has not been taken.
+        unsafe { std::mem::ManuallyDrop::take(&mut (*event.cast::<Event<T>>()).payload) }
+    }
+
+    /// Whether a queued event was made by `queue_event` with `proc_`.
+    ///
+    /// # Safety
+    /// `event` must point to a live Tcl event.
+    pub unsafe fn is_ours(event: *mut Tcl_Event, proc_: EventProc) -> bool {
+        // SAFETY: every Tcl event starts with a Tcl_Event header.
+        unsafe { (*event).proc_.map(|p| p as usize) == Some(proc_ as usize) }
+    }
+
+    /// # Safety
+    /// `event` must come from `queue_event::<T>` and its payload not be taken.
+    pub unsafe fn payload<'a>(event: *mut Tcl_Event) -> &'a T {
+        // SAFETY: see the contract.
+        unsafe { &(*event.cast::<Event<T>>()).payload }
+    }
+}
+
+/// Removes from the current thread's queue every event for which `filter`
+/// returns true (Tcl frees their memory; `filter` must take their payloads).
+pub fn delete_events(filter: unsafe extern "C" fn(*mut Tcl_Event, *mut c_void) -> c_int, data: *mut c_void) {
+    // SAFETY: Tcl walks only the current thread's queue, calling `filter`.
+    unsafe { stub!(tcl_DeleteEvents)(Some(filter), data) }
+}
+
+/// Runs a command body: a `TclError` or a panic becomes a Tcl error in
+/// `interp`; a panic never unwinds into Tcl.
+pub fn run_command(interp: Interp, body: impl FnOnce() -> TclResult<Obj>) -> c_int {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(Ok(result)) => {
+            interp.set_result(&result);
+            TCL_OK
+        }
+        Ok(Err(error)) => {
+            interp.set_error(error);
+            TCL_ERROR
+        }
+        Err(panic) => {
+            interp.set_error(panic_error(panic));
+            TCL_ERROR
+        }
+    }
+}
+
+pub fn panic_error(panic: Box<dyn std::any::Any + Send>) -> TclError {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    TclError::new(format!("socketserver: internal error: {what}"), &["SOCKETSERVER", "PANIC"])
+}
