@@ -1,0 +1,71 @@
+# socketserver: build, test, install, demo and benchmark.
+#
+#   make          build the package into build/socketserver<version>/
+#   make test     Rust tests and the tcltest suite (exits non-zero on failure)
+#   make demo     the echo server with forked workers
+#   make bench    benchmarks (bench/README.md)
+#   make install  install where tclsh finds packages (DESTDIR, PREFIX)
+#
+# Missing Debian packages are installed with apt-get (scripts/need-packages).
+
+VERSION   := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+TCLSH     ?= tclsh8.6
+CARGO     ?= cargo
+PKGNAME   := socketserver$(VERSION)
+PKGDIR    := build/$(PKGNAME)
+LIBFILE   := libsocketserver.so
+PREFIX    ?= /usr/local
+DESTDIR   ?=
+TCLPKGDIR ?= $(PREFIX)/lib/tcltk
+NEED      := scripts/need-packages
+
+BUILD_PACKAGES := tcl8.6 tcl8.6-dev libclang-dev pkg-config
+TEST_PACKAGES  := tclx8.4 tcl-thread
+BENCH_PACKAGES := apache2-utils wrk gcc
+
+.PHONY: all build deps test test-rust test-tcl demo bench soak memcheck install uninstall clean
+
+all: build
+
+deps:
+	@$(NEED) $(BUILD_PACKAGES)
+
+build: deps
+	$(CARGO) build --release
+	mkdir -p $(PKGDIR)
+	cp target/release/$(LIBFILE) $(PKGDIR)/$(LIBFILE)
+	cp tcl/socketserver.tcl $(PKGDIR)/
+	sed -e 's/@VERSION@/$(VERSION)/g' -e 's/@LIBFILE@/$(LIBFILE)/g' \
+	    pkgIndex.tcl.in > $(PKGDIR)/pkgIndex.tcl
+
+test: build
+	@$(NEED) $(TEST_PACKAGES)
+	$(MAKE) --no-print-directory test-rust test-tcl
+
+test-rust:
+	$(CARGO) test --release -- --test-threads=1
+
+test-tcl:
+	TCLLIBPATH=$(CURDIR)/build $(TCLSH) tests/all.tcl $(TESTFLAGS)
+
+demo: build
+	@$(NEED) $(TEST_PACKAGES)
+	TCLLIBPATH=$(CURDIR)/build $(TCLSH) examples/echo_server.tcl $(DEMOFLAGS)
+
+bench: build
+	@$(NEED) $(TEST_PACKAGES) $(BENCH_PACKAGES)
+	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/run.tcl $(BENCHFLAGS)
+
+install: build
+	mkdir -p $(DESTDIR)$(TCLPKGDIR)/$(PKGNAME)
+	install -m 0755 $(PKGDIR)/$(LIBFILE) $(DESTDIR)$(TCLPKGDIR)/$(PKGNAME)/
+	install -m 0644 $(PKGDIR)/pkgIndex.tcl $(PKGDIR)/socketserver.tcl $(DESTDIR)$(TCLPKGDIR)/$(PKGNAME)/
+	mkdir -p $(DESTDIR)$(PREFIX)/share/man/mann
+	install -m 0644 doc/socketserver.n $(DESTDIR)$(PREFIX)/share/man/mann/socketserver.n
+
+uninstall:
+	rm -rf $(DESTDIR)$(TCLPKGDIR)/$(PKGNAME) $(DESTDIR)$(PREFIX)/share/man/mann/socketserver.n
+
+clean:
+	rm -rf build
+	$(CARGO) clean

@@ -1,0 +1,157 @@
+# helpers.tcl --
+#
+#	Shared by every test file: loads the package, forks real worker
+#	processes with TclX, talks to them over 127.0.0.1, and bounds every
+#	wait with a watchdog so that no test can hang.
+
+package require tcltest 2.5
+namespace import -force ::tcltest::*
+package require socketserver
+package require Tclx
+
+# Every wait in the suite is bounded by this many milliseconds.
+variable ::watchdogMs 8000
+
+testConstraint ipv6 [expr {![catch {close [socket -server {apply {args {}}} -myaddr ::1 0]}]}]
+testConstraint thread [expr {![catch {package require Thread}]}]
+
+set ::workers {}
+
+# forkWorker script --
+#	Forks a worker process that evaluates $script at global level and then
+#	serves events until killed. The worker exits by itself after the
+#	watchdog period, so a failing test leaves no process behind.
+proc forkWorker {script} {
+    flush stdout
+    flush stderr
+    set pid [fork]
+    if {$pid == 0} {
+        after [expr {$::watchdogMs * 2}] {exit 3}
+        if {[catch {uplevel #0 $script} err]} {
+            puts stderr "worker [pid]: $err"
+            exit 2
+        }
+        vwait ::forever
+        exit 0
+    }
+    lappend ::workers $pid
+    return $pid
+}
+
+# reapWorkers --
+#	Kills and waits for every worker this test forked.
+proc reapWorkers {} {
+    foreach pid $::workers {
+        catch {kill KILL $pid}
+        catch {wait $pid}
+    }
+    set ::workers {}
+}
+
+# The script most workers run: an echo server that answers each line with
+# "PID line" and registers again after each connection.
+set ::echoWorker {
+    proc echoLine {chan} {
+        if {[gets $chan line] >= 0} {
+            puts $chan "[pid] $line"
+            flush $chan
+        } elseif {[eof $chan]} {
+            close $chan
+        }
+    }
+    proc echoAccept {port chan addr peerPort} {
+        fconfigure $chan -buffering line -blocking 0
+        fileevent $chan readable [list echoLine $chan]
+        ::socketserver::socket client -port $port [list echoAccept $port]
+    }
+}
+
+# startEchoWorkers port count --
+#	Forks $count echo workers for $port and returns their pids.
+proc startEchoWorkers {port count} {
+    set pids {}
+    for {set i 0} {$i < $count} {incr i} {
+        lappend pids [forkWorker "$::echoWorker
+            ::socketserver::socket client -port $port \[list echoAccept $port\]"]
+    }
+    return $pids
+}
+
+# readLine chan ?timeout? --
+#	Reads one line without blocking forever. Returns the line, or raises
+#	an error "no reply: eof" / "no reply: timeout".
+proc readLine {chan {timeout {}}} {
+    if {$timeout eq {}} {set timeout $::watchdogMs}
+    fconfigure $chan -blocking 0 -buffering line
+    set var ::readLine[incr ::readLineSeq]
+    set $var {}
+    fileevent $chan readable [list apply {{chan var} {
+        if {[gets $chan line] >= 0} {
+            set $var [list ok $line]
+        } elseif {[eof $chan]} {
+            set $var {eof {}}
+        }
+    }} $chan $var]
+    set timer [after $timeout [list set $var {timeout {}}]]
+    vwait $var
+    after cancel $timer
+    fileevent $chan readable {}
+    lassign [set $var] status line
+    unset $var
+    if {$status ne "ok"} {
+        return -code error "no reply: $status"
+    }
+    return $line
+}
+
+# ask port text ?host? --
+#	Connects, sends one line, returns the one-line reply.
+proc ask {port text {host 127.0.0.1}} {
+    set chan [socket $host $port]
+    try {
+        fconfigure $chan -buffering line
+        puts $chan $text
+        return [readLine $chan]
+    } finally {
+        close $chan
+    }
+}
+
+# waitFor condition ?timeout? --
+#	Runs the event loop until $condition (an expression evaluated at global
+#	level) is true; returns 1, or 0 when the watchdog fires first.
+proc waitFor {condition {timeout {}}} {
+    if {$timeout eq {}} {set timeout $::watchdogMs}
+    set deadline [expr {[clock milliseconds] + $timeout}]
+    while {![uplevel #0 [list expr $condition]]} {
+        if {[clock milliseconds] > $deadline} {return 0}
+        set ::waitForTick 0
+        after 10 {set ::waitForTick 1}
+        vwait ::waitForTick
+    }
+    return 1
+}
+
+# openFds ?pid? --
+#	The number of descriptors open in a process.
+proc openFds {{pid {}}} {
+    if {$pid eq {}} {set pid [pid]}
+    llength [glob -nocomplain -directory /proc/$pid/fd *]
+}
+
+# freshTclsh script --
+#	Runs $script in a new tclsh that has the package on its path and
+#	returns {exitcode output}. A crash gives a non-zero exit code.
+proc freshTclsh {script} {
+    set file [makeFile $script fresh[incr ::freshSeq].tcl]
+    set code [catch {exec [info nameofexecutable] $file 2>@1} output opts]
+    set status 0
+    if {$code} {
+        set status [lindex [dict get $opts -errorcode] end]
+        if {[lindex [dict get $opts -errorcode] 0] eq "CHILDKILLED"} {
+            set status "killed by [lindex [dict get $opts -errorcode] 2]"
+        }
+    }
+    removeFile $file
+    return [list $status $output]
+}
