@@ -1,0 +1,323 @@
+# run.tcl --
+#
+#	The benchmark behind `make bench`. Measures, in one run and on this
+#	machine:
+#	  1. throughput: an HTTP "ok" handler on socketserver with N forked
+#	     workers, against the same handler on Tcl's own socket -server
+#	     (one process) and against N native C processes blocking in
+#	     accept() on one listener; with requests/s (median of the
+#	     repetitions), failures, latency and context switches per request
+#	     summed over every thread of every server process;
+#	  2. mixed latency: 1% of requests take 100 ms; p99 and max latency of
+#	     socketserver (only idle workers receive) against native
+#	     SO_REUSEPORT workers (each its own listener) at the same count;
+#	  3. memory: a worker's RSS before and after many connections, and the
+#	     accepting process's RSS over a bare tclsh.
+#	Load comes from several ab processes side by side, on 127.0.0.1 only,
+#	with bounded request counts. Configurations are interleaved and
+#	repeated; the figures are medians.
+#
+#	Usage: tclsh bench/run.tcl ?-reps N? ?-requests N? ?-workers {1 2 ...}?
+#	                           ?-memory N? ?-quick?
+
+package require Tclx
+
+set here [file dirname [file normalize [info script]]]
+set top [file dirname $here]
+
+array set opt {
+    -reps 5
+    -requests 6000
+    -concurrency 16
+    -abs 2
+    -workers {1 2 4 8 16 32}
+    -memory 100000
+    -mixedWorkers 8
+    -mixedRequests 4000
+}
+if {"-quick" in $argv} {
+    array set opt {-reps 3 -requests 3000 -workers {1 4 16} -memory 20000 -mixedRequests 2000}
+    set argv [lsearch -all -inline -not -exact $argv -quick]
+}
+if {[llength $argv] % 2} {
+    puts stderr "usage: tclsh bench/run.tcl ?-quick? ?-option value ...?"
+    exit 2
+}
+foreach {name value} $argv {
+    if {![info exists opt($name)]} {
+        puts stderr "unknown option $name: must be one of [lsort [array names opt]] or -quick"
+        exit 2
+    }
+    set opt($name) $value
+}
+
+# --- the native baseline ------------------------------------------------
+
+set native [file join $top build bench native_prefork]
+file mkdir [file dirname $native]
+if {![file exists $native] || [file mtime $native] < [file mtime [file join $here native_prefork.c]]} {
+    exec cc -O2 -Wall -o $native [file join $here native_prefork.c]
+}
+
+# --- servers ------------------------------------------------------------
+
+# startServer kind workers slowPercent --
+#	kind: socketserver, tcl, native (shared accept) or reuseport.
+#	Returns a dict: pipe, port, pids (every process of the server).
+proc startServer {kind workers slow} {
+    switch -- $kind {
+        socketserver - tcl {
+            set command [list [info nameofexecutable] [file join $::here server.tcl] $kind $workers $slow]
+        }
+        native {set command [list $::native 0 $workers shared $slow]}
+        reuseport {set command [list $::native 0 $workers reuseport $slow]}
+    }
+    set pipe [open |$command r]
+    set line [gets $pipe]
+    if {![regexp {^port (\d+) pids(.*)$} $line -> port pids]} {
+        error "server $kind did not start: $line"
+    }
+    set pids [lsort -unique [concat [pid $pipe] $pids]]
+    # Warm up: every worker registered and paged in.
+    exec ab -q -r -n [expr {max(200, 20 * $workers)}] -c 4 http://127.0.0.1:$port/ >/dev/null 2>@1
+    return [dict create pipe $pipe port $port pids $pids kind $kind]
+}
+
+proc stopServer {server} {
+    set pid [pid [dict get $server pipe]]
+    kill TERM $pid
+    catch {close [dict get $server pipe]}
+}
+
+# --- measurements -------------------------------------------------------
+
+proc readProc {path} {
+    if {[catch {open $path} f]} {return {}}
+    try {read $f} finally {close $f}
+}
+
+# Context switches (voluntary and not) over every thread of $pids.
+proc contextSwitches {pids} {
+    set total 0
+    foreach pid $pids {
+        foreach status [glob -nocomplain /proc/$pid/task/*/status] {
+            foreach {- value} [regexp -all -inline -line {ctxt_switches:\s+(\d+)} [readProc $status]] {
+                incr total $value
+            }
+        }
+    }
+    return $total
+}
+
+proc rssKb {pid} {
+    if {[regexp -line {^VmRSS:\s+(\d+)} [readProc /proc/$pid/status] -> kb]} {return $kb}
+    return 0
+}
+
+# runLoad port requests concurrency --
+#	Runs -abs ab processes side by side, each with its share of the
+#	requests and of the concurrency. Returns a dict of the totals.
+proc runLoad {port requests concurrency {perRequest 0}} {
+    set count $::opt(-abs)
+    set pipes {}
+    set files {}
+    for {set i 0} {$i < $count} {incr i} {
+        set extra {}
+        if {$perRequest} {
+            set file [file join [file dirname $::native] timings-[pid]-$i.tsv]
+            lappend files $file
+            set extra [list -g $file]
+        }
+        lappend pipes [open |[list ab -r {*}$extra -n [expr {$requests / $count}] \
+            -c [expr {max(1, $concurrency / $count)}] http://127.0.0.1:$port/ 2>@1] r]
+    }
+    set result [dict create rps 0.0 failed 0 complete 0 mean {} p50 {} p99 {} max {}]
+    foreach pipe $pipes {
+        set out [read $pipe]
+        catch {close $pipe}
+        foreach {key pattern} {
+            rps {Requests per second:\s+([\d.]+)}
+            failed {Failed requests:\s+(\d+)}
+            complete {Complete requests:\s+(\d+)}
+            mean {Time per request:\s+([\d.]+) \[ms\] \(mean\)}
+            p50 {\n\s+50%\s+(\d+)}
+            p99 {\n\s+99%\s+(\d+)}
+            max {\n\s+100%\s+(\d+)}
+        } {
+            if {![regexp $pattern $out -> value]} {
+                error "ab gave no '$key':\n$out"
+            }
+            switch -- $key {
+                rps - failed - complete {dict set result $key [expr {[dict get $result $key] + $value}]}
+                default {dict lappend result $key $value}
+            }
+        }
+    }
+    # Across the ab processes: mean of means, worst of the tails.
+    dict set result mean [expr {[tcl::mathop::+ {*}[dict get $result mean]] / $count}]
+    dict set result p50 [median [dict get $result p50]]
+    foreach key {p99 max} {
+        dict set result $key [tcl::mathfunc::max {*}[dict get $result $key]]
+    }
+    if {$perRequest} {
+        # Exact percentiles from every request's total time (ab -g).
+        set times {}
+        foreach file $files {
+            foreach line [lrange [split [readProc $file] \n] 1 end] {
+                if {[llength $line] >= 5} {lappend times [lindex $line end-1]}
+            }
+            file delete $file
+        }
+        set times [lsort -integer $times]
+        set n [llength $times]
+        foreach {key fraction} {p50 0.50 p99 0.99 p999 0.999} {
+            dict set result $key [lindex $times [expr {min($n - 1, int(ceil($fraction * $n)) - 1)}]]
+        }
+        dict set result max [lindex $times end]
+        dict set result mean [expr {double([tcl::mathop::+ {*}$times]) / max(1, $n)}]
+    }
+    return $result
+}
+
+proc median {values} {
+    set sorted [lsort -real $values]
+    set n [llength $sorted]
+    if {$n == 0} {return 0}
+    if {$n % 2} {return [lindex $sorted [expr {$n / 2}]]}
+    expr {([lindex $sorted [expr {$n / 2 - 1}]] + [lindex $sorted [expr {$n / 2}]]) / 2.0}
+}
+
+proc shuffle {list} {
+    set result {}
+    while {[llength $list]} {
+        set i [expr {int(rand() * [llength $list])}]
+        lappend result [lindex $list $i]
+        set list [lreplace $list $i $i]
+    }
+    return $result
+}
+
+# measure kind workers --
+#	One measurement of one configuration.
+proc measure {kind workers} {
+    set server [startServer $kind $workers 0]
+    try {
+        set pids [dict get $server pids]
+        set before [contextSwitches $pids]
+        set load [runLoad [dict get $server port] $::opt(-requests) $::opt(-concurrency)]
+        set after [contextSwitches $pids]
+        dict set load cs [expr {double($after - $before) / max(1, [dict get $load complete])}]
+        return $load
+    } finally {
+        stopServer $server
+    }
+}
+
+# --- 1. throughput ------------------------------------------------------
+
+expr {srand([clock clicks])}
+set configs {{tcl 1}}
+foreach n $opt(-workers) {
+    lappend configs [list socketserver $n] [list native $n]
+}
+
+puts "socketserver benchmark: [exec nproc] cores, [exec uname -sr], [info patchlevel]"
+puts "load: $opt(-abs) ab processes side by side, $opt(-requests) requests per measurement,\
+      concurrency $opt(-concurrency), one connection per request; $opt(-reps) repetitions, interleaved"
+puts ""
+
+for {set rep 1} {$rep <= $opt(-reps)} {incr rep} {
+    foreach config [shuffle $configs] {
+        lassign $config kind n
+        set m [measure $kind $n]
+        foreach key {rps failed mean p99 cs} {
+            lappend results($kind,$n,$key) [dict get $m $key]
+        }
+        puts -nonewline stderr "."
+        flush stderr
+    }
+}
+puts stderr ""
+
+proc fig {kind n key} {median $::results($kind,$n,$key)}
+proc fmt {value {digits 0}} {format %.${digits}f $value}
+
+set tclRps [fig tcl 1 rps]
+set oneRps [fig socketserver [lindex $opt(-workers) 0] rps]
+set oneCs [fig socketserver [lindex $opt(-workers) 0] cs]
+
+puts "1. Throughput (medians; ratios against baselines from this run)"
+puts [format "%-14s %7s %9s %7s %8s %7s %9s %9s %9s %9s" \
+    server workers req/s failed mean-ms p99-ms cs/req vs-tcl vs-native vs-1w]
+puts [format "%-14s %7s %9s %7s %8s %7s %9s" tcl-socket 1 [fmt $tclRps] \
+    [fmt [fig tcl 1 failed]] [fmt [fig tcl 1 mean] 2] [fmt [fig tcl 1 p99]] [fmt [fig tcl 1 cs] 2]]
+foreach n $opt(-workers) {
+    set rps [fig socketserver $n rps]
+    set nativeRps [fig native $n rps]
+    puts [format "%-14s %7s %9s %7s %8s %7s %9s %9s %9s %9s" socketserver $n [fmt $rps] \
+        [fmt [fig socketserver $n failed]] [fmt [fig socketserver $n mean] 2] \
+        [fmt [fig socketserver $n p99]] [fmt [fig socketserver $n cs] 2] \
+        [fmt [expr {$rps / $tclRps}] 2]x [fmt [expr {$rps / $nativeRps}] 2]x \
+        [fmt [expr {$rps / $oneRps}] 2]x]
+}
+foreach n $opt(-workers) {
+    puts [format "%-14s %7s %9s %7s %8s %7s %9s" native-accept $n [fmt [fig native $n rps]] \
+        [fmt [fig native $n failed]] [fmt [fig native $n mean] 2] [fmt [fig native $n p99]] \
+        [fmt [fig native $n cs] 2]]
+}
+set last [lindex $opt(-workers) end]
+puts ""
+puts "socketserver $last workers vs 1: requests/s [fmt [expr {[fig socketserver $last rps] / $oneRps}] 2]x,\
+      context switches per request [fmt [expr {[fig socketserver $last cs] / $oneCs}] 2]x"
+puts ""
+
+# --- 2. mixed latency ---------------------------------------------------
+
+set n $opt(-mixedWorkers)
+puts "2. Mixed latency: 1% of requests take 100 ms, $n workers, $opt(-mixedRequests) requests,\
+      concurrency [expr {$n}] (medians of $opt(-reps))"
+puts [format "%-24s %8s %8s %7s %7s %8s %7s" server req/s mean-ms p50-ms p99-ms p99.9-ms max-ms]
+foreach rep [lrepeat $opt(-reps) x] {
+    foreach kind [shuffle {socketserver reuseport native}] {
+        set server [startServer $kind $n 1]
+        try {
+            set m [runLoad [dict get $server port] $opt(-mixedRequests) $n 1]
+        } finally {
+            stopServer $server
+        }
+        foreach key {rps mean p50 p99 p999 max} {lappend mixed($kind,$key) [dict get $m $key]}
+    }
+}
+foreach {kind label} {socketserver "socketserver" reuseport "native SO_REUSEPORT" native "native shared accept()"} {
+    puts [format "%-24s %8s %8s %7s %7s %8s %7s" $label [fmt [median $mixed($kind,rps)]] \
+        [fmt [median $mixed($kind,mean)] 2] [fmt [median $mixed($kind,p50)]] \
+        [fmt [median $mixed($kind,p99)]] [fmt [median $mixed($kind,p999)]] [fmt [median $mixed($kind,max)]]]
+}
+puts "socketserver vs SO_REUSEPORT: p99 [fmt [expr {[median $mixed(socketserver,p99)] / max(1.0, [median $mixed(reuseport,p99)])}] 2]x, p99.9 [fmt [expr {[median $mixed(socketserver,p999)] / max(1.0, [median $mixed(reuseport,p999)])}] 2]x,\
+      max [fmt [expr {[median $mixed(socketserver,max)] / max(1.0, [median $mixed(reuseport,max)])}] 2]x,\
+      mean [fmt [expr {[median $mixed(socketserver,mean)] / max(0.01, [median $mixed(reuseport,mean)])}] 2]x"
+puts ""
+
+# --- 3. memory ----------------------------------------------------------
+
+set bare [open |[list [info nameofexecutable]] r+]
+after 300
+set bareKb [rssKb [pid $bare]]
+set server [startServer socketserver 1 0]
+set parent [pid [dict get $server pipe]]
+set worker [lindex [lsearch -all -inline -not [dict get $server pids] $parent] 0]
+exec ab -q -r -n 2000 -c 4 http://127.0.0.1:[dict get $server port]/ >/dev/null 2>@1
+set workerBefore [rssKb $worker]
+set parentBefore [rssKb $parent]
+set load [runLoad [dict get $server port] $opt(-memory) 8]
+set workerAfter [rssKb $worker]
+set parentAfter [rssKb $parent]
+stopServer $server
+close $bare
+puts "3. Memory ($opt(-memory) connections to one worker; RSS in kB)"
+puts "   worker:          [format %6d $workerBefore] before, [format %6d $workerAfter] after\
+      ([fmt [expr {($workerAfter - $workerBefore) * 1024.0 / $opt(-memory)}] 3] bytes per connection;\
+      [dict get $load failed] failed)"
+puts "   accepting:       [format %6d $parentBefore] before, [format %6d $parentAfter] after"
+puts "   bare tclsh:      [format %6d $bareKb]; accepting process overhead over it:\
+      [expr {$parentAfter - $bareKb}] kB (Tclx, socketserver, threads)"
