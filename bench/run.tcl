@@ -293,8 +293,8 @@ foreach {kind label} {socketserver "socketserver" reuseport "native SO_REUSEPORT
         [fmt [median $mixed($kind,mean)] 2] [fmt [median $mixed($kind,p50)]] \
         [fmt [median $mixed($kind,p99)]] [fmt [median $mixed($kind,p999)]] [fmt [median $mixed($kind,max)]]]
 }
-puts "socketserver vs SO_REUSEPORT: p99 [fmt [expr {[median $mixed(socketserver,p99)] / max(1.0, [median $mixed(reuseport,p99)])}] 2]x, p99.9 [fmt [expr {[median $mixed(socketserver,p999)] / max(1.0, [median $mixed(reuseport,p999)])}] 2]x,\
-      max [fmt [expr {[median $mixed(socketserver,max)] / max(1.0, [median $mixed(reuseport,max)])}] 2]x,\
+puts "socketserver vs SO_REUSEPORT: p99 [fmt [expr {[median $mixed(socketserver,p99)] / double(max(1, [median $mixed(reuseport,p99)]))}] 2]x, p99.9 [fmt [expr {[median $mixed(socketserver,p999)] / double(max(1, [median $mixed(reuseport,p999)]))}] 2]x,\
+      max [fmt [expr {[median $mixed(socketserver,max)] / double(max(1, [median $mixed(reuseport,max)]))}] 2]x,\
       mean [fmt [expr {[median $mixed(socketserver,mean)] / max(0.01, [median $mixed(reuseport,mean)])}] 2]x"
 puts ""
 

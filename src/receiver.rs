@@ -81,17 +81,30 @@ impl Receiver {
         Ok(Receiver { shared, thread: Some(thread) })
     }
 
-    /// Joins the wait queue: the next connection may come to us.
-    pub fn arm(&self) -> Result<(), Errno> {
+    /// Joins the wait queue: the next connection may come to us. A
+    /// connection already waiting is taken at once instead (returned), which
+    /// spares a busy server two thread wakeups per connection; the caller
+    /// then hands it over as if the receiver had delivered it.
+    pub fn arm(&self) -> Result<Option<Outcome>, Errno> {
         let mut mode = self.shared.mode();
-        if *mode == Mode::Idle {
-            let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
-            self.shared
-                .epoll
-                .add(self.shared.queue.as_fd(), EpollEvent::new(flags, QUEUE_TOKEN))?;
-            *mode = Mode::Armed;
+        if *mode != Mode::Idle {
+            return Ok(None);
         }
-        Ok(())
+        let taken = match handoff::receive_connection(self.shared.queue.as_fd(), MsgFlags::MSG_DONTWAIT) {
+            Ok(Received::Connection(conn)) => return Ok(Some(Outcome::Connection(conn))),
+            // The queue closed: arm anyway, the receiver reports it.
+            Ok(Received::Empty | Received::Closed) => None,
+            Err(ReceiveError::DescriptorLost) => {
+                Some(Outcome::Failed { error: ReceiveError::DescriptorLost, ended: false })
+            }
+            Err(error) => return Ok(Some(Outcome::Failed { error, ended: true })),
+        };
+        let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
+        self.shared
+            .epoll
+            .add(self.shared.queue.as_fd(), EpollEvent::new(flags, QUEUE_TOKEN))?;
+        *mode = Mode::Armed;
+        Ok(taken)
     }
 
     /// Leaves the wait queue; after this returns no connection is taken.

@@ -106,11 +106,26 @@ impl InterpState {
         };
         let registration = &mut registrations[index];
         registration.handler = Some(handler);
-        if let Err(errno) = registration.receiver.arm() {
-            registration.handler = None;
-            return Err(os_error("couldn't wait for a connection", errno as i32));
+        match registration.receiver.arm() {
+            Ok(None) => Ok(()),
+            Ok(Some(outcome)) => {
+                // Taken without waiting: deliver through the event queue all
+                // the same, so the handler never runs inside this call.
+                let delivery = Delivery {
+                    state: StatePtr(self),
+                    port,
+                    pid: self.pid.get(),
+                    queue: Arc::clone(&registration.queue),
+                    outcome,
+                };
+                tcl::queue_event(self.thread, on_delivery, delivery);
+                Ok(())
+            }
+            Err(errno) => {
+                registration.handler = None;
+                Err(os_error("couldn't wait for a connection", errno as i32))
+            }
         }
-        Ok(())
     }
 
     fn spawn_receiver(&self, port: u16, queue: &Arc<OwnedFd>) -> TclResult<Receiver> {
