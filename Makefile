@@ -69,3 +69,7 @@ uninstall:
 clean:
 	rm -rf build
 	$(CARGO) clean
+
+soak: build
+	@$(NEED) $(TEST_PACKAGES) $(BENCH_PACKAGES)
+	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/soak.tcl $(SOAKFLAGS)

@@ -34,9 +34,10 @@ array set opt {
     -memory 100000
     -mixedWorkers 8
     -mixedRequests 4000
+    -sequential 3000
 }
 if {"-quick" in $argv} {
-    array set opt {-reps 3 -requests 3000 -workers {1 4 16} -memory 20000 -mixedRequests 2000}
+    array set opt {-reps 3 -requests 3000 -workers {1 4 16} -memory 20000 -mixedRequests 2000 -sequential 1000}
     set argv [lsearch -all -inline -not -exact $argv -quick]
 }
 if {[llength $argv] % 2} {
@@ -199,12 +200,14 @@ proc shuffle {list} {
 
 # measure kind workers --
 #	One measurement of one configuration.
-proc measure {kind workers} {
+proc measure {kind workers {requests {}} {concurrency {}}} {
+    if {$requests eq {}} {set requests $::opt(-requests)}
+    if {$concurrency eq {}} {set concurrency $::opt(-concurrency)}
     set server [startServer $kind $workers 0]
     try {
         set pids [dict get $server pids]
         set before [contextSwitches $pids]
-        set load [runLoad [dict get $server port] $::opt(-requests) $::opt(-concurrency)]
+        set load [runLoad [dict get $server port] $requests $concurrency]
         set after [contextSwitches $pids]
         dict set load cs [expr {double($after - $before) / max(1, [dict get $load complete])}]
         return $load
@@ -269,6 +272,31 @@ set last [lindex $opt(-workers) end]
 puts ""
 puts "socketserver $last workers vs 1: requests/s [fmt [expr {[fig socketserver $last rps] / $oneRps}] 2]x,\
       context switches per request [fmt [expr {[fig socketserver $last cs] / $oneCs}] 2]x"
+puts ""
+
+# --- 1b. one request at a time -------------------------------------------
+
+# Every request finds the whole pool idle: the wakeups per request show
+# whether a connection wakes one worker or all of them.
+set saveAbs $opt(-abs)
+set opt(-abs) 1
+set first [lindex $opt(-workers) 0]
+set idleCounts [lsort -unique -integer [list $first $last]]
+for {set rep 1} {$rep <= $opt(-reps)} {incr rep} {
+    foreach n [shuffle $idleCounts] {
+        set m [measure socketserver $n $opt(-sequential) 1]
+        lappend idle($n,rps) [dict get $m rps]
+        lappend idle($n,cs) [dict get $m cs]
+    }
+}
+set opt(-abs) $saveAbs
+puts "1b. One request at a time ($opt(-sequential) requests, concurrency 1): every request finds all workers idle"
+puts [format "%-14s %7s %9s %9s" server workers req/s cs/req]
+foreach n $idleCounts {
+    puts [format "%-14s %7s %9s %9s" socketserver $n [fmt [median $idle($n,rps)]] [fmt [median $idle($n,cs)] 2]]
+}
+puts "socketserver $last idle workers vs $first: requests/s [fmt [expr {[median $idle($last,rps)] / [median $idle($first,rps)]}] 2]x,\
+      context switches per request [fmt [expr {[median $idle($last,cs)] / [median $idle($first,cs)]}] 2]x"
 puts ""
 
 # --- 2. mixed latency ---------------------------------------------------
