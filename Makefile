@@ -73,3 +73,18 @@ clean:
 soak: build
 	@$(NEED) $(TEST_PACKAGES) $(BENCH_PACKAGES)
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/soak.tcl $(SOAKFLAGS)
+
+# The tcltest suite under valgrind; every tclsh it starts is checked too.
+MEMCHECK_FILES ?= package.test server.test client.test fork.test threads.test errors.test soak.test
+memcheck: build
+	@$(NEED) $(TEST_PACKAGES) valgrind
+	rm -rf build/memcheck && mkdir -p build/memcheck
+	status=0; \
+	SOCKETSERVER_MEMCHECK=1 SOCKETSERVER_WATCHDOG_MS=60000 TCLLIBPATH=$(CURDIR)/build \
+	    valgrind --tool=memcheck --trace-children=yes \
+	    --trace-children-skip='*/ls,*/readelf,*/nm,*/sh,*/ab' \
+	    --leak-check=full --show-leak-kinds=definite --errors-for-leak-kinds=definite \
+	    --num-callers=40 --log-file=$(CURDIR)/build/memcheck/%p.log \
+	    $(TCLSH) tests/all.tcl -file "$(MEMCHECK_FILES)" || status=1; \
+	$(TCLSH) scripts/memcheck-summary.tcl build/memcheck || status=1; \
+	exit $$status

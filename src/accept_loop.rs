@@ -58,6 +58,7 @@ impl AcceptLoop {
         let thread_stop = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("socketserver-accept".into())
+            .stack_size(crate::THREAD_STACK_SIZE)
             .spawn(move || {
                 let mut state = LoopState { listeners, accept_end, stop: thread_stop, counters };
                 state.run();

@@ -26,6 +26,11 @@ use registration::InterpState;
 use tcl::{Interp, Obj, TclError, Tcl_Interp, Tcl_Obj, TCL_ERROR};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Stack size of the accepting and receiving threads. They make system
+/// calls only, and a pool of thread workers has one receiver each: the
+/// default 2 MiB of address space per thread would be waste.
+const THREAD_STACK_SIZE: usize = 128 * 1024;
 const ASSOC_KEY: &std::ffi::CStr = c"socketserver";
 
 /// Entry point for `load` and `package require`.

@@ -77,6 +77,7 @@ impl Receiver {
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("socketserver-recv".into())
+            .stack_size(crate::THREAD_STACK_SIZE)
             .spawn(move || wait_loop(&thread_shared, deliver))?;
         Ok(Receiver { shared, thread: Some(thread) })
     }
