@@ -10,7 +10,8 @@
 #	     summed over every thread of every server process;
 #	  2. mixed latency: 1% of requests take 100 ms; p99 and max latency of
 #	     socketserver (only idle workers receive) against native
-#	     SO_REUSEPORT workers (each its own listener) at the same count;
+#	     SO_REUSEPORT workers (each its own listener) at the same count,
+#	     native shared accept(), and Tcl's socket -server in one process;
 #	  3. memory: a worker's RSS before and after many connections, and the
 #	     accepting process's RSS over a bare tclsh.
 #	Load comes from several ab processes side by side, on 127.0.0.1 only,
@@ -27,7 +28,7 @@ set top [file dirname $here]
 
 array set opt {
     -reps 5
-    -requests 6000
+    -requests 20000
     -concurrency 16
     -abs 2
     -workers {1 2 4 8 16 32}
@@ -37,7 +38,7 @@ array set opt {
     -sequential 3000
 }
 if {"-quick" in $argv} {
-    array set opt {-reps 3 -requests 3000 -workers {1 4 16} -memory 20000 -mixedRequests 2000 -sequential 1000}
+    array set opt {-reps 3 -requests 6000 -workers {1 4 16} -memory 20000 -mixedRequests 2000 -sequential 1000}
     set argv [lsearch -all -inline -not -exact $argv -quick]
 }
 if {[llength $argv] % 2} {
@@ -122,6 +123,7 @@ proc runLoad {port requests concurrency {perRequest 0}} {
     set count $::opt(-abs)
     set pipes {}
     set files {}
+    set started [clock microseconds]
     for {set i 0} {$i < $count} {incr i} {
         set extra {}
         if {$perRequest} {
@@ -132,10 +134,11 @@ proc runLoad {port requests concurrency {perRequest 0}} {
         lappend pipes [open |[list ab -r {*}$extra -n [expr {$requests / $count}] \
             -c [expr {max(1, $concurrency / $count)}] http://127.0.0.1:$port/ 2>@1] r]
     }
+    set outputs [lmap pipe $pipes {read $pipe}]
+    set seconds [expr {([clock microseconds] - $started) / 1e6}]
+    foreach pipe $pipes {catch {close $pipe}}
     set result [dict create rps 0.0 failed 0 complete 0 mean {} p50 {} p99 {} max {}]
-    foreach pipe $pipes {
-        set out [read $pipe]
-        catch {close $pipe}
+    foreach out $outputs {
         foreach {key pattern} {
             rps {Requests per second:\s+([\d.]+)}
             failed {Failed requests:\s+(\d+)}
@@ -154,6 +157,9 @@ proc runLoad {port requests concurrency {perRequest 0}} {
             }
         }
     }
+    # Requests per second over the wall time of the whole batch: summing
+    # each ab's own figure would overstate it when one finishes early.
+    dict set result rps [expr {[dict get $result complete] / $seconds}]
     # Across the ab processes: mean of means, worst of the tails.
     dict set result mean [expr {[tcl::mathop::+ {*}[dict get $result mean]] / $count}]
     dict set result p50 [median [dict get $result p50]]
@@ -250,21 +256,25 @@ set oneRps [fig socketserver [lindex $opt(-workers) 0] rps]
 set oneCs [fig socketserver [lindex $opt(-workers) 0] cs]
 
 puts "1. Throughput (medians; ratios against baselines from this run)"
-puts [format "%-14s %7s %9s %7s %8s %7s %9s %9s %9s %9s" \
-    server workers req/s failed mean-ms p99-ms cs/req vs-tcl vs-native vs-1w]
-puts [format "%-14s %7s %9s %7s %8s %7s %9s" tcl-socket 1 [fmt $tclRps] \
+proc spread {kind n} {
+    set values [lsort -real $::results($kind,$n,rps)]
+    format "%.0f-%.0f" [lindex $values 0] [lindex $values end]
+}
+puts [format "%-14s %7s %9s %13s %7s %8s %7s %9s %9s %9s %9s" \
+    server workers req/s range failed mean-ms p99-ms cs/req vs-tcl vs-native vs-1w]
+puts [format "%-14s %7s %9s %13s %7s %8s %7s %9s" tcl-socket 1 [fmt $tclRps] [spread tcl 1] \
     [fmt [fig tcl 1 failed]] [fmt [fig tcl 1 mean] 2] [fmt [fig tcl 1 p99]] [fmt [fig tcl 1 cs] 2]]
 foreach n $opt(-workers) {
     set rps [fig socketserver $n rps]
     set nativeRps [fig native $n rps]
-    puts [format "%-14s %7s %9s %7s %8s %7s %9s %9s %9s %9s" socketserver $n [fmt $rps] \
+    puts [format "%-14s %7s %9s %13s %7s %8s %7s %9s %9s %9s %9s" socketserver $n [fmt $rps] [spread socketserver $n] \
         [fmt [fig socketserver $n failed]] [fmt [fig socketserver $n mean] 2] \
         [fmt [fig socketserver $n p99]] [fmt [fig socketserver $n cs] 2] \
         [fmt [expr {$rps / $tclRps}] 2]x [fmt [expr {$rps / $nativeRps}] 2]x \
         [fmt [expr {$rps / $oneRps}] 2]x]
 }
 foreach n $opt(-workers) {
-    puts [format "%-14s %7s %9s %7s %8s %7s %9s" native-accept $n [fmt [fig native $n rps]] \
+    puts [format "%-14s %7s %9s %13s %7s %8s %7s %9s" native-accept $n [fmt [fig native $n rps]] [spread native $n] \
         [fmt [fig native $n failed]] [fmt [fig native $n mean] 2] [fmt [fig native $n p99]] \
         [fmt [fig native $n cs] 2]]
 }
@@ -306,7 +316,7 @@ puts "2. Mixed latency: 1% of requests take 100 ms, $n workers, $opt(-mixedReque
       concurrency [expr {$n}] (medians of $opt(-reps))"
 puts [format "%-24s %8s %8s %7s %7s %8s %7s" server req/s mean-ms p50-ms p99-ms p99.9-ms max-ms]
 foreach rep [lrepeat $opt(-reps) x] {
-    foreach kind [shuffle {socketserver reuseport native}] {
+    foreach kind [shuffle {socketserver reuseport native tcl}] {
         set server [startServer $kind $n 1]
         try {
             set m [runLoad [dict get $server port] $opt(-mixedRequests) $n 1]
@@ -316,7 +326,7 @@ foreach rep [lrepeat $opt(-reps) x] {
         foreach key {rps mean p50 p99 p999 max} {lappend mixed($kind,$key) [dict get $m $key]}
     }
 }
-foreach {kind label} {socketserver "socketserver" reuseport "native SO_REUSEPORT" native "native shared accept()"} {
+foreach {kind label} {socketserver "socketserver" reuseport "native SO_REUSEPORT" native "native shared accept()" tcl "tcl socket -server (1)"} {
     puts [format "%-24s %8s %8s %7s %7s %8s %7s" $label [fmt [median $mixed($kind,rps)]] \
         [fmt [median $mixed($kind,mean)] 2] [fmt [median $mixed($kind,p50)]] \
         [fmt [median $mixed($kind,p99)]] [fmt [median $mixed($kind,p999)]] [fmt [median $mixed($kind,max)]]]
