@@ -94,6 +94,7 @@ int main(int argc, char **argv)
         pids[i] = fork();
         if (pids[i] == 0) {
             int listener = shared;
+            alarm(600);
             if (reuseport && (i > 0 || shared < 0)) listener = open_listener(port, 1);
             serve(listener, slow);
         }
@@ -105,12 +106,15 @@ int main(int argc, char **argv)
     printf("\n");
     fflush(stdout);
     signal(SIGTERM, SIG_DFL);
+    /* Never outlive a benchmark that died: stop by ourselves after 10 minutes. */
+    alarm(600);
     {
         sigset_t set;
         int sig;
         sigemptyset(&set);
         sigaddset(&set, SIGTERM);
         sigaddset(&set, SIGINT);
+        sigaddset(&set, SIGALRM);
         sigprocmask(SIG_BLOCK, &set, NULL);
         sigwait(&set, &sig);
     }

@@ -64,6 +64,8 @@ proc shutdown {} {
     exit 0
 }
 signal trap {SIGTERM SIGINT} shutdown
+# Never outlive a benchmark that died: stop by ourselves after 10 minutes.
+after 600000 shutdown
 
 puts "port $port pids [pid] $pids"
 flush stdout

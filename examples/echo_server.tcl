@@ -77,7 +77,7 @@ for {set i 0} {$i < $workerCount} {incr i} {
 signal trap {SIGINT SIGTERM} shutdown
 
 puts "echo server on port $port with [llength $workers] workers: $workers"
-puts "connect with: nc 127.0.0.1 $port   (each line comes back with the pid of the worker; \"quit\" ends)"
+puts "connect with: nc 127.0.0.1 $port  (or telnet); each line comes back with the pid of the worker that serves you, \"quit\" ends"
 puts "stop with Ctrl-C"
 flush stdout
 vwait forever
