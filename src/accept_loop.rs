@@ -118,8 +118,8 @@ impl LoopState {
                 Wake::Ready(ready) => ready,
             };
             let (listeners_ready, returns_ready) = ready.split_at(self.listeners.len());
-            for index in 0..self.listeners.len() {
-                if listeners_ready[index] && !self.accept_all(index) {
+            for (index, _) in listeners_ready.iter().enumerate().filter(|(_, ready)| **ready) {
+                if !self.accept_all(index) {
                     return;
                 }
             }

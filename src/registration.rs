@@ -24,9 +24,9 @@ struct Registration {
     port: u16,
     /// The handler's words while a registration is pending.
     handler: Option<Vec<Obj>>,
-    queue: Arc<OwnedFd>,
     counters: Arc<Counters>,
     receiver: Receiver,
+    mailbox: Mailbox,
 }
 
 /// What an interpreter knows of its own registrations.
@@ -47,12 +47,26 @@ struct StatePtr(*const InterpState);
 // SAFETY: see the type's documentation.
 unsafe impl Send for StatePtr {}
 
-/// The payload of the Tcl event a receiver queues.
-struct Delivery {
+/// Where a receiver's outcomes go: a Tcl event on the interpreter's thread.
+#[derive(Clone)]
+struct Mailbox {
+    thread: ThreadId,
     state: StatePtr,
     port: u16,
+    /// The process the registration was made in (see `on_delivery`).
     pid: Pid,
     queue: Arc<OwnedFd>,
+}
+
+impl Mailbox {
+    fn post(&self, outcome: Outcome) {
+        tcl::queue_event(self.thread, on_delivery, Delivery { to: self.clone(), outcome });
+    }
+}
+
+/// The payload of the Tcl event a receiver queues.
+struct Delivery {
+    to: Mailbox,
     outcome: Outcome,
 }
 
@@ -89,36 +103,37 @@ impl InterpState {
     ) -> TclResult<()> {
         let mut registrations = self.registrations.borrow_mut();
         // A port closed and opened again has a new queue: start over.
-        registrations.retain(|r| r.port != port || Arc::ptr_eq(&r.queue, &queue));
+        registrations.retain(|r| r.port != port || Arc::ptr_eq(&r.mailbox.queue, &queue));
         let index = match registrations.iter().position(|r| r.port == port) {
             Some(index) => index,
             None => {
-                let receiver = self.spawn_receiver(port, &queue)?;
-                registrations.push(Registration {
+                let mailbox = Mailbox {
+                    thread: self.thread,
+                    state: StatePtr(self),
                     port,
-                    handler: None,
-                    queue,
-                    counters,
-                    receiver,
-                });
+                    pid: self.pid.get(),
+                    queue: Arc::clone(&queue),
+                };
+                let receiver = Receiver::spawn(Arc::clone(&queue), {
+                    let mailbox = mailbox.clone();
+                    move |outcome| mailbox.post(outcome)
+                })
+                .map_err(|e| os_error("couldn't wait for a connection", e.raw_os_error().unwrap_or(0)))?;
+                registrations.push(Registration { port, handler: None, counters, receiver, mailbox });
                 registrations.len() - 1
             }
         };
         let registration = &mut registrations[index];
-        registration.handler = Some(handler);
+        // Replacing the handler of a pending registration changes nothing else.
+        if registration.handler.replace(handler).is_some() {
+            return Ok(());
+        }
         match registration.receiver.arm() {
             Ok(None) => Ok(()),
+            // Taken without waiting: deliver through the event queue all the
+            // same, so the handler never runs inside this call.
             Ok(Some(outcome)) => {
-                // Taken without waiting: deliver through the event queue all
-                // the same, so the handler never runs inside this call.
-                let delivery = Delivery {
-                    state: StatePtr(self),
-                    port,
-                    pid: self.pid.get(),
-                    queue: Arc::clone(&registration.queue),
-                    outcome,
-                };
-                tcl::queue_event(self.thread, on_delivery, delivery);
+                registration.mailbox.post(outcome);
                 Ok(())
             }
             Err(errno) => {
@@ -126,18 +141,6 @@ impl InterpState {
                 Err(os_error("couldn't wait for a connection", errno as i32))
             }
         }
-    }
-
-    fn spawn_receiver(&self, port: u16, queue: &Arc<OwnedFd>) -> TclResult<Receiver> {
-        let thread = self.thread;
-        let state = StatePtr(self);
-        let pid = self.pid.get();
-        let event_queue = Arc::clone(queue);
-        Receiver::spawn(Arc::clone(queue), move |outcome| {
-            let delivery = Delivery { state, port, pid, queue: Arc::clone(&event_queue), outcome };
-            tcl::queue_event(thread, on_delivery, delivery);
-        })
-        .map_err(|e| os_error("couldn't wait for a connection", e.raw_os_error().unwrap_or(0)))
     }
 
     /// Cancels the pending registration for `port`; with `forget`, also
@@ -230,13 +233,14 @@ unsafe extern "C" fn on_delivery(event: *mut Tcl_Event, flags: c_int) -> c_int {
     // Tcl calls it once per event.
     let delivery = unsafe { Event::<Delivery>::take_payload(event) };
     let _ = catch_unwind(AssertUnwindSafe(|| {
+        let to = &delivery.to;
         // An event copied into a forked child: the parent delivers it.
-        if delivery.pid != getpid() {
+        if to.pid != getpid() {
             return;
         }
         // SAFETY: see `StatePtr`.
-        let state = unsafe { &*delivery.state.0 };
-        state.deliver(delivery.port, &delivery.queue, delivery.outcome);
+        let state = unsafe { &*to.state.0 };
+        state.deliver(to.port, &to.queue, delivery.outcome);
     }));
     1
 }
@@ -245,15 +249,15 @@ unsafe extern "C" fn on_delivery(event: *mut Tcl_Event, flags: c_int) -> c_int {
 unsafe extern "C" fn purge_delivery(event: *mut Tcl_Event, state: *mut c_void) -> c_int {
     // SAFETY: Tcl passes live events of this thread's queue.
     let ours = unsafe { Event::<Delivery>::is_ours(event, on_delivery) }
-        && unsafe { Event::<Delivery>::payload(event) }.state.0 == state.cast_const().cast();
+        && unsafe { Event::<Delivery>::payload(event) }.to.state.0 == state.cast_const().cast();
     if !ours {
         return 0;
     }
     // SAFETY: the event is one of ours and Tcl deletes it after we return 1.
     let delivery = unsafe { Event::<Delivery>::take_payload(event) };
     if let Outcome::Connection(conn) = delivery.outcome {
-        if delivery.pid == getpid() {
-            receiver::give_back(&delivery.queue, conn);
+        if delivery.to.pid == getpid() {
+            receiver::give_back(&delivery.to.queue, conn);
         }
     }
     1

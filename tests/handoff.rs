@@ -79,13 +79,13 @@ fn one_message_carries_one_connection() {
         let conn = Connection { socket, peer: format!("127.0.0.1 {i}") };
         send_connection(accept_end.as_fd(), &conn, MsgFlags::empty()).unwrap();
     }
-    for i in 0..3 {
+    for (i, far_end) in far_ends.iter_mut().enumerate() {
         let conn = receive(&worker_end);
         assert_eq!(conn.peer, format!("127.0.0.1 {i}"));
         let mut stream = std::fs::File::from(conn.socket);
         stream.write_all(&[i as u8]).unwrap();
         let mut byte = [0u8; 1];
-        far_ends[i].read_exact(&mut byte).unwrap();
+        far_end.read_exact(&mut byte).unwrap();
         assert_eq!(byte[0], i as u8, "connection {i} arrived in order");
     }
     assert!(matches!(
