@@ -29,6 +29,13 @@ proc forkWorker {script} {
     set pid [fork]
     if {$pid == 0} {
         after [expr {$::watchdogMs * 2}] {exit 3}
+        # A test that closes its port while a worker still waits is not an
+        # error worth printing: anything on stderr fails the test file.
+        interp bgerror {} {apply {{msg opts} {
+            if {[lrange [dict get $opts -errorcode] 0 1] ne {SOCKETSERVER CLOSED}} {
+                puts stderr "worker [pid]: $msg"
+            }
+        }}}
         if {[catch {uplevel #0 $script} err]} {
             puts stderr "worker [pid]: $err"
             exit 2
@@ -139,6 +146,21 @@ proc waitFor {condition {timeout {}}} {
 proc openFds {{pid {}}} {
     if {$pid eq {}} {set pid [pid]}
     llength [glob -nocomplain -directory /proc/$pid/fd *]
+}
+
+# settledFds ?pid? --
+#	The number of descriptors open in a process once it has stopped
+#	changing (sockets being closed by another thread or process take a
+#	moment); a leak never settles back, so tests compare settled counts.
+proc settledFds {{pid {}}} {
+    set last [openFds $pid]
+    for {set i 0} {$i < 40} {incr i} {
+        after 50
+        set now [openFds $pid]
+        if {$now == $last} {return $now}
+        set last $now
+    }
+    return $last
 }
 
 # freshTclsh script --
