@@ -19,8 +19,8 @@ DESTDIR   ?=
 TCLPKGDIR ?= $(PREFIX)/lib/tcltk
 NEED      := scripts/need-packages
 
-BUILD_PACKAGES := tcl8.6 tcl8.6-dev libclang-dev pkg-config
-TEST_PACKAGES  := tclx8.4 tcl-thread
+BUILD_PACKAGES := tcl8.6 tcl8.6-dev tcl-dev libclang-dev pkg-config
+TEST_PACKAGES  := tclx8.4 tcl-thread binutils
 BENCH_PACKAGES := apache2-utils wrk gcc
 
 .PHONY: all build deps test test-rust test-tcl demo bench soak memcheck install uninstall clean
