@@ -21,7 +21,7 @@ NEED      := scripts/need-packages
 
 BUILD_PACKAGES := tcl8.6 tcl8.6-dev tcl-dev libclang-dev pkg-config
 TEST_PACKAGES  := tclx8.4 tcl-thread binutils
-BENCH_PACKAGES := apache2-utils wrk gcc
+BENCH_PACKAGES := apache2-utils gcc
 
 .PHONY: all build deps test test-rust test-tcl demo bench soak memcheck install uninstall clean
 
