@@ -87,7 +87,8 @@ fn server(interp: Interp, objv: &[*mut Tcl_Obj], args: &[Obj]) -> TclResult<Obj>
         number: listeners.port,
         worker_end: Arc::new(worker_end),
         addresses: listeners.addresses,
-        backlog,
+        // listen() caps the backlog at SOMAXCONN: report what is in force.
+        backlog: backlog.min(libc::SOMAXCONN),
         counters: Arc::clone(&counters),
         accept_loop: Some(
             AcceptLoop::start(listeners.sockets, accept_end, counters)
