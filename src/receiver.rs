@@ -132,14 +132,8 @@ impl Receiver {
 
 impl Drop for Receiver {
     fn drop(&mut self) {
-        {
-            let mut mode = self.shared.mode();
-            if *mode == Mode::Armed {
-                let _ = self.shared.epoll.delete(self.shared.queue.as_fd());
-                pass_on_wakeup(&self.shared.queue);
-            }
-            *mode = Mode::Quit;
-        }
+        self.disarm();
+        *self.shared.mode() = Mode::Quit;
         let _ = self.shared.wake.write(1);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
