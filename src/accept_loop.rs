@@ -60,8 +60,7 @@ impl AcceptLoop {
             .name("socketserver-accept".into())
             .stack_size(crate::THREAD_STACK_SIZE)
             .spawn(move || {
-                let mut state = LoopState { listeners, accept_end, stop: thread_stop, counters };
-                state.run();
+                LoopState { listeners, accept_end, stop: thread_stop, counters }.run();
             })?;
         Ok(AcceptLoop { stop, thread: Some(thread), owned_fds })
     }
@@ -105,32 +104,9 @@ struct LoopState {
     counters: Arc<Counters>,
 }
 
-enum Wake {
-    Stop,
-    Ready(Vec<bool>),
-}
-
 impl LoopState {
-    fn run(&mut self) {
-        loop {
-            let ready = match self.wait_for_events() {
-                Wake::Stop => return,
-                Wake::Ready(ready) => ready,
-            };
-            let (listeners_ready, returns_ready) = ready.split_at(self.listeners.len());
-            for (index, _) in listeners_ready.iter().enumerate().filter(|(_, ready)| **ready) {
-                if !self.accept_all(index) {
-                    return;
-                }
-            }
-            if returns_ready[0] && !self.requeue_returned() {
-                return;
-            }
-        }
-    }
-
-    /// Waits until a listener or the accept end is readable, or stop is asked.
-    fn wait_for_events(&self) -> Wake {
+    fn run(&self) {
+        // Listeners first, then the accept end (returned connections), then stop.
         let mut fds: Vec<PollFd> = self
             .listeners
             .iter()
@@ -138,25 +114,34 @@ impl LoopState {
             .collect();
         fds.push(PollFd::new(self.accept_end.as_fd(), PollFlags::POLLIN));
         fds.push(PollFd::new(self.stop.as_fd(), PollFlags::POLLIN));
+        let readable = |fd: &PollFd| fd.any().unwrap_or(false);
         loop {
             match poll(&mut fds, PollTimeout::NONE) {
-                Ok(_) => break,
+                Ok(_) => {}
                 Err(Errno::EINTR) => continue,
                 Err(_) => {
                     std::thread::sleep(BACKOFF);
                     continue;
                 }
             }
+            let (stop, rest) = fds.split_last().expect("stop is polled");
+            let (returns, listeners) = rest.split_last().expect("the accept end is polled");
+            if readable(stop) {
+                return;
+            }
+            for (index, _) in listeners.iter().enumerate().filter(|(_, fd)| readable(fd)) {
+                if !self.accept_all(index) {
+                    return;
+                }
+            }
+            if readable(returns) && !self.requeue_returned() {
+                return;
+            }
         }
-        let readable = |fd: &PollFd| fd.any().unwrap_or(false);
-        if readable(fds.last().expect("stop is polled")) {
-            return Wake::Stop;
-        }
-        Wake::Ready(fds[..fds.len() - 1].iter().map(readable).collect())
     }
 
     /// Accepts every pending connection on one listener; false when stopping.
-    fn accept_all(&mut self, index: usize) -> bool {
+    fn accept_all(&self, index: usize) -> bool {
         loop {
             match accept_connection(&self.listeners[index]) {
                 Ok(conn) => {
