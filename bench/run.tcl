@@ -181,6 +181,10 @@ proc runLoad {port requests concurrency {perRequest 0}} {
             dict set result $key [lindex $times [expr {min($n - 1, int(ceil($fraction * $n)) - 1)}]]
         }
         dict set result max [lindex $times end]
+        # Share of requests that took 50 ms or more: the 1% that sleep, plus
+        # any fast request that waited behind one of them.
+        set late [expr {$n - [lsearch -bisect -integer $times 49] - 1}]
+        dict set result late [expr {100.0 * $late / max(1, $n)}]
         dict set result mean [expr {double([tcl::mathop::+ {*}$times]) / max(1, $n)}]
     }
     return $result
@@ -314,7 +318,7 @@ puts ""
 set n $opt(-mixedWorkers)
 puts "2. Mixed latency: 1% of requests take 100 ms, $n workers, $opt(-mixedRequests) requests,\
       concurrency [expr {$n}] (medians of $opt(-reps))"
-puts [format "%-24s %8s %8s %7s %7s %8s %7s" server req/s mean-ms p50-ms p99-ms p99.9-ms max-ms]
+puts [format "%-24s %8s %8s %7s %7s %8s %7s %9s" server req/s mean-ms p50-ms p99-ms p99.9-ms max-ms ">=50ms-%"]
 foreach rep [lrepeat $opt(-reps) x] {
     foreach kind [shuffle {socketserver reuseport native tcl}] {
         set server [startServer $kind $n 1]
@@ -323,17 +327,20 @@ foreach rep [lrepeat $opt(-reps) x] {
         } finally {
             stopServer $server
         }
-        foreach key {rps mean p50 p99 p999 max} {lappend mixed($kind,$key) [dict get $m $key]}
+        foreach key {rps mean p50 p99 p999 max late} {lappend mixed($kind,$key) [dict get $m $key]}
     }
 }
 foreach {kind label} {socketserver "socketserver" reuseport "native SO_REUSEPORT" native "native shared accept()" tcl "tcl socket -server (1)"} {
-    puts [format "%-24s %8s %8s %7s %7s %8s %7s" $label [fmt [median $mixed($kind,rps)]] \
+    puts [format "%-24s %8s %8s %7s %7s %8s %7s %9s" $label [fmt [median $mixed($kind,rps)]] \
         [fmt [median $mixed($kind,mean)] 2] [fmt [median $mixed($kind,p50)]] \
-        [fmt [median $mixed($kind,p99)]] [fmt [median $mixed($kind,p999)]] [fmt [median $mixed($kind,max)]]]
+        [fmt [median $mixed($kind,p99)]] [fmt [median $mixed($kind,p999)]] [fmt [median $mixed($kind,max)]] \
+        [fmt [median $mixed($kind,late)] 2]]
 }
 puts "socketserver vs SO_REUSEPORT: p99 [fmt [expr {[median $mixed(socketserver,p99)] / double(max(1, [median $mixed(reuseport,p99)]))}] 2]x, p99.9 [fmt [expr {[median $mixed(socketserver,p999)] / double(max(1, [median $mixed(reuseport,p999)]))}] 2]x,\
       max [fmt [expr {[median $mixed(socketserver,max)] / double(max(1, [median $mixed(reuseport,max)]))}] 2]x,\
-      mean [fmt [expr {[median $mixed(socketserver,mean)] / max(0.01, [median $mixed(reuseport,mean)])}] 2]x"
+      mean [fmt [expr {[median $mixed(socketserver,mean)] / max(0.01, [median $mixed(reuseport,mean)])}] 2]x,\
+      requests taking >=50 ms [fmt [median $mixed(socketserver,late)] 2]% against [fmt [median $mixed(reuseport,late)] 2]%\
+      (1% sleep in the handler; the rest waited behind them)"
 puts ""
 
 # --- 3. memory ----------------------------------------------------------
