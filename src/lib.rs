@@ -69,6 +69,7 @@ pub unsafe extern "C" fn Socketserver_SafeInit(interp: *mut Tcl_Interp) -> c_int
 }
 
 fn init(interp: Interp) -> tcl::TclResult<()> {
+    registration::watch_for_exit();
     let mut state = interp.get_assoc_data(ASSOC_KEY);
     if state.is_null() {
         state = Box::into_raw(Box::new(InterpState::new(interp))).cast::<c_void>();

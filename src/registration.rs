@@ -12,7 +12,7 @@ use std::ffi::{c_int, c_void};
 use std::os::fd::OwnedFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Once, RwLock};
 
 use nix::unistd::{getpid, Pid};
 
@@ -60,8 +60,32 @@ struct Mailbox {
 
 impl Mailbox {
     fn post(&self, outcome: Outcome) {
+        let exiting = EXITING.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if *exiting {
+            // Tcl is tearing down its threads' event queues: let another
+            // process serve the connection.
+            if let Outcome::Connection(conn) = outcome {
+                receiver::give_back(&self.queue, conn);
+            }
+            return;
+        }
         tcl::queue_event(self.thread, on_delivery, Delivery { to: self.clone(), outcome });
     }
+}
+
+/// Set when the process exits. Receivers hold the read lock while they
+/// queue an event, so once the exit handler has taken the write lock no
+/// event is queued on a notifier that Tcl is finalizing.
+static EXITING: RwLock<bool> = RwLock::new(false);
+
+/// Registers the exit handler once per process.
+pub fn watch_for_exit() {
+    static REGISTERED: Once = Once::new();
+    REGISTERED.call_once(|| tcl::create_exit_handler(on_exit));
+}
+
+unsafe extern "C" fn on_exit(_: *mut c_void) {
+    *EXITING.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = true;
 }
 
 /// The payload of the Tcl event a receiver queues.
