@@ -8,7 +8,7 @@ use crate::handoff;
 use crate::listener::{self, OpenError};
 use crate::port_table::{self, Port};
 use crate::registration::{os_error, InterpState};
-use crate::tcl::{Interp, NameTable, Obj, TclError, TclResult, Tcl_Obj};
+use crate::tcl::{self, Interp, NameTable, Obj, TclError, TclResult, Tcl_Obj};
 
 static SUBCOMMANDS: NameTable<5> =
     NameTable([c"client".as_ptr(), c"close".as_ptr(), c"info".as_ptr(), c"server".as_ptr(), std::ptr::null()]);
@@ -103,14 +103,13 @@ fn server(interp: Interp, objv: &[*mut Tcl_Obj], args: &[Obj]) -> TclResult<Obj>
 fn open_error(error: OpenError) -> TclError {
     match error {
         OpenError::Os(errno) => os_error("couldn't open socket", errno as i32),
+        // Tcl reports a name that does not resolve as an unreachable host.
         OpenError::Resolve(reason) => {
-            let unreachable = os_error("couldn't open socket", libc::EHOSTUNREACH);
-            match unreachable {
-                TclError::Message { message, code } => {
-                    TclError::Message { message: format!("{message} ({reason})"), code }
-                }
-                other => other,
-            }
+            let (message, name) = tcl::posix_error_words(libc::EHOSTUNREACH);
+            TclError::new(
+                format!("couldn't open socket: {message} ({reason})"),
+                &["POSIX", &name, &message],
+            )
         }
     }
 }
