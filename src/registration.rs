@@ -170,22 +170,15 @@ impl InterpState {
     /// Cancels the pending registration for `port`; with `forget`, also
     /// stops its receiver (the port is gone).
     pub fn cancel(&self, port: u16, forget: bool) {
-        let removed: Vec<Registration>;
-        {
-            let mut registrations = self.registrations.borrow_mut();
-            for registration in registrations.iter_mut().filter(|r| r.port == port) {
-                registration.receiver.disarm();
-                registration.handler = None;
-            }
-            removed = if forget {
-                let (gone, kept) = registrations.drain(..).partition(|r| r.port == port);
-                *registrations = kept;
-                gone
-            } else {
-                Vec::new()
-            };
+        let mut registrations = self.registrations.borrow_mut();
+        for registration in registrations.iter_mut().filter(|r| r.port == port) {
+            registration.receiver.disarm();
+            registration.handler = None;
         }
-        drop(removed);
+        if forget {
+            // Dropping a registration stops its receiver thread.
+            registrations.retain(|r| r.port != port);
+        }
     }
 
     pub fn is_waiting(&self, port: u16) -> bool {
