@@ -7,7 +7,7 @@
 //! descriptors makes it back off instead of spinning.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -18,17 +18,11 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{MsgFlags, SockaddrLike, SockaddrStorage};
 
 use crate::handoff::{self, Connection, Received};
+use crate::port_table::Counters;
 use crate::listener;
 
 /// How long to pause when accept or send fails for lack of resources.
 const BACKOFF: Duration = Duration::from_millis(50);
-
-/// Counters shared by the accepting thread and the commands.
-#[derive(Default)]
-pub struct Counters {
-    pub accepted: AtomicU64,
-    pub received: AtomicU64,
-}
 
 /// A running accept loop; stopping it closes the listeners and the accept end.
 pub struct AcceptLoop {

@@ -3,11 +3,11 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::accept_loop::{AcceptLoop, Counters};
+use crate::accept_loop::AcceptLoop;
 use crate::handoff;
 use crate::listener::{self, OpenError};
-use crate::port_table::{self, Port};
-use crate::registration::{os_error, InterpState};
+use crate::port_table::{self, Counters, Port};
+use crate::registration::InterpState;
 use crate::tcl::{self, Interp, NameTable, Obj, TclError, TclResult, Tcl_Obj};
 
 static SUBCOMMANDS: NameTable<5> =
@@ -81,18 +81,17 @@ fn server(interp: Interp, objv: &[*mut Tcl_Obj], args: &[Obj]) -> TclResult<Obj>
     }
     let listeners = listener::open(myaddr.as_deref(), number, backlog).map_err(open_error)?;
     let (accept_end, worker_end) =
-        handoff::new_queue().map_err(|e| os_error("couldn't open socket", e as i32))?;
+        handoff::new_queue().map_err(|e| TclError::posix("couldn't open socket", e as i32))?;
     let counters = Arc::new(Counters::default());
     let port = Port {
         number: listeners.port,
         worker_end: Arc::new(worker_end),
         addresses: listeners.addresses,
-        // listen() caps the backlog at SOMAXCONN: report what is in force.
-        backlog: backlog.min(libc::SOMAXCONN),
+        backlog: listeners.backlog,
         counters: Arc::clone(&counters),
         accept_loop: Some(
             AcceptLoop::start(listeners.sockets, accept_end, counters)
-                .map_err(|e| os_error("couldn't open socket", e.raw_os_error().unwrap_or(0)))?,
+                .map_err(|e| TclError::posix("couldn't open socket", e.raw_os_error().unwrap_or(0)))?,
         ),
     };
     let number = port.number;
@@ -102,7 +101,7 @@ fn server(interp: Interp, objv: &[*mut Tcl_Obj], args: &[Obj]) -> TclResult<Obj>
 
 fn open_error(error: OpenError) -> TclError {
     match error {
-        OpenError::Os(errno) => os_error("couldn't open socket", errno as i32),
+        OpenError::Os(errno) => TclError::posix("couldn't open socket", errno as i32),
         // Tcl reports a name that does not resolve as an unreachable host.
         OpenError::Resolve(reason) => {
             let (message, name) = tcl::posix_error_words(libc::EHOSTUNREACH);

@@ -18,6 +18,8 @@ pub struct Listeners {
     pub port: u16,
     /// The address of each socket, in the order of `sockets`.
     pub addresses: Vec<SocketAddr>,
+    /// The backlog in force: `listen()` caps it at SOMAXCONN.
+    pub backlog: i32,
 }
 
 #[derive(Debug)]
@@ -32,6 +34,7 @@ pub enum OpenError {
 const EPHEMERAL_RETRIES: usize = 16;
 
 pub fn open(myaddr: Option<&str>, port: u16, backlog: i32) -> Result<Listeners, OpenError> {
+    let backlog = backlog.clamp(1, libc::SOMAXCONN);
     let (addresses, all_interfaces) = match myaddr {
         None => (
             vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)],
@@ -77,7 +80,8 @@ fn open_all(
     requested_port: u16,
     backlog: i32,
 ) -> Result<Listeners, OpenError> {
-    let mut listeners = Listeners { sockets: Vec::new(), port: requested_port, addresses: Vec::new() };
+    let mut listeners =
+        Listeners { sockets: Vec::new(), port: requested_port, addresses: Vec::new(), backlog };
     let mut first_error = None;
     for ip in addresses {
         // Later sockets take the port the first one got, as Tcl does for port 0.
@@ -120,7 +124,6 @@ fn open_one(address: SocketAddr, backlog: i32) -> Result<(OwnedFd, SocketAddr), 
         setsockopt(&socket, sockopt::Ipv6V6Only, &true)?;
     }
     bind(socket.as_raw_fd(), &SockaddrStorage::from(address))?;
-    let backlog = backlog.clamp(1, libc::SOMAXCONN);
     listen(&socket, Backlog::new(backlog).unwrap_or(Backlog::MAXCONN))?;
     let bound = local_address(&socket)?;
     Ok((socket, bound))

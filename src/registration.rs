@@ -16,7 +16,7 @@ use std::sync::{Arc, Once, RwLock};
 
 use nix::unistd::{getpid, Pid};
 
-use crate::accept_loop::Counters;
+use crate::port_table::Counters;
 use crate::receiver::{self, Outcome, Receiver};
 use crate::tcl::{self, Event, Interp, Obj, TclError, TclResult, Tcl_Event, ThreadId};
 
@@ -142,7 +142,7 @@ impl InterpState {
                     let mailbox = mailbox.clone();
                     move |outcome| mailbox.post(outcome)
                 })
-                .map_err(|e| os_error("couldn't wait for a connection", e.raw_os_error().unwrap_or(0)))?;
+                .map_err(|e| TclError::posix("couldn't wait for a connection", e.raw_os_error().unwrap_or(0)))?;
                 registrations.push(Registration { port, handler: None, counters, receiver, mailbox });
                 registrations.len() - 1
             }
@@ -162,7 +162,7 @@ impl InterpState {
             }
             Err(errno) => {
                 registration.handler = None;
-                Err(os_error("couldn't wait for a connection", errno as i32))
+                Err(TclError::posix("couldn't wait for a connection", errno as i32))
             }
         }
     }
@@ -292,10 +292,4 @@ pub unsafe extern "C" fn on_interp_deleted(state: *mut c_void, _interp: *mut tcl
         let pointer: *const InterpState = &*state;
         tcl::delete_events(purge_delivery, pointer.cast_mut().cast());
     }));
-}
-
-/// A Tcl error for a failed system call, worded as `Tcl_PosixError` would.
-pub fn os_error(context: &str, errno: i32) -> TclError {
-    let (message, name) = tcl::posix_error_words(errno);
-    TclError::new(format!("{context}: {message}"), &["POSIX", &name, &message])
 }

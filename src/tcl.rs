@@ -61,6 +61,16 @@ impl TclError {
     }
 }
 
+impl TclError {
+    /// A failed system call, worded as `Tcl_PosixError` words it:
+    /// `couldn't open socket: address already in use`, with the
+    /// `-errorcode` `POSIX EADDRINUSE {address already in use}`.
+    pub fn posix(context: &str, errno: i32) -> TclError {
+        let (message, name) = posix_error_words(errno);
+        TclError::new(format!("{context}: {message}"), &["POSIX", &name, &message])
+    }
+}
+
 pub type TclResult<T> = Result<T, TclError>;
 
 /// An owned reference to a `Tcl_Obj`: cloning increments its reference
