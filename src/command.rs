@@ -7,7 +7,7 @@ use crate::accept_loop::AcceptLoop;
 use crate::handoff;
 use crate::listener::{self, OpenError};
 use crate::port_table::{self, Counters, Port};
-use crate::registration::InterpState;
+use crate::registration::{Handler, InterpState};
 use crate::tcl::{self, Interp, NameTable, Obj, TclError, TclResult, Tcl_Obj};
 
 static SUBCOMMANDS: NameTable<5> =
@@ -75,11 +75,16 @@ fn server(interp: Interp, objv: &[*mut Tcl_Obj], args: &[Obj]) -> TclResult<Obj>
         rest = tail;
     }
     let number = parse_port(interp, port_word)?;
+    Ok(Obj::new_int(open_port(myaddr.as_deref(), number, backlog)?.into()))
+}
 
+/// Opens `number` (or finds it open already) and starts accepting on it;
+/// returns the port number, which `0` leaves to the system.
+pub(crate) fn open_port(myaddr: Option<&str>, number: u16, backlog: i32) -> TclResult<u16> {
     if number != 0 && port_table::table().get(number).is_some() {
-        return Ok(Obj::new_int(number.into()));
+        return Ok(number);
     }
-    let listeners = listener::open(myaddr.as_deref(), number, backlog).map_err(open_error)?;
+    let listeners = listener::open(myaddr, number, backlog).map_err(open_error)?;
     let (accept_end, worker_end) =
         handoff::new_queue().map_err(|e| TclError::posix("couldn't open socket", e as i32))?;
     let counters = Arc::new(Counters::default());
@@ -96,7 +101,7 @@ fn server(interp: Interp, objv: &[*mut Tcl_Obj], args: &[Obj]) -> TclResult<Obj>
     };
     let number = port.number;
     port_table::table().insert(port);
-    Ok(Obj::new_int(number.into()))
+    Ok(number)
 }
 
 fn open_error(error: OpenError) -> TclError {
@@ -145,7 +150,7 @@ fn client(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
         let entry = table.get(number).ok_or_else(|| unknown_port(number))?;
         (number, Arc::clone(&entry.worker_end), Arc::clone(&entry.counters))
     };
-    state.register(number, words, queue, counters)?;
+    state.register(number, Handler::Script(words), queue, counters)?;
     Ok(Obj::new_string(""))
 }
 
@@ -195,7 +200,7 @@ fn info(state: &InterpState, number: u16) -> TclResult<Obj> {
     Ok(Obj::new_list(&dict))
 }
 
-fn parse_port(interp: Interp, word: &Obj) -> TclResult<u16> {
+pub(crate) fn parse_port(interp: Interp, word: &Obj) -> TclResult<u16> {
     let value = word.get_int(interp)?;
     u16::try_from(value).map_err(|_| {
         TclError::new(

@@ -6,7 +6,9 @@
 //! hands it to the Tcl handler that registered for it (`registration`) as
 //! an ordinary Tcl TCP channel. `command` parses `::socketserver::socket`;
 //! `port_table` is the process-wide table of ports; `tcl` is the only code
-//! that touches the Tcl C API.
+//! that touches the Tcl C API. `pool` runs worker processes for a port:
+//! it forks, watches and replaces them; `fork_safety` keeps our locks sound
+//! across any `fork`.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -14,8 +16,10 @@ mod tcl;
 
 pub mod accept_loop;
 mod command;
+mod fork_safety;
 pub mod handoff;
 pub mod listener;
+mod pool;
 mod port_table;
 pub mod receiver;
 mod registration;
@@ -70,12 +74,14 @@ pub unsafe extern "C" fn Socketserver_SafeInit(interp: *mut Tcl_Interp) -> c_int
 
 fn init(interp: Interp) -> tcl::TclResult<()> {
     registration::watch_for_exit();
+    fork_safety::install();
     let mut state = interp.get_assoc_data(ASSOC_KEY);
     if state.is_null() {
         state = Box::into_raw(Box::new(InterpState::new(interp))).cast::<c_void>();
         interp.set_assoc_data(ASSOC_KEY, Some(registration::on_interp_deleted), state);
     }
     interp.create_command(c"::socketserver::socket", Some(socket_command), state);
+    interp.create_command(c"::socketserver::pool", Some(pool_command), state);
     interp.export(c"::socketserver", c"socket");
     let version = std::ffi::CString::new(VERSION).expect("version has no NUL");
     if interp.provide_package(c"socketserver", &version) != tcl::TCL_OK {
@@ -102,4 +108,22 @@ unsafe extern "C" fn socket_command(
         )
     };
     tcl::run_command(interp, || command::dispatch(state, interp, objv))
+}
+
+/// The `::socketserver::pool` command procedure.
+unsafe extern "C" fn pool_command(
+    state: *mut c_void,
+    interp: *mut Tcl_Interp,
+    objc: c_int,
+    objv: *const *mut Tcl_Obj,
+) -> c_int {
+    // SAFETY: as for `socket_command`.
+    let (interp, objv, state) = unsafe {
+        (
+            Interp::from_raw(interp),
+            std::slice::from_raw_parts(objv, objc as usize),
+            &*state.cast::<InterpState>(),
+        )
+    };
+    tcl::run_command(interp, || pool::dispatch(state, interp, objv))
 }

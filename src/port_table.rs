@@ -44,9 +44,14 @@ pub struct PortTable {
 
 static TABLE: Mutex<PortTable> = Mutex::new(PortTable { pid: Pid::from_raw(0), ports: Vec::new() });
 
+/// Locks the table as it is, for `fork_safety`.
+pub(crate) fn lock() -> MutexGuard<'static, PortTable> {
+    TABLE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Locks the table, first adopting it if this is a forked child.
 pub fn table() -> MutexGuard<'static, PortTable> {
-    let mut table = TABLE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut table = lock();
     let pid = getpid();
     if table.pid != pid {
         table.pid = pid;

@@ -20,10 +20,27 @@ use crate::port_table::Counters;
 use crate::receiver::{self, Outcome, Receiver};
 use crate::tcl::{self, Event, Interp, Obj, TclError, TclResult, Tcl_Event, ThreadId};
 
+/// What a registration does with the connection it receives.
+pub enum Handler {
+    /// A Tcl command prefix, called at global level with the channel, the
+    /// peer's address and the peer's port appended (the `client` command).
+    Script(Vec<Obj>),
+    /// Rust code on the interpreter's thread (a pool's worker).
+    Native(NativeHandler),
+}
+
+/// The callbacks of a `Handler::Native`.
+#[derive(Clone, Copy)]
+pub struct NativeHandler {
+    pub connection: fn(Interp, crate::handoff::Connection),
+    /// The queue closed and is drained: no connection will come again.
+    pub queue_closed: fn(u16),
+}
+
 struct Registration {
     port: u16,
-    /// The handler's words while a registration is pending.
-    handler: Option<Vec<Obj>>,
+    /// The handler while a registration is pending.
+    handler: Option<Handler>,
     counters: Arc<Counters>,
     receiver: Receiver,
     mailbox: Mailbox,
@@ -78,6 +95,17 @@ impl Mailbox {
 /// event is queued on a notifier that Tcl is finalizing.
 static EXITING: RwLock<bool> = RwLock::new(false);
 
+/// Takes the exit flag for writing, for `fork_safety`: no receiver is then
+/// queueing an event.
+pub(crate) fn lock_exit_flag() -> std::sync::RwLockWriteGuard<'static, bool> {
+    EXITING.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Whether the process is exiting (Tcl's exit handlers have run).
+pub fn exiting() -> bool {
+    *EXITING.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Registers the exit handler once per process.
 pub fn watch_for_exit() {
     static REGISTERED: Once = Once::new();
@@ -85,7 +113,7 @@ pub fn watch_for_exit() {
 }
 
 unsafe extern "C" fn on_exit(_: *mut c_void) {
-    *EXITING.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = true;
+    *lock_exit_flag() = true;
 }
 
 /// The payload of the Tcl event a receiver queues.
@@ -121,7 +149,7 @@ impl InterpState {
     pub fn register(
         &self,
         port: u16,
-        handler: Vec<Obj>,
+        handler: Handler,
         queue: Arc<OwnedFd>,
         counters: Arc<Counters>,
     ) -> TclResult<()> {
@@ -200,21 +228,29 @@ impl InterpState {
                     receiver::give_back(queue, conn);
                     return;
                 };
-                let mut words = registration.handler.take().unwrap_or_default();
+                let handler = registration.handler.take();
                 registration.counters.received.fetch_add(1, Ordering::Relaxed);
                 // The handler usually registers again: release the borrow first.
                 drop(registrations);
-                let (host, peer_port) = conn.peer_host_and_port();
-                let channel = interp.adopt_tcp_socket(conn.socket);
-                words.push(Obj::new_string(&channel));
-                words.push(Obj::new_string(&host));
-                words.push(Obj::new_string(&peer_port));
-                interp.eval_global_in_background(&words);
+                match handler {
+                    Some(Handler::Script(mut words)) => {
+                        let (host, peer_port) = conn.peer_host_and_port();
+                        let channel = interp.adopt_tcp_socket(conn.socket);
+                        words.push(Obj::new_string(&channel.name()));
+                        words.push(Obj::new_string(&host));
+                        words.push(Obj::new_string(&peer_port));
+                        interp.eval_global_in_background(&words);
+                    }
+                    Some(Handler::Native(native)) => (native.connection)(interp, conn),
+                    None => {}
+                }
             }
             Outcome::QueueClosed => {
-                let was_waiting = registration.is_some_and(|r| r.handler.take().is_some());
+                let handler = registration.and_then(|r| r.handler.take());
                 drop(registrations);
-                if was_waiting {
+                if let Some(Handler::Native(native)) = handler {
+                    (native.queue_closed)(port);
+                } else if handler.is_some() {
                     interp.background_error(TclError::new(
                         format!(
                             "socketserver port {port} is closed: its accepting process \
@@ -286,6 +322,7 @@ pub unsafe extern "C" fn on_interp_deleted(state: *mut c_void, _interp: *mut tcl
         // SAFETY: `state` is the Box that `Socketserver_Init` leaked for this
         // interpreter; Tcl calls this procedure once.
         let state = unsafe { Box::from_raw(state.cast::<InterpState>()) };
+        crate::pool::interp_deleted(state.interp);
         state.reset_if_forked();
         // Stop the receivers first, so that no event can be queued after the purge.
         state.registrations.borrow_mut().clear();

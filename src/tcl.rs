@@ -13,10 +13,12 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::{self, NonNull};
 
 pub use tcl_sys::{Tcl_Event, Tcl_Interp, Tcl_Obj, Tcl_ThreadId};
+use tcl_sys::{Tcl_Channel, Tcl_TimerToken};
 
 pub const TCL_OK: c_int = tcl_sys::TCL_OK as c_int;
 pub const TCL_ERROR: c_int = tcl_sys::TCL_ERROR as c_int;
 pub const TCL_FILE_EVENTS: c_int = tcl_sys::TCL_FILE_EVENTS as c_int;
+pub const TCL_READABLE: c_int = tcl_sys::TCL_READABLE as c_int;
 
 /// Looks up a function in Tcl's stubs table. Use only inside `unsafe`.
 macro_rules! stub {
@@ -109,8 +111,47 @@ impl Obj {
         unsafe { Obj::from_raw(stub!(tcl_NewListObj)(len, ptrs.as_ptr())) }
     }
 
+    pub fn new_double(value: f64) -> Obj {
+        // SAFETY: creates a fresh object.
+        unsafe { Obj::from_raw(stub!(tcl_NewDoubleObj)(value)) }
+    }
+
+    /// A dict from key/value pairs (a list of even length is a dict).
+    pub fn new_dict(pairs: Vec<(&str, Obj)>) -> Obj {
+        let mut items = Vec::with_capacity(pairs.len() * 2);
+        for (key, value) in pairs {
+            items.push(Obj::new_string(key));
+            items.push(value);
+        }
+        Obj::new_list(&items)
+    }
+
     pub fn as_ptr(&self) -> *mut Tcl_Obj {
         self.ptr.as_ptr()
+    }
+
+    /// The value as a double, with Tcl's own error message when it is not one.
+    pub fn get_double(&self, interp: Interp) -> TclResult<f64> {
+        let mut value: f64 = 0.0;
+        // SAFETY: interpreter and object are live on this thread.
+        let code = unsafe { stub!(tcl_GetDoubleFromObj)(interp.as_ptr(), self.as_ptr(), &mut value) };
+        if code == TCL_OK {
+            Ok(value)
+        } else {
+            Err(TclError::AlreadySet)
+        }
+    }
+
+    /// The value as a boolean, with Tcl's own error message when it is not one.
+    pub fn get_boolean(&self, interp: Interp) -> TclResult<bool> {
+        let mut value: c_int = 0;
+        // SAFETY: interpreter and object are live on this thread.
+        let code = unsafe { stub!(tcl_GetBooleanFromObj)(interp.as_ptr(), self.as_ptr(), &mut value) };
+        if code == TCL_OK {
+            Ok(value != 0)
+        } else {
+            Err(TclError::AlreadySet)
+        }
     }
 
     /// The string form of the value (lossy where it is not valid UTF-8).
@@ -308,8 +349,8 @@ impl Interp {
     }
 
     /// Wraps a connected TCP socket in a Tcl channel registered in this
-    /// interpreter, and returns the channel's name. The channel owns `fd`.
-    pub fn adopt_tcp_socket(&self, fd: std::os::fd::OwnedFd) -> String {
+    /// interpreter. The channel owns `fd`.
+    pub fn adopt_tcp_socket(&self, fd: std::os::fd::OwnedFd) -> Channel {
         use std::os::fd::IntoRawFd;
         let raw = fd.into_raw_fd();
         // SAFETY: Tcl takes ownership of the descriptor (it closes it when
@@ -317,7 +358,25 @@ impl Interp {
         unsafe {
             let channel = stub!(tcl_MakeTcpClientChannel)(raw as isize as *mut c_void);
             stub!(tcl_RegisterChannel)(self.as_ptr(), channel);
-            CStr::from_ptr(stub!(tcl_GetChannelName)(channel)).to_string_lossy().into_owned()
+            Channel(channel)
+        }
+    }
+
+    /// Evaluates `script` at global level; on error returns the message.
+    pub fn eval_global(&self, script: &Obj) -> Result<(), String> {
+        // SAFETY: interpreter and script are live; Tcl_Preserve keeps the
+        // interpreter's memory valid even if the script deletes it.
+        unsafe {
+            stub!(tcl_Preserve)(self.as_ptr().cast());
+            let code = stub!(tcl_EvalObjEx)(self.as_ptr(), script.as_ptr(), tcl_sys::TCL_EVAL_GLOBAL as c_int);
+            let result = if code == TCL_OK || code == tcl_sys::TCL_RETURN as c_int {
+                Ok(())
+            } else {
+                let message = stub!(tcl_GetObjResult)(self.as_ptr());
+                Err(Obj::from_raw(message).to_string_lossy())
+            };
+            stub!(tcl_Release)(self.as_ptr().cast());
+            result
         }
     }
 
@@ -496,4 +555,80 @@ pub fn panic_error(panic: Box<dyn std::any::Any + Send>) -> TclError {
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into());
     TclError::new(format!("socketserver: internal error: {what}"), &["SOCKETSERVER", "PANIC"])
+}
+
+/// A Tcl channel made by `Interp::adopt_tcp_socket`, valid until it is closed.
+#[derive(Clone, Copy)]
+pub struct Channel(Tcl_Channel);
+
+impl Channel {
+    pub fn name(&self) -> String {
+        // SAFETY: the channel is open (the caller has just made it).
+        unsafe { CStr::from_ptr(stub!(tcl_GetChannelName)(self.0)).to_string_lossy().into_owned() }
+    }
+
+    /// Asks Tcl to call `proc_(data)` when the channel is closed, however it
+    /// is closed (`close`, interpreter deletion, exit).
+    pub fn on_close(&self, proc_: unsafe extern "C" fn(*mut c_void), data: *mut c_void) {
+        // SAFETY: the channel is open; Tcl keeps `data` as an opaque word.
+        unsafe { stub!(tcl_CreateCloseHandler)(self.0, Some(proc_), data) }
+    }
+}
+
+/// Calls `proc_(data)` on this thread whenever `fd` is readable
+/// (`Tcl_CreateFileHandler`); replaces a handler already set for `fd`.
+pub fn create_file_handler(fd: c_int, proc_: unsafe extern "C" fn(*mut c_void, c_int), data: *mut c_void) {
+    // SAFETY: Tcl only polls the descriptor and passes `data` back.
+    unsafe { stub!(tcl_CreateFileHandler)(fd, TCL_READABLE, Some(proc_), data) }
+}
+
+/// Removes the file handler of `fd` (`Tcl_DeleteFileHandler`).
+pub fn delete_file_handler(fd: c_int) {
+    // SAFETY: deleting an absent handler is a no-op in Tcl.
+    unsafe { stub!(tcl_DeleteFileHandler)(fd) }
+}
+
+/// A one-shot timer made by `create_timer`.
+#[derive(Clone, Copy)]
+pub struct Timer(Tcl_TimerToken);
+
+/// Calls `proc_(data)` on this thread after `millis` milliseconds.
+pub fn create_timer(millis: u32, proc_: unsafe extern "C" fn(*mut c_void), data: *mut c_void) -> Timer {
+    let millis = c_int::try_from(millis).unwrap_or(c_int::MAX);
+    // SAFETY: Tcl keeps `data` as an opaque word and calls `proc_` once.
+    Timer(unsafe { stub!(tcl_CreateTimerHandler)(millis, Some(proc_), data) })
+}
+
+/// Cancels a timer that has not fired yet.
+pub fn delete_timer(timer: Timer) {
+    // SAFETY: deleting a timer that already fired is a no-op in Tcl.
+    unsafe { stub!(tcl_DeleteTimerHandler)(timer.0) }
+}
+
+/// Waits for and processes one event of any kind (`Tcl_DoOneEvent(0)`).
+pub fn do_one_event() {
+    // SAFETY: runs this thread's event loop.
+    unsafe { stub!(tcl_DoOneEvent)(0) };
+}
+
+/// Flushes Tcl's standard output and error channels, so that a process
+/// about to fork does not hand buffered output to its child as well.
+pub fn flush_standard_channels() {
+    for which in [tcl_sys::TCL_STDOUT, tcl_sys::TCL_STDERR] {
+        // SAFETY: a missing standard channel is null, which we skip.
+        unsafe {
+            let channel = stub!(tcl_GetStdChannel)(which as c_int);
+            if !channel.is_null() {
+                stub!(tcl_Flush)(channel);
+            }
+        }
+    }
+}
+
+/// Ends the process as Tcl's `exit` does: exit handlers run, channels are
+/// flushed and closed.
+pub fn exit(status: i32) -> ! {
+    // SAFETY: Tcl_Exit never returns.
+    unsafe { stub!(tcl_Exit)(status) };
+    unreachable!("Tcl_Exit returned")
 }

@@ -1,0 +1,204 @@
+//! `::socketserver::pool`: argument parsing and the subcommands.
+
+use std::time::Duration;
+
+use crate::command::{open_port, parse_port};
+use crate::registration::InterpState;
+use crate::tcl::{Interp, NameTable, Obj, TclError, TclResult, Tcl_Obj};
+
+use super::supervisor::{self, Config, MAX_WORKERS};
+
+static SUBCOMMANDS: NameTable<7> = NameTable([
+    c"create".as_ptr(),
+    c"info".as_ptr(),
+    c"reload".as_ptr(),
+    c"resize".as_ptr(),
+    c"stop".as_ptr(),
+    c"wait".as_ptr(),
+    std::ptr::null(),
+]);
+static CREATE_OPTIONS: NameTable<12> = NameTable([
+    c"-backlog".as_ptr(),
+    c"-concurrency".as_ptr(),
+    c"-graceful".as_ptr(),
+    c"-init".as_ptr(),
+    c"-jitter".as_ptr(),
+    c"-log".as_ptr(),
+    c"-maxconnections".as_ptr(),
+    c"-myaddr".as_ptr(),
+    c"-signals".as_ptr(),
+    c"-timeout".as_ptr(),
+    c"-workers".as_ptr(),
+    std::ptr::null(),
+]);
+
+const CREATE_USAGE: &str = "?-option value ...? port handler";
+const DEFAULT_WORKERS: usize = 4;
+const DEFAULT_GRACEFUL: Duration = Duration::from_secs(30);
+
+/// Runs one call of `::socketserver::pool`.
+pub fn dispatch(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj]) -> TclResult<Obj> {
+    if objv.len() < 2 {
+        return Err(interp.wrong_num_args(objv, 1, "subcommand ?arg ...?"));
+    }
+    let word = |i: usize| {
+        // SAFETY: Tcl passes objc live objects in objv.
+        unsafe { Obj::from_raw(objv[i]) }
+    };
+    let args: Vec<Obj> = (2..objv.len()).map(word).collect();
+    let optional_port = |usage: &str| -> TclResult<Option<u16>> {
+        match args.as_slice() {
+            [] => Ok(None),
+            [port] => Ok(Some(parse_port(interp, port)?)),
+            _ => Err(interp.wrong_num_args(objv, 2, usage)),
+        }
+    };
+    let empty = || Ok(Obj::new_string(""));
+    match SUBCOMMANDS.name(interp.get_index(&word(1), &SUBCOMMANDS, c"subcommand")?) {
+        "create" => create(state, interp, objv, &args),
+        "info" => match optional_port("?port?")? {
+            None => Ok(Obj::new_list(
+                &supervisor::ports(None)?.into_iter().map(|p| Obj::new_int(p.into())).collect::<Vec<_>>(),
+            )),
+            Some(port) => {
+                supervisor::ports(Some(port))?;
+                supervisor::info(port)
+            }
+        },
+        "reload" => {
+            supervisor::ports(optional_port("?port?")?)?.into_iter().for_each(supervisor::reload);
+            empty()
+        }
+        "resize" => {
+            let [port, workers] = args.as_slice() else {
+                return Err(interp.wrong_num_args(objv, 2, "port workers"));
+            };
+            let port = parse_port(interp, port)?;
+            let workers = worker_count(interp, workers)?;
+            supervisor::ports(Some(port))?;
+            supervisor::resize(port, workers);
+            empty()
+        }
+        "stop" => {
+            supervisor::ports(optional_port("?port?")?)?.into_iter().for_each(supervisor::stop);
+            empty()
+        }
+        _ => {
+            let ports = supervisor::ports(optional_port("?port?")?)?;
+            supervisor::wait(&ports);
+            empty()
+        }
+    }
+}
+
+/// `create ?-option value ...? port handler`
+fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Obj]) -> TclResult<Obj> {
+    let [options @ .., port_word, handler] = args else {
+        return Err(interp.wrong_num_args(objv, 2, CREATE_USAGE));
+    };
+    let mut config = Config {
+        workers: DEFAULT_WORKERS,
+        concurrency: 1,
+        handler: Vec::new(),
+        init: None,
+        max_connections: 0,
+        jitter: 0,
+        timeout: None,
+        graceful: DEFAULT_GRACEFUL,
+        log: None,
+        signals: true,
+    };
+    let mut myaddr = None;
+    let mut backlog = libc::SOMAXCONN;
+    let mut rest = options;
+    while let [option, tail @ ..] = rest {
+        let index = interp.get_index(option, &CREATE_OPTIONS, c"option")?;
+        let [value, tail @ ..] = tail else {
+            return Err(TclError::new(
+                format!("value for \"{}\" missing", option.to_string_lossy()),
+                &["TCL", "VALUE", "MISSING"],
+            ));
+        };
+        match CREATE_OPTIONS.name(index) {
+            "-backlog" => backlog = positive(interp, value)? as i32,
+            "-concurrency" => config.concurrency = positive(interp, value)? as usize,
+            "-graceful" => config.graceful = seconds(interp, value)?,
+            "-init" => config.init = Some(value.clone()),
+            "-jitter" => config.jitter = non_negative(interp, value)?,
+            "-log" => config.log = Some(value.list_elements(interp)?),
+            "-maxconnections" => config.max_connections = non_negative(interp, value)?,
+            "-myaddr" => myaddr = Some(value.to_string_lossy()),
+            "-signals" => config.signals = value.get_boolean(interp)?,
+            "-timeout" => {
+                let timeout = seconds(interp, value)?;
+                config.timeout = (!timeout.is_zero()).then_some(timeout);
+            }
+            _ => config.workers = worker_count(interp, value)?,
+        }
+        rest = tail;
+    }
+    let words = handler.list_elements(interp)?;
+    let command = words.first().map(Obj::to_string_lossy).unwrap_or_default();
+    if words.is_empty() || !interp.command_exists_globally(&command) {
+        return Err(TclError::new(
+            format!("invalid command name \"{command}\""),
+            &["TCL", "LOOKUP", "COMMAND", &command],
+        ));
+    }
+    config.handler = words;
+    if let Some(log) = &config.log {
+        if let Some(first) = log.first().map(Obj::to_string_lossy) {
+            if !interp.command_exists_globally(&first) {
+                return Err(TclError::new(
+                    format!("invalid command name \"{first}\""),
+                    &["TCL", "LOOKUP", "COMMAND", &first],
+                ));
+            }
+        }
+    }
+    let number = parse_port(interp, port_word)?;
+    let port = open_port(myaddr.as_deref(), number, backlog)?;
+    supervisor::create(interp, state, port, config)?;
+    Ok(Obj::new_int(port.into()))
+}
+
+fn integer(interp: Interp, value: &Obj, min: i64, what: &str) -> TclResult<u64> {
+    let n = i64::from(value.get_int(interp)?);
+    if n < min {
+        return Err(TclError::new(
+            format!("expected {what} integer but got \"{}\"", value.to_string_lossy()),
+            &["TCL", "VALUE", "NUMBER"],
+        ));
+    }
+    Ok(n as u64)
+}
+
+fn positive(interp: Interp, value: &Obj) -> TclResult<u64> {
+    integer(interp, value, 1, "positive")
+}
+
+fn non_negative(interp: Interp, value: &Obj) -> TclResult<u64> {
+    integer(interp, value, 0, "non-negative")
+}
+
+fn worker_count(interp: Interp, value: &Obj) -> TclResult<usize> {
+    let n = positive(interp, value)? as usize;
+    if n > MAX_WORKERS {
+        return Err(TclError::new(
+            format!("too many workers \"{n}\": must be at most {MAX_WORKERS}"),
+            &["TCL", "VALUE", "NUMBER"],
+        ));
+    }
+    Ok(n)
+}
+
+fn seconds(interp: Interp, value: &Obj) -> TclResult<Duration> {
+    let s = value.get_double(interp)?;
+    if !(0.0..=1e9).contains(&s) {
+        return Err(TclError::new(
+            format!("expected non-negative number of seconds but got \"{}\"", value.to_string_lossy()),
+            &["TCL", "VALUE", "NUMBER"],
+        ));
+    }
+    Ok(Duration::from_secs_f64(s))
+}

@@ -1,0 +1,200 @@
+//! The scoreboard: what each worker of a pool is doing, readable by the
+//! supervisor without a message per connection.
+//!
+//! As in Apache's prefork MPM, it is a shared anonymous mapping made before
+//! the first fork, so the supervisor and every worker see the same memory.
+//! Each worker owns one slot and updates it with relaxed atomic stores (a
+//! few nanoseconds per connection); the supervisor assigns slots and reads
+//! them. Nothing in it is needed for correctness of the hand-off: it is for
+//! `pool info`, the busy timeout and the rolling reload.
+
+use std::num::NonZeroUsize;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+
+use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
+
+/// What a worker is doing, as `pool info` names it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u32)]
+pub enum State {
+    /// The slot is free.
+    Free = 0,
+    /// Forked, running `-init`, not yet registered.
+    Starting = 1,
+    /// Registered, no channel open.
+    Idle = 2,
+    /// At least one channel open.
+    Busy = 3,
+    /// Leaving: takes no more connections, exits when its channels close.
+    Stopping = 4,
+}
+
+impl State {
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Free => "free",
+            State::Starting => "starting",
+            State::Idle => "idle",
+            State::Busy => "busy",
+            State::Stopping => "stopping",
+        }
+    }
+
+    fn from_u32(value: u32) -> State {
+        match value {
+            1 => State::Starting,
+            2 => State::Idle,
+            3 => State::Busy,
+            4 => State::Stopping,
+            _ => State::Free,
+        }
+    }
+}
+
+/// Room for the longest peer text, "IPv6 address port".
+const PEER_BYTES: usize = 56;
+
+/// One worker's slot. Written by that worker (and by the supervisor when it
+/// assigns or frees the slot); `pid` identifies whose it is.
+#[repr(C, align(64))]
+pub struct Slot {
+    pid: AtomicI32,
+    state: AtomicU32,
+    generation: AtomicU32,
+    /// Channels the worker holds open now.
+    open: AtomicU32,
+    /// Connections whose channels the worker has closed.
+    served: AtomicU64,
+    /// Monotonic milliseconds since its oldest open channel was received;
+    /// 0 while it holds none.
+    busy_since: AtomicU64,
+    /// The peer of that oldest channel, for the timeout's log entry.
+    peer_len: AtomicU8,
+    peer: [AtomicU8; PEER_BYTES],
+}
+
+impl Slot {
+    pub fn state(&self) -> State {
+        State::from_u32(self.state.load(Relaxed))
+    }
+    pub fn set_state(&self, state: State) {
+        self.state.store(state as u32, Relaxed);
+    }
+    pub fn open(&self) -> u32 {
+        self.open.load(Relaxed)
+    }
+    pub fn served(&self) -> u64 {
+        self.served.load(Relaxed)
+    }
+    pub fn busy_since(&self) -> u64 {
+        self.busy_since.load(Relaxed)
+    }
+
+    /// Records the channels now open and the oldest one's start and peer.
+    pub fn set_open(&self, open: u32, oldest: Option<(u64, &str)>) {
+        self.open.store(open, Relaxed);
+        match oldest {
+            Some((since, peer)) => {
+                let bytes = &peer.as_bytes()[..peer.len().min(PEER_BYTES)];
+                for (cell, byte) in self.peer.iter().zip(bytes) {
+                    cell.store(*byte, Relaxed);
+                }
+                self.peer_len.store(bytes.len() as u8, Relaxed);
+                self.busy_since.store(since.max(1), Relaxed);
+            }
+            None => self.busy_since.store(0, Relaxed),
+        }
+    }
+
+    pub fn count_served(&self) {
+        self.served.fetch_add(1, Relaxed);
+    }
+
+    /// The peer of the oldest open channel ("host port").
+    pub fn peer(&self) -> String {
+        let len = usize::from(self.peer_len.load(Relaxed)).min(PEER_BYTES);
+        let bytes: Vec<u8> = self.peer[..len].iter().map(|b| b.load(Relaxed)).collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// Gives the slot to a worker about to be forked.
+    fn assign(&self, generation: u32) {
+        self.pid.store(0, Relaxed);
+        self.generation.store(generation, Relaxed);
+        self.open.store(0, Relaxed);
+        self.served.store(0, Relaxed);
+        self.busy_since.store(0, Relaxed);
+        self.peer_len.store(0, Relaxed);
+        self.set_state(State::Starting);
+    }
+
+    pub fn set_pid(&self, pid: i32) {
+        self.pid.store(pid, Relaxed);
+    }
+
+    pub fn free(&self) {
+        self.pid.store(0, Relaxed);
+        self.set_state(State::Free);
+    }
+}
+
+/// A pool's scoreboard: `capacity` slots in one shared mapping.
+pub struct Scoreboard {
+    slots: NonNull<Slot>,
+    capacity: usize,
+}
+
+impl Scoreboard {
+    pub fn new(capacity: usize) -> nix::Result<Scoreboard> {
+        let bytes = NonZeroUsize::new(capacity.max(1) * std::mem::size_of::<Slot>()).expect("non-zero");
+        // SAFETY: a fresh anonymous mapping, zero-filled by the kernel; all
+        // zeroes is a valid Slot (atomics), in state Free.
+        let memory = unsafe {
+            mmap_anonymous(
+                None,
+                bytes,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+            )?
+        };
+        Ok(Scoreboard { slots: memory.cast(), capacity: capacity.max(1) })
+    }
+
+    pub fn slot(&self, index: usize) -> &Slot {
+        assert!(index < self.capacity, "scoreboard slot out of range");
+        // SAFETY: index is in range and the mapping lives as long as self.
+        unsafe { &*self.slots.as_ptr().add(index) }
+    }
+
+    /// Takes a free slot for a new worker of `generation`.
+    pub fn assign(&self, generation: u32) -> Option<usize> {
+        let index = (0..self.capacity).find(|&i| self.slot(i).state() == State::Free)?;
+        self.slot(index).assign(generation);
+        Some(index)
+    }
+
+    /// The slot as a `'static` reference, for a forked worker, which keeps
+    /// the mapping until it exits.
+    pub fn leak_slot(&self, index: usize) -> &'static Slot {
+        // SAFETY: the caller is a worker that never unmaps the scoreboard.
+        unsafe { &*self.slots.as_ptr().add(index.min(self.capacity - 1)) }
+    }
+}
+
+impl Drop for Scoreboard {
+    fn drop(&mut self) {
+        let bytes = self.capacity * std::mem::size_of::<Slot>();
+        // SAFETY: the mapping was made by `new` with this size, and no slot
+        // reference outlives the scoreboard in this process.
+        let _ = unsafe { munmap(self.slots.cast(), bytes) };
+    }
+}
+
+/// Monotonic milliseconds, the same clock in every process of the machine.
+pub fn now_millis() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
+        .unwrap_or(0);
+    now.max(1)
+}

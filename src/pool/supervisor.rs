@@ -1,0 +1,825 @@
+//! The supervisor: runs in the accepting process and keeps each pool's
+//! workers alive.
+//!
+//! Everything it does happens on the Tcl thread that made the pools, from
+//! three kinds of event: a pool command, a byte in the signal pipe (a
+//! signal, or a worker asking for attention) and a periodic tick. Each
+//! event ends in `reconcile`, which compares what is with what should be
+//! and acts: reap the dead, replace them (with back-off when they die
+//! young), retire old generations as new workers become ready, kill workers
+//! stuck past `-timeout`, and finish a stop.
+
+use std::cell::RefCell;
+use std::ffi::c_void;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{fork, ForkResult, Pid};
+
+use crate::port_table;
+use crate::registration::InterpState;
+use crate::tcl::{self, Interp, Obj, TclError, TclResult};
+
+use super::scoreboard::{now_millis, Scoreboard, State};
+use super::signals;
+use super::worker::{self, Assignment};
+
+/// How often the supervisor looks at its workers without being woken.
+const TICK_MS: u32 = 100;
+/// A worker that dies sooner than this after its fork, unasked, died young.
+const YOUNG: Duration = Duration::from_secs(1);
+/// Back-off after the first young death, doubled for each further one...
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+/// ...up to this.
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// Scoreboard slots per pool: room for a full generation beside another.
+pub const MAX_WORKERS: usize = 512;
+
+pub struct Config {
+    pub workers: usize,
+    pub concurrency: usize,
+    pub handler: Vec<Obj>,
+    pub init: Option<Obj>,
+    pub max_connections: u64,
+    pub jitter: u64,
+    pub timeout: Option<Duration>,
+    pub graceful: Duration,
+    /// `None`: one line on stderr per event; an empty prefix: no log.
+    pub log: Option<Vec<Obj>>,
+    pub signals: bool,
+}
+
+/// Why the supervisor asked a worker to go.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Retired {
+    Reload,
+    Resize,
+}
+
+struct Child {
+    pid: Pid,
+    slot: usize,
+    generation: u32,
+    forked: Instant,
+    /// Our end of its leave pipe; closing it asks the worker to leave.
+    leave: Option<OwnedFd>,
+    retired: Option<Retired>,
+    /// Set once we have sent it SIGKILL, with the reason.
+    killed: Option<&'static str>,
+}
+
+#[derive(Default)]
+struct Totals {
+    started: u64,
+    respawned: u64,
+    recycled: u64,
+    timed_out: u64,
+    backoffs: u64,
+}
+
+enum Phase {
+    Running,
+    Stopping { deadline: Instant },
+}
+
+pub struct Pool {
+    port: u16,
+    interp: Interp,
+    state: *const InterpState,
+    config: Config,
+    scoreboard: Scoreboard,
+    generation: u32,
+    target: usize,
+    children: Vec<Child>,
+    totals: Totals,
+    /// Young deaths in a row; while non-zero, one worker at a time is tried.
+    failures: u32,
+    retry_at: Option<Instant>,
+    /// Workers lost unasked, still to be replaced (counted as respawns).
+    to_respawn: u64,
+    phase: Phase,
+}
+
+/// A log entry waiting to be handed to the pool's `-log` command, which
+/// runs after the supervisor's state is released (it may call back in).
+struct LogEntry {
+    log: Option<Vec<Obj>>,
+    interp: Interp,
+    port: u16,
+    fields: Vec<(&'static str, Obj)>,
+}
+
+struct Supervisor {
+    /// The process the pools belong to; a forked child has none.
+    pid: Pid,
+    pools: Vec<Pool>,
+    tick: Option<tcl::Timer>,
+    pipe: RawFd,
+    /// A signal asked for the stop: exit once every pool is gone.
+    exit_when_stopped: bool,
+    /// Nesting depth of `pool wait`.
+    waiting: u32,
+    /// Exit the process once the supervisor's state is released.
+    exit_requested: bool,
+    log: Vec<LogEntry>,
+}
+
+thread_local! {
+    static SUPERVISOR: RefCell<Supervisor> = RefCell::new(Supervisor {
+        pid: Pid::from_raw(0),
+        pools: Vec::new(),
+        tick: None,
+        pipe: -1,
+        exit_when_stopped: false,
+        waiting: 0,
+        exit_requested: false,
+        log: Vec::new(),
+    });
+}
+
+fn with_supervisor<R>(f: impl FnOnce(&mut Supervisor) -> R) -> R {
+    let result = SUPERVISOR.with(|s| f(&mut s.borrow_mut()));
+    flush_log();
+    if SUPERVISOR.with(|s| s.try_borrow().is_ok_and(|s| s.exit_requested)) {
+        tcl::exit(0);
+    }
+    result
+}
+
+fn not_here() -> TclError {
+    TclError::new(
+        "pools are run by the process that created them, not by its workers",
+        &["SOCKETSERVER", "POOL", "WORKER"],
+    )
+}
+
+fn unknown_pool(port: u16) -> TclError {
+    TclError::new(format!("no pool serves port {port}"), &["SOCKETSERVER", "POOL", "UNKNOWN", &port.to_string()])
+}
+
+/// Starts a pool on `port`, which is already open in this process.
+pub fn create(interp: Interp, state: *const InterpState, port: u16, config: Config) -> TclResult<()> {
+    if worker::is_worker() {
+        return Err(not_here());
+    }
+    with_supervisor(|sup| {
+        sup.adopt_if_forked();
+        if sup.pools.iter().any(|p| p.port == port) {
+            return Err(TclError::new(
+                format!("a pool already serves port {port}"),
+                &["SOCKETSERVER", "POOL", "EXISTS", &port.to_string()],
+            ));
+        }
+        let scoreboard = Scoreboard::new(MAX_WORKERS * 2)
+            .map_err(|e| TclError::posix("couldn't create the scoreboard", e as i32))?;
+        sup.start_watching(config.signals)?;
+        let target = config.workers;
+        sup.pools.push(Pool {
+            port,
+            interp,
+            state,
+            config,
+            scoreboard,
+            generation: 1,
+            target,
+            children: Vec::new(),
+            totals: Totals::default(),
+            failures: 0,
+            retry_at: None,
+            to_respawn: 0,
+            phase: Phase::Running,
+        });
+        let index = sup.pools.len() - 1;
+        sup.reconcile(index);
+        Ok(())
+    })
+}
+
+/// The pools' ports, or `port` alone after checking it has one.
+pub fn ports(port: Option<u16>) -> TclResult<Vec<u16>> {
+    if worker::is_worker() {
+        return Err(not_here());
+    }
+    with_supervisor(|sup| {
+        sup.adopt_if_forked();
+        let all: Vec<u16> = sup.pools.iter().map(|p| p.port).collect();
+        match port {
+            None => Ok(all),
+            Some(port) if all.contains(&port) => Ok(vec![port]),
+            Some(port) => Err(unknown_pool(port)),
+        }
+    })
+}
+
+/// A rolling reload: a new generation, then the old one leaves.
+pub fn reload(port: u16) {
+    with_supervisor(|sup| sup.reload(port));
+}
+
+pub fn resize(port: u16, workers: usize) {
+    with_supervisor(|sup| sup.resize(port, workers));
+}
+
+/// A graceful stop: the port closes now, workers leave when done.
+pub fn stop(port: u16) {
+    with_supervisor(|sup| sup.stop(port));
+}
+
+/// Serves events until none of `ports` has a pool any more.
+pub fn wait(ports: &[u16]) {
+    with_supervisor(|sup| sup.waiting += 1);
+    while with_supervisor(|sup| sup.pools.iter().any(|p| ports.contains(&p.port))) {
+        tcl::do_one_event();
+    }
+    with_supervisor(|sup| sup.waiting -= 1);
+}
+
+pub fn info(port: u16) -> TclResult<Obj> {
+    with_supervisor(|sup| {
+        let pool = sup.pools.iter().find(|p| p.port == port).ok_or_else(|| unknown_pool(port))?;
+        Ok(pool.info())
+    })
+}
+
+/// The interpreter that made pools is being deleted: stop them, and stop
+/// calling into it.
+pub fn interp_deleted(interp: Interp) {
+    let _ = SUPERVISOR.try_with(|s| {
+        let Ok(mut sup) = s.try_borrow_mut() else { return };
+        if sup.pid != nix::unistd::getpid() {
+            return;
+        }
+        let ports: Vec<u16> =
+            sup.pools.iter().filter(|p| p.interp.as_ptr() == interp.as_ptr()).map(|p| p.port).collect();
+        for port in ports {
+            sup.stop(port);
+            if let Some(pool) = sup.pools.iter_mut().find(|p| p.port == port) {
+                pool.config.log = Some(Vec::new());
+                pool.config.init = None;
+            }
+        }
+        sup.log.clear();
+    });
+}
+
+impl Supervisor {
+    /// In a process forked by other means (TclX `fork`) the pools are the
+    /// parent's: forget them without touching their workers.
+    fn adopt_if_forked(&mut self) {
+        let pid = nix::unistd::getpid();
+        if self.pid == pid {
+            return;
+        }
+        self.pid = pid;
+        for pool in self.pools.drain(..) {
+            std::mem::forget(pool);
+        }
+        self.tick = None;
+        self.pipe = -1;
+    }
+
+    fn start_watching(&mut self, handle_signals: bool) -> TclResult<()> {
+        let posix = |e: nix::Error| TclError::posix("couldn't handle signals", e as i32);
+        if self.pipe < 0 {
+            self.pipe = signals::pipe_read_end().map_err(posix)?;
+            tcl::create_file_handler(self.pipe, on_pipe, std::ptr::null_mut());
+        }
+        signals::watch(Signal::SIGCHLD).map_err(posix)?;
+        if handle_signals {
+            for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGTTIN, Signal::SIGTTOU] {
+                signals::watch(signal).map_err(posix)?;
+            }
+        }
+        if self.tick.is_none() {
+            self.tick = Some(tcl::create_timer(TICK_MS, on_tick, std::ptr::null_mut()));
+        }
+        Ok(())
+    }
+
+    fn index(&self, port: u16) -> Option<usize> {
+        self.pools.iter().position(|p| p.port == port)
+    }
+
+    fn reload(&mut self, port: u16) {
+        let Some(index) = self.index(port) else { return };
+        let pool = &mut self.pools[index];
+        if !matches!(pool.phase, Phase::Running) {
+            return;
+        }
+        pool.generation += 1;
+        let entry = pool.entry("reload", vec![("generation", Obj::new_int(pool.generation.into()))]);
+        self.log.push(entry);
+        self.reconcile(index);
+    }
+
+    fn resize(&mut self, port: u16, workers: usize) {
+        let Some(index) = self.index(port) else { return };
+        let pool = &mut self.pools[index];
+        pool.target = workers;
+        let entry = pool.entry("resize", vec![("workers", Obj::new_int(workers as i64))]);
+        self.log.push(entry);
+        self.reconcile(index);
+    }
+
+    fn stop(&mut self, port: u16) {
+        let Some(index) = self.index(port) else { return };
+        let pool = &mut self.pools[index];
+        if matches!(pool.phase, Phase::Stopping { .. }) {
+            return;
+        }
+        pool.phase = Phase::Stopping { deadline: Instant::now() + pool.config.graceful };
+        // Closing the port stops accepting and frees the port at once;
+        // connections already queued stay deliverable, and each worker
+        // leaves when the queue is drained and its channels are closed.
+        let removed = {
+            let mut table = port_table::table();
+            table.remove(port)
+        };
+        drop(removed);
+        let entry = pool.entry("stop", vec![("workers", Obj::new_int(pool.children.len() as i64))]);
+        self.log.push(entry);
+        self.reconcile(index);
+    }
+
+    /// Acts on the signals read from the pipe.
+    fn on_signals(&mut self, received: &[Signal]) {
+        let ports: Vec<u16> = self.pools.iter().filter(|p| p.config.signals).map(|p| p.port).collect();
+        for signal in received {
+            match signal {
+                Signal::SIGTERM | Signal::SIGINT => {
+                    let again = self.exit_when_stopped;
+                    self.exit_when_stopped = true;
+                    for &port in &ports {
+                        if again {
+                            // A second stop signal: do not wait for busy workers.
+                            if let Some(index) = self.index(port) {
+                                self.pools[index].phase = Phase::Stopping { deadline: Instant::now() };
+                            }
+                        }
+                        self.stop(port);
+                    }
+                }
+                Signal::SIGHUP => ports.iter().for_each(|&port| self.reload(port)),
+                Signal::SIGTTIN | Signal::SIGTTOU => {
+                    for &port in &ports {
+                        if let Some(index) = self.index(port) {
+                            let target = self.pools[index].target;
+                            let target = if *signal == Signal::SIGTTIN {
+                                (target + 1).min(MAX_WORKERS)
+                            } else {
+                                target.saturating_sub(1).max(1)
+                            };
+                            self.resize(port, target);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn reconcile_all(&mut self) {
+        for index in (0..self.pools.len()).rev() {
+            self.reconcile(index);
+        }
+    }
+
+    /// Brings pool `index` to what it should be; may remove it when stopped.
+    fn reconcile(&mut self, index: usize) {
+        let mut entries = Vec::new();
+        let pool = &mut self.pools[index];
+        pool.reap(&mut entries);
+        let now = Instant::now();
+        pool.kill_stuck(now, &mut entries);
+        match pool.phase {
+            Phase::Running => {
+                pool.retire_surplus(&mut entries);
+                let wanted = pool.missing();
+                let fork_now = if pool.failures == 0 {
+                    wanted
+                } else if pool.retry_at.is_none_or(|at| now >= at) {
+                    // Backing off: one worker tries, the others wait for it.
+                    pool.retry_at = Some(now + backoff(pool.failures));
+                    wanted.min(1)
+                } else {
+                    0
+                };
+                self.log.append(&mut entries);
+                for _ in 0..fork_now {
+                    self.spawn(index);
+                }
+            }
+            Phase::Stopping { deadline } => {
+                if now >= deadline {
+                    for i in 0..pool.children.len() {
+                        if pool.children[i].killed.is_some() {
+                            continue;
+                        }
+                        let pid = pool.children[i].pid;
+                        let _ = kill(pid, Signal::SIGKILL);
+                        pool.children[i].killed = Some("graceful");
+                        entries.push(pool.entry("kill", vec![
+                            ("pid", Obj::new_int(pid.as_raw().into())),
+                            ("reason", Obj::new_string("graceful period over")),
+                        ]));
+                    }
+                }
+                let gone = pool.children.is_empty();
+                if gone {
+                    entries.push(pool.entry("stopped", vec![]));
+                }
+                self.log.append(&mut entries);
+                if gone {
+                    self.pools.remove(index);
+                    self.after_pool_gone();
+                }
+            }
+        }
+    }
+
+    fn after_pool_gone(&mut self) {
+        if !self.pools.is_empty() {
+            return;
+        }
+        signals::release_all();
+        if let Some(tick) = self.tick.take() {
+            tcl::delete_timer(tick);
+        }
+        if self.exit_when_stopped && self.waiting == 0 {
+            self.exit_requested = true;
+        }
+    }
+
+    /// Forks one worker of the current generation for pool `index`.
+    fn spawn(&mut self, index: usize) {
+        // Descriptors every worker must not keep: other workers' leave
+        // pipes and the signal pipe's read end.
+        let mut close: Vec<RawFd> = self
+            .pools
+            .iter()
+            .flat_map(|p| p.children.iter().filter_map(|c| c.leave.as_ref().map(|l| l.as_raw_fd())))
+            .collect();
+        close.push(self.pipe);
+        let tick = self.tick;
+        let pool = &mut self.pools[index];
+        let Some(slot) = pool.scoreboard.assign(pool.generation) else {
+            let entry = pool.entry("error", vec![("message", Obj::new_string("no free scoreboard slot"))]);
+            self.log.push(entry);
+            return;
+        };
+        let (leave_read, leave_write) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+            Ok(ends) => ends,
+            Err(errno) => {
+                pool.scoreboard.slot(slot).free();
+                let entry = pool.entry("error", vec![("message", Obj::new_string(&format!("pipe: {}", errno.desc())))]);
+                self.log.push(entry);
+                return;
+            }
+        };
+        close.push(leave_write.as_raw_fd());
+        let limit = (pool.config.max_connections > 0)
+            .then(|| pool.config.max_connections + random_below(pool.config.jitter + 1));
+        tcl::flush_standard_channels();
+        // SAFETY: the child runs only `worker::run`, which never returns into
+        // the caller's frames; fork_safety has made our own locks safe.
+        match unsafe { fork() } {
+            Ok(ForkResult::Child) => worker::run(Assignment {
+                port: pool.port,
+                interp: pool.interp,
+                state: pool.state,
+                handler: pool.config.handler.clone(),
+                init: pool.config.init.clone(),
+                concurrency: pool.config.concurrency,
+                limit,
+                slot: pool.scoreboard.leak_slot(slot),
+                leave: leave_read,
+                close,
+                tick,
+            }),
+            Ok(ForkResult::Parent { child }) => {
+                drop(leave_read);
+                pool.scoreboard.slot(slot).set_pid(child.as_raw());
+                pool.children.push(Child {
+                    pid: child,
+                    slot,
+                    generation: pool.generation,
+                    forked: Instant::now(),
+                    leave: Some(leave_write),
+                    retired: None,
+                    killed: None,
+                });
+                pool.totals.started += 1;
+                let mut fields = vec![
+                    ("pid", Obj::new_int(child.as_raw().into())),
+                    ("generation", Obj::new_int(pool.generation.into())),
+                ];
+                if pool.to_respawn > 0 {
+                    pool.to_respawn -= 1;
+                    pool.totals.respawned += 1;
+                    fields.push(("respawn", Obj::new_int(1)));
+                }
+                let entry = pool.entry("start", fields);
+                self.log.push(entry);
+            }
+            Err(errno) => {
+                pool.scoreboard.slot(slot).free();
+                pool.failures += 1;
+                pool.retry_at = Some(Instant::now() + backoff(pool.failures));
+                let entry = pool.entry("error", vec![("message", Obj::new_string(&format!("fork: {}", errno.desc())))]);
+                self.log.push(entry);
+            }
+        }
+    }
+}
+
+impl Pool {
+    fn entry(&self, event: &str, fields: Vec<(&'static str, Obj)>) -> LogEntry {
+        let mut all = vec![("event", Obj::new_string(event)), ("port", Obj::new_int(self.port.into()))];
+        all.extend(fields);
+        LogEntry { log: self.config.log.clone(), interp: self.interp, port: self.port, fields: all }
+    }
+
+    /// Collects the workers that have exited.
+    fn reap(&mut self, entries: &mut Vec<LogEntry>) {
+        let mut index = 0;
+        while index < self.children.len() {
+            let pid = self.children[index].pid;
+            let status = match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => {
+                    index += 1;
+                    continue;
+                }
+                Ok(status) => status,
+                // Reaped by someone else (a script's own `wait`): gone all the same.
+                Err(_) => WaitStatus::Exited(pid, 255),
+            };
+            let child = self.children.remove(index);
+            let slot = self.scoreboard.slot(child.slot);
+            let left_by_itself = slot.state() == State::Stopping && child.retired.is_none();
+            let served = slot.served();
+            slot.free();
+            let (status_text, clean) = match status {
+                WaitStatus::Exited(_, code) => (format!("exit {code}"), code == 0),
+                WaitStatus::Signaled(_, signal, _) => (format!("signal {}", signal.as_str()), false),
+                other => (format!("{other:?}"), false),
+            };
+            let mut fields = vec![
+                ("pid", Obj::new_int(pid.as_raw().into())),
+                ("generation", Obj::new_int(child.generation.into())),
+                ("status", Obj::new_string(&status_text)),
+                ("served", Obj::new_int(served as i64)),
+            ];
+            let stopping = matches!(self.phase, Phase::Stopping { .. });
+            let mut backoff_entry = None;
+            if child.retired.is_some() || stopping {
+                // Asked to leave: nothing to replace.
+            } else if left_by_itself && clean {
+                self.totals.recycled += 1;
+                fields.push(("recycled", Obj::new_int(1)));
+            } else {
+                self.to_respawn += 1;
+                if child.forked.elapsed() < YOUNG && child.killed.is_none() {
+                    self.failures += 1;
+                    let delay = backoff(self.failures);
+                    self.retry_at = Some(Instant::now() + delay);
+                    self.totals.backoffs += 1;
+                    backoff_entry = Some(self.entry("backoff", vec![
+                        ("failures", Obj::new_int(self.failures.into())),
+                        ("delay", Obj::new_double(delay.as_secs_f64())),
+                    ]));
+                } else {
+                    self.failures = 0;
+                }
+            }
+            if let Some(reason) = child.killed {
+                fields.push(("killed", Obj::new_string(reason)));
+            }
+            entries.push(self.entry("exit", fields));
+            entries.extend(backoff_entry);
+        }
+        // A worker that has outlived its youth ends a run of young deaths.
+        if self.failures > 0 && self.children.iter().any(|c| c.retired.is_none() && c.forked.elapsed() >= YOUNG) {
+            self.failures = 0;
+            self.retry_at = None;
+        }
+    }
+
+    /// Kills workers busy on one connection for longer than `-timeout`.
+    fn kill_stuck(&mut self, _now: Instant, entries: &mut Vec<LogEntry>) {
+        let Some(timeout) = self.config.timeout else { return };
+        let now = now_millis();
+        let limit = timeout.as_millis() as u64;
+        for index in 0..self.children.len() {
+            let child = &self.children[index];
+            let slot = self.scoreboard.slot(child.slot);
+            let since = slot.busy_since();
+            if child.killed.is_some() || since == 0 || now.saturating_sub(since) <= limit {
+                continue;
+            }
+            let peer = slot.peer();
+            let _ = kill(child.pid, Signal::SIGKILL);
+            self.children[index].killed = Some("timeout");
+            self.totals.timed_out += 1;
+            let (host, port) = peer.rsplit_once(' ').unwrap_or((&peer, ""));
+            let entry = self.entry("timeout", vec![
+                ("pid", Obj::new_int(self.children[index].pid.as_raw().into())),
+                ("peer", Obj::new_list(&[Obj::new_string(host), Obj::new_string(port)])),
+                ("busy", Obj::new_double(now.saturating_sub(since) as f64 / 1000.0)),
+            ]);
+            entries.push(entry);
+        }
+    }
+
+    /// Workers of the current generation that count toward the target:
+    /// not asked to leave, not leaving by themselves, not killed.
+    fn serving(&self) -> impl Iterator<Item = &Child> {
+        self.children.iter().filter(move |c| {
+            c.generation == self.generation
+                && c.retired.is_none()
+                && c.killed.is_none()
+                && self.scoreboard.slot(c.slot).state() != State::Stopping
+        })
+    }
+
+    fn missing(&self) -> usize {
+        self.target.saturating_sub(self.serving().count())
+    }
+
+    /// Asks workers to leave: the current generation's beyond the target,
+    /// and old generations' as new workers become ready. Idle ones first.
+    fn retire_surplus(&mut self, entries: &mut Vec<LogEntry>) {
+        let serving = self.serving().count();
+        if serving > self.target {
+            let mut excess = serving - self.target;
+            let generation = self.generation;
+            excess -= self.retire(excess, Retired::Resize, |c| c.generation == generation, entries);
+            debug_assert_eq!(excess, 0);
+        }
+        let ready = self
+            .serving()
+            .filter(|c| matches!(self.scoreboard.slot(c.slot).state(), State::Idle | State::Busy))
+            .count();
+        let generation = self.generation;
+        let old: usize = self
+            .children
+            .iter()
+            .filter(|c| c.generation != generation && c.retired.is_none() && c.killed.is_none())
+            .count();
+        let allowed_old = self.target.saturating_sub(ready);
+        if old > allowed_old {
+            self.retire(old - allowed_old, Retired::Reload, |c| c.generation != generation, entries);
+        }
+    }
+
+    /// Retires up to `count` workers matching `which`, idle before starting
+    /// before busy; returns how many.
+    fn retire(
+        &mut self,
+        count: usize,
+        reason: Retired,
+        which: impl Fn(&Child) -> bool,
+        entries: &mut Vec<LogEntry>,
+    ) -> usize {
+        let mut candidates: Vec<usize> = (0..self.children.len())
+            .filter(|&i| {
+                let c = &self.children[i];
+                c.retired.is_none() && c.killed.is_none() && which(c)
+            })
+            .collect();
+        let rank = |state: State| match state {
+            State::Idle => 0,
+            State::Starting => 1,
+            State::Stopping => 2,
+            _ => 3,
+        };
+        candidates.sort_by_key(|&i| rank(self.scoreboard.slot(self.children[i].slot).state()));
+        let mut done = 0;
+        for i in candidates.into_iter().take(count) {
+            let child = &mut self.children[i];
+            child.retired = Some(reason);
+            // End of file on its leave pipe: the worker leaves when its
+            // channels are closed.
+            child.leave = None;
+            done += 1;
+            let fields = vec![
+                ("pid", Obj::new_int(child.pid.as_raw().into())),
+                ("generation", Obj::new_int(child.generation.into())),
+                ("reason", Obj::new_string(if reason == Retired::Reload { "reload" } else { "resize" })),
+            ];
+            entries.push(self.entry("retire", fields));
+        }
+        done
+    }
+
+    fn info(&self) -> Obj {
+        let now = now_millis();
+        let mut workers = Vec::new();
+        for child in &self.children {
+            let slot = self.scoreboard.slot(child.slot);
+            let since = slot.busy_since();
+            let busy = if since == 0 { 0.0 } else { now.saturating_sub(since) as f64 / 1000.0 };
+            workers.push(Obj::new_int(child.pid.as_raw().into()));
+            workers.push(Obj::new_dict(vec![
+                ("state", Obj::new_string(slot.state().name())),
+                ("generation", Obj::new_int(child.generation.into())),
+                ("served", Obj::new_int(slot.served() as i64)),
+                ("open", Obj::new_int(slot.open().into())),
+                ("busy", Obj::new_double(busy)),
+            ]));
+        }
+        let phase = match self.phase {
+            Phase::Running => "running",
+            Phase::Stopping { .. } => "stopping",
+        };
+        Obj::new_dict(vec![
+            ("port", Obj::new_int(self.port.into())),
+            ("state", Obj::new_string(phase)),
+            ("generation", Obj::new_int(self.generation.into())),
+            ("target", Obj::new_int(self.target as i64)),
+            ("concurrency", Obj::new_int(self.config.concurrency as i64)),
+            ("workers", Obj::new_list(&workers)),
+            ("started", Obj::new_int(self.totals.started as i64)),
+            ("respawned", Obj::new_int(self.totals.respawned as i64)),
+            ("recycled", Obj::new_int(self.totals.recycled as i64)),
+            ("timedout", Obj::new_int(self.totals.timed_out as i64)),
+            ("backoffs", Obj::new_int(self.totals.backoffs as i64)),
+        ])
+    }
+}
+
+/// The back-off before the next try after `failures` young deaths in a row.
+fn backoff(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    (BACKOFF_FIRST * 2u32.pow(doublings)).min(BACKOFF_CAP)
+}
+
+/// A random number in `0..bound`, for the recycling jitter.
+fn random_below(bound: u64) -> u64 {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom fills at most `bytes.len()` bytes of our buffer.
+    let filled = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if filled != 8 || bound == 0 {
+        return 0;
+    }
+    u64::from_ne_bytes(bytes) % bound
+}
+
+/// Hands the collected log entries to their pools' `-log` commands.
+fn flush_log() {
+    let entries = SUPERVISOR.with(|s| s.try_borrow_mut().map(|mut s| std::mem::take(&mut s.log)).unwrap_or_default());
+    flush_entries(entries);
+}
+
+fn flush_entries(entries: Vec<LogEntry>) {
+    for entry in entries {
+        if entry.log.is_none() {
+            // One line: "socketserver pool 8080: exit pid 4242 status {exit 0}".
+            let mut fields = entry.fields.iter();
+            let event = fields.next().map(|(_, v)| v.to_string_lossy()).unwrap_or_default();
+            let rest = Obj::new_dict(fields.skip(1).map(|(k, v)| (*k, v.clone())).collect());
+            eprintln!("socketserver pool {}: {event} {}", entry.port, rest.to_string_lossy());
+            continue;
+        }
+        let dict = Obj::new_dict(entry.fields);
+        match entry.log {
+            None => {}
+            Some(prefix) if prefix.is_empty() => {}
+            Some(mut words) => {
+                words.push(dict);
+                entry.interp.eval_global_in_background(&words);
+            }
+        }
+    }
+}
+
+/// The signal pipe is readable: signals arrived, or a worker asks for
+/// attention.
+unsafe extern "C" fn on_pipe(_: *mut c_void, _mask: std::ffi::c_int) {
+    let _ = std::panic::catch_unwind(|| {
+        with_supervisor(|sup| {
+            if sup.pid != nix::unistd::getpid() {
+                return;
+            }
+            let (received, _notified) = signals::drain(sup.pipe);
+            sup.on_signals(&received);
+            sup.reconcile_all();
+        })
+    });
+}
+
+unsafe extern "C" fn on_tick(_: *mut c_void) {
+    let _ = std::panic::catch_unwind(|| {
+        with_supervisor(|sup| {
+            if sup.pid != nix::unistd::getpid() {
+                return;
+            }
+            sup.tick = None;
+            sup.reconcile_all();
+            if !sup.pools.is_empty() && sup.tick.is_none() {
+                sup.tick = Some(tcl::create_timer(TICK_MS, on_tick, std::ptr::null_mut()));
+            }
+        })
+    });
+}

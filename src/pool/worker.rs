@@ -1,0 +1,257 @@
+//! A pool's worker: the forked process that serves connections.
+//!
+//! The supervisor forks, and the child never returns into the script that
+//! was running: `run` sets the process up as a worker, runs `-init`, and
+//! serves events until it is time to leave, then exits. The user's handler
+//! is called as `socket -server` calls its command; the worker registers
+//! again by itself when a channel it was given is closed (a Tcl close
+//! handler), keeping up to `concurrency` channels open at once.
+//!
+//! It leaves when its leave pipe reaches end of file (the supervisor closed
+//! its end: reload, resize, or the supervisor died), when the queue closes
+//! (the pool stopped), or after its last connection (`-maxconnections`);
+//! in each case only once the channels it holds are closed.
+
+use std::cell::RefCell;
+use std::ffi::c_void;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+
+use crate::handoff::Connection;
+use crate::port_table::{self, Counters};
+use crate::registration::{self, Handler, InterpState, NativeHandler};
+use crate::tcl::{self, Interp, Obj};
+
+use super::scoreboard::{now_millis, Slot, State};
+use super::signals;
+
+/// What the supervisor hands to a worker it forks.
+pub struct Assignment {
+    pub port: u16,
+    pub interp: Interp,
+    pub state: *const InterpState,
+    pub handler: Vec<Obj>,
+    pub init: Option<Obj>,
+    pub concurrency: usize,
+    /// Connections to serve before leaving (`-maxconnections` with jitter).
+    pub limit: Option<u64>,
+    pub slot: &'static Slot,
+    pub leave: OwnedFd,
+    /// Descriptors of the supervisor's that this process must not keep.
+    pub close: Vec<RawFd>,
+    pub tick: Option<tcl::Timer>,
+}
+
+struct OpenChannel {
+    id: u64,
+    since: u64,
+    peer: String,
+}
+
+struct Worker {
+    port: u16,
+    interp: Interp,
+    state: *const InterpState,
+    handler: Vec<Obj>,
+    concurrency: usize,
+    limit: Option<u64>,
+    slot: &'static Slot,
+    leave: OwnedFd,
+    queue: Arc<OwnedFd>,
+    counters: Arc<Counters>,
+    received: u64,
+    next_id: u64,
+    open: Vec<OpenChannel>,
+    leaving: bool,
+    done: bool,
+}
+
+thread_local! {
+    static WORKER: RefCell<Option<Worker>> = const { RefCell::new(None) };
+}
+
+const NATIVE: NativeHandler = NativeHandler { connection: on_connection, queue_closed: on_queue_closed };
+
+/// Whether this process is a pool's worker.
+pub fn is_worker() -> bool {
+    WORKER.with(|w| w.borrow().is_some())
+}
+
+/// Runs in the child right after `fork`; never returns.
+pub fn run(assignment: Assignment) -> ! {
+    let Assignment { port, interp, state, handler, init, concurrency, limit, slot, leave, close, tick } =
+        assignment;
+    signals::reset_in_worker();
+    if let Some(tick) = tick {
+        tcl::delete_timer(tick);
+    }
+    for fd in close {
+        let _ = nix::unistd::close(fd);
+    }
+    slot.set_pid(nix::unistd::getpid().as_raw());
+    // Adopt the port table now: this closes our copies of every listener and
+    // accept end, so a stopped port is free at once and its queue can close.
+    let entry = port_table::table().get(port).map(|p| (Arc::clone(&p.worker_end), Arc::clone(&p.counters)));
+    // SAFETY: the pool keeps the interpreter's state alive while it lives,
+    // and this process is a copy of it.
+    unsafe { &*state }.reset_if_forked();
+    // The supervisor's `after` timers are its own business, not a worker's.
+    let _ = interp.eval_global(&Obj::new_string("foreach id [after info] {after cancel $id}"));
+    let Some((queue, counters)) = entry else {
+        eprintln!("socketserver pool {port}: worker {}: the port is closed", std::process::id());
+        tcl::exit(1);
+    };
+    if let Some(script) = init {
+        if let Err(message) = interp.eval_global(&script) {
+            eprintln!("socketserver pool {port}: worker {}: -init failed: {message}", std::process::id());
+            tcl::exit(1);
+        }
+    }
+    let leave_fd = leave.as_raw_fd();
+    WORKER.with(|w| {
+        *w.borrow_mut() = Some(Worker {
+            port,
+            interp,
+            state,
+            handler,
+            concurrency,
+            limit,
+            slot,
+            leave,
+            queue,
+            counters,
+            received: 0,
+            next_id: 0,
+            open: Vec::new(),
+            leaving: false,
+            done: false,
+        })
+    });
+    tcl::create_file_handler(leave_fd, on_leave, std::ptr::null_mut());
+    with_worker(|w| w.register());
+    signals::notify_supervisor();
+    loop {
+        if WORKER.with(|w| w.borrow().as_ref().map_or(true, |w| w.done)) {
+            tcl::exit(0);
+        }
+        tcl::do_one_event();
+    }
+}
+
+fn with_worker<R>(f: impl FnOnce(&mut Worker) -> R) -> Option<R> {
+    WORKER.with(|w| w.borrow_mut().as_mut().map(f))
+}
+
+impl Worker {
+    fn interp_state(&self) -> &InterpState {
+        // SAFETY: see `run`.
+        unsafe { &*self.state }
+    }
+
+    fn registered(&self) -> bool {
+        self.interp_state().is_waiting(self.port)
+    }
+
+    /// Waits for one more connection, if there is room and no reason to leave.
+    fn register(&mut self) {
+        if self.leaving || self.open.len() >= self.concurrency || self.registered() {
+            self.publish();
+            return;
+        }
+        let result = self.interp_state().register(
+            self.port,
+            Handler::Native(NATIVE),
+            Arc::clone(&self.queue),
+            Arc::clone(&self.counters),
+        );
+        if let Err(error) = result {
+            self.interp.background_error(error);
+            self.leave();
+        }
+        self.publish();
+    }
+
+    /// Stops taking connections; exits once the open channels are closed.
+    fn leave(&mut self) {
+        if !self.leaving {
+            self.leaving = true;
+            self.interp_state().cancel(self.port, false);
+            tcl::delete_file_handler(self.leave.as_raw_fd());
+        }
+        if self.open.is_empty() {
+            self.done = true;
+        }
+        self.publish();
+    }
+
+    /// Brings the scoreboard slot up to date.
+    fn publish(&self) {
+        let oldest = self.open.first().map(|c| (c.since, c.peer.as_str()));
+        self.slot.set_open(self.open.len() as u32, oldest);
+        let state = if self.leaving {
+            State::Stopping
+        } else if !self.open.is_empty() {
+            State::Busy
+        } else {
+            State::Idle
+        };
+        self.slot.set_state(state);
+    }
+}
+
+fn on_connection(interp: Interp, conn: Connection) {
+    let prepared = with_worker(|w| {
+        w.received += 1;
+        w.next_id += 1;
+        let id = w.next_id;
+        let (host, peer_port) = conn.peer_host_and_port();
+        let peer = conn.peer.clone();
+        let channel = interp.adopt_tcp_socket(conn.socket);
+        channel.on_close(on_channel_closed, id as usize as *mut c_void);
+        w.open.push(OpenChannel { id, since: now_millis(), peer });
+        if w.limit.is_some_and(|limit| w.received >= limit) {
+            // Recycled: the supervisor starts the replacement now.
+            w.leave();
+            signals::notify_supervisor();
+        } else {
+            w.register();
+        }
+        let mut words = w.handler.clone();
+        words.push(Obj::new_string(&channel.name()));
+        words.push(Obj::new_string(&host));
+        words.push(Obj::new_string(&peer_port));
+        words
+    });
+    // Outside the borrow: the handler may close the channel at once.
+    if let Some(words) = prepared {
+        interp.eval_global_in_background(&words);
+    }
+}
+
+unsafe extern "C" fn on_channel_closed(data: *mut c_void) {
+    // Channels closed while Tcl finalizes the exiting process need nothing.
+    if registration::exiting() {
+        return;
+    }
+    let id = data as usize as u64;
+    let _ = std::panic::catch_unwind(|| {
+        with_worker(|w| {
+            let Some(index) = w.open.iter().position(|c| c.id == id) else { return };
+            w.open.remove(index);
+            w.slot.count_served();
+            if w.leaving {
+                w.leave();
+            } else {
+                w.register();
+            }
+        })
+    });
+}
+
+fn on_queue_closed(_port: u16) {
+    with_worker(|w| w.leave());
+}
+
+unsafe extern "C" fn on_leave(_: *mut c_void, _mask: std::ffi::c_int) {
+    let _ = std::panic::catch_unwind(|| with_worker(|w| w.leave()));
+}
