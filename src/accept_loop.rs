@@ -7,7 +7,7 @@
 //! descriptors makes it back off instead of spinning.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -17,6 +17,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{MsgFlags, SockaddrLike, SockaddrStorage};
 
+use crate::fork_safety;
 use crate::handoff::{self, Connection, Received};
 use crate::port_table::Counters;
 use crate::listener;
@@ -31,6 +32,10 @@ pub struct AcceptLoop {
     /// Descriptor numbers the thread owns, so a forked child (which has
     /// copies of them but no thread) can close its copies.
     owned_fds: Vec<RawFd>,
+    /// The connection the thread holds between taking it and handing it
+    /// off (-1: none). A child forked meanwhile closes its copy, or the
+    /// client would never see the connection close.
+    in_hand: Arc<AtomicI32>,
 }
 
 impl AcceptLoop {
@@ -50,13 +55,15 @@ impl AcceptLoop {
         owned_fds.push(accept_end.as_raw_fd());
         owned_fds.push(stop.as_fd().as_raw_fd());
         let thread_stop = Arc::clone(&stop);
+        let in_hand = Arc::new(AtomicI32::new(-1));
+        let thread_in_hand = Arc::clone(&in_hand);
         let thread = std::thread::Builder::new()
             .name("socketserver-accept".into())
             .stack_size(crate::THREAD_STACK_SIZE)
             .spawn(move || {
-                LoopState { listeners, accept_end, stop: thread_stop, counters }.run();
+                LoopState { listeners, accept_end, stop: thread_stop, counters, in_hand: thread_in_hand }.run();
             })?;
-        Ok(AcceptLoop { stop, thread: Some(thread), owned_fds })
+        Ok(AcceptLoop { stop, thread: Some(thread), owned_fds, in_hand })
     }
 
     /// Stops accepting and waits for the thread, which closes the listeners
@@ -75,6 +82,10 @@ impl AcceptLoop {
     /// In a forked child: the thread does not exist here, only copies of its
     /// descriptors. Close those copies and forget the rest.
     pub fn abandon_after_fork(mut self) {
+        let in_hand = self.in_hand.load(Ordering::Relaxed);
+        if in_hand >= 0 {
+            self.owned_fds.push(in_hand);
+        }
         for fd in self.owned_fds.drain(..) {
             // Another Arc holder of `stop` lives in the (absent) thread's
             // memory; close by number and never drop the owners.
@@ -96,6 +107,7 @@ struct LoopState {
     accept_end: OwnedFd,
     stop: Arc<EventFd>,
     counters: Arc<Counters>,
+    in_hand: Arc<AtomicI32>,
 }
 
 impl LoopState {
@@ -137,7 +149,12 @@ impl LoopState {
     /// Accepts every pending connection on one listener; false when stopping.
     fn accept_all(&self, index: usize) -> bool {
         loop {
-            match accept_connection(&self.listeners[index]) {
+            let taken = {
+                // No fork between taking the descriptor and publishing it.
+                let _no_fork = fork_safety::hold_off_forks();
+                accept_connection(&self.listeners[index]).inspect(|conn| self.hold(conn))
+            };
+            match taken {
                 Ok(conn) => {
                     self.counters.accepted.fetch_add(1, Ordering::Relaxed);
                     if !self.enqueue(conn) {
@@ -154,12 +171,30 @@ impl LoopState {
         }
     }
 
+    /// Records the connection the thread now holds (see `in_hand`).
+    fn hold(&self, conn: &Connection) {
+        self.in_hand.store(conn.socket.as_raw_fd(), Ordering::Relaxed);
+    }
+
+    /// Closes our copy of a connection that the queue holds now (or that
+    /// nobody can take), with no fork between the close and forgetting it.
+    fn release(&self, conn: Connection) {
+        let _no_fork = fork_safety::hold_off_forks();
+        drop(conn);
+        self.in_hand.store(-1, Ordering::Relaxed);
+    }
+
     /// Sends one connection into the queue, waiting while it is full;
     /// false when stopping.
     fn enqueue(&self, conn: Connection) -> bool {
+        let sent = self.send_waiting(&conn);
+        self.release(conn);
+        sent
+    }
+
+    fn send_waiting(&self, conn: &Connection) -> bool {
         loop {
-            match handoff::send_connection(self.accept_end.as_fd(), &conn, MsgFlags::empty()) {
-                // Our copy closes here; the queue holds the connection now.
+            match handoff::send_connection(self.accept_end.as_fd(), conn, MsgFlags::empty()) {
                 Ok(()) => return true,
                 Err(Errno::EINTR) => continue,
                 Err(Errno::EAGAIN) => {
@@ -183,7 +218,15 @@ impl LoopState {
     /// Re-queues the connections workers sent back; false when stopping.
     fn requeue_returned(&self) -> bool {
         loop {
-            match handoff::receive_connection(self.accept_end.as_fd(), MsgFlags::MSG_DONTWAIT) {
+            let received = {
+                let _no_fork = fork_safety::hold_off_forks();
+                let received = handoff::receive_connection(self.accept_end.as_fd(), MsgFlags::MSG_DONTWAIT);
+                if let Ok(Received::Connection(conn)) = &received {
+                    self.hold(conn);
+                }
+                received
+            };
+            match received {
                 Ok(Received::Connection(conn)) => {
                     if !self.enqueue(conn) {
                         return false;

@@ -7,17 +7,34 @@
 //! are therefore taken before every `fork` in the process, whoever calls it
 //! (our pool, TclX's `fork`, C code), and released on both sides after it:
 //! `pthread_atfork`. No other thread can then be inside them at the fork.
+//!
+//! Descriptors are the other hazard: a child gets a copy of every one,
+//! including a connection the accepting thread holds at that moment, and a
+//! copy left open keeps the client's connection open after its worker has
+//! closed it. The accepting thread publishes the connection it holds, under
+//! `hold_off_forks`, and the child closes its copies of everything the port
+//! table owns (listeners, accept ends, connections in hand) at once.
 
 use std::cell::RefCell;
-use std::sync::{MutexGuard, Once, RwLockWriteGuard};
+use std::sync::{MutexGuard, Once, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::port_table::{self, PortTable};
 use crate::registration;
 
+/// Taken for reading around short stretches that must not be split by a
+/// fork; for writing by `before_fork`.
+static FORK_GUARD: RwLock<()> = RwLock::new(());
+
+/// Keeps any `fork` in the process waiting until the guard is dropped.
+pub fn hold_off_forks() -> RwLockReadGuard<'static, ()> {
+    FORK_GUARD.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// The locks held across a `fork`, on the forking thread.
 struct Held {
+    _forks: RwLockWriteGuard<'static, ()>,
     _exiting: RwLockWriteGuard<'static, bool>,
-    _table: MutexGuard<'static, PortTable>,
+    table: MutexGuard<'static, PortTable>,
 }
 
 thread_local! {
@@ -30,17 +47,31 @@ pub fn install() {
     INSTALLED.call_once(|| {
         // SAFETY: the handlers are plain functions that live as long as the
         // process (Tcl never unloads a library that is in use).
-        unsafe { libc::pthread_atfork(Some(before_fork), Some(after_fork), Some(after_fork)) };
+        unsafe { libc::pthread_atfork(Some(before_fork), Some(in_parent), Some(in_child)) };
     });
 }
 
 extern "C" fn before_fork() {
-    // Always in the same order: the exit flag, then the table.
-    let held = Held { _exiting: registration::lock_exit_flag(), _table: port_table::lock() };
+    // Always in the same order: forks, the exit flag, the table.
+    let held = Held {
+        _forks: FORK_GUARD.write().unwrap_or_else(|poisoned| poisoned.into_inner()),
+        _exiting: registration::lock_exit_flag(),
+        table: port_table::lock(),
+    };
     let _ = HELD.try_with(|slot| *slot.borrow_mut() = Some(held));
 }
 
-/// In the parent and in the child alike: release what `before_fork` took.
-extern "C" fn after_fork() {
+/// Releases what `before_fork` took.
+extern "C" fn in_parent() {
     let _ = HELD.try_with(|slot| slot.borrow_mut().take());
+}
+
+/// As `in_parent`, after closing the child's copies of what the port table
+/// owns.
+extern "C" fn in_child() {
+    let _ = HELD.try_with(|slot| {
+        if let Some(mut held) = slot.borrow_mut().take() {
+            held.table.adopt_if_forked();
+        }
+    });
 }

@@ -2,10 +2,11 @@
 //!
 //! The table belongs to the process, not to an interpreter: any interpreter
 //! or thread can register for a port another one opened, and a forked child
-//! inherits the table. A child is recognised by its pid: on its first use
-//! of the table it closes its copies of the listeners and of the queue's
-//! accept end (so that the port is freed when the accepting process exits,
-//! and workers see the queue close) and starts its own counters.
+//! inherits the table. A child is recognised by its pid: right after the
+//! fork (`fork_safety`), or on its first use of the table, it closes its
+//! copies of the listeners and of the queue's accept end (so that the port
+//! is freed when the accepting process exits, and workers see the queue
+//! close) and starts its own counters.
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -52,20 +53,27 @@ pub(crate) fn lock() -> MutexGuard<'static, PortTable> {
 /// Locks the table, first adopting it if this is a forked child.
 pub fn table() -> MutexGuard<'static, PortTable> {
     let mut table = lock();
-    let pid = getpid();
-    if table.pid != pid {
-        table.pid = pid;
-        for port in &mut table.ports {
+    table.adopt_if_forked();
+    table
+}
+
+impl PortTable {
+    /// In a forked child (on its first use, or at the fork itself): close
+    /// the copies of what the accepting threads own, and count afresh.
+    pub fn adopt_if_forked(&mut self) {
+        let pid = getpid();
+        if self.pid == pid {
+            return;
+        }
+        self.pid = pid;
+        for port in &mut self.ports {
             if let Some(accept_loop) = port.accept_loop.take() {
                 accept_loop.abandon_after_fork();
             }
             port.counters = Arc::new(Counters::default());
         }
     }
-    table
-}
 
-impl PortTable {
     pub fn get(&self, number: u16) -> Option<&Port> {
         self.ports.iter().find(|p| p.number == number)
     }

@@ -16,6 +16,7 @@ testConstraint ipv6 [expr {![catch {close [socket -server {apply {args {}}} -mya
 # Under `make memcheck` memory figures are valgrind's, not ours.
 testConstraint notMemcheck [expr {![info exists ::env(SOCKETSERVER_MEMCHECK)]}]
 testConstraint thread [expr {![catch {package require Thread}]}]
+testConstraint ab [expr {[auto_execok ab] ne ""}]
 
 set ::workers {}
 
@@ -178,4 +179,16 @@ proc freshTclsh {script} {
     }
     removeFile $file
     return [list $status $output]
+}
+
+# alive pid --
+#	Whether a process runs (a zombie waiting to be reaped does not count).
+proc alive {pid} {
+    if {[catch {
+        set f [open /proc/$pid/stat]
+        try {read $f} finally {close $f}
+    } stat]} {
+        return 0
+    }
+    expr {[lindex [regexp -inline {\) (\S)} $stat] 1] ni {Z X}}
 }

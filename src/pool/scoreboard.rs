@@ -64,6 +64,8 @@ pub struct Slot {
     generation: AtomicU32,
     /// Channels the worker holds open now.
     open: AtomicU32,
+    /// Set by the supervisor: register no more, leave when done.
+    leave_requested: AtomicU32,
     /// Connections whose channels the worker has closed.
     served: AtomicU64,
     /// Monotonic milliseconds since its oldest open channel was received;
@@ -107,6 +109,14 @@ impl Slot {
         }
     }
 
+    pub fn request_leave(&self) {
+        self.leave_requested.store(1, Relaxed);
+    }
+
+    pub fn leave_requested(&self) -> bool {
+        self.leave_requested.load(Relaxed) != 0
+    }
+
     pub fn count_served(&self) {
         self.served.fetch_add(1, Relaxed);
     }
@@ -123,6 +133,7 @@ impl Slot {
         self.pid.store(0, Relaxed);
         self.generation.store(generation, Relaxed);
         self.open.store(0, Relaxed);
+        self.leave_requested.store(0, Relaxed);
         self.served.store(0, Relaxed);
         self.busy_since.store(0, Relaxed);
         self.peer_len.store(0, Relaxed);

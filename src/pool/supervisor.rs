@@ -481,6 +481,8 @@ impl Supervisor {
         close.push(leave_write.as_raw_fd());
         let limit = (pool.config.max_connections > 0)
             .then(|| pool.config.max_connections + random_below(pool.config.jitter + 1));
+        // Output still buffered at the fork would be written twice.
+        let _ = pool.interp.eval_global(&Obj::new_string("foreach chan [chan names] {catch {flush $chan}}"));
         tcl::flush_standard_channels();
         // SAFETY: the child runs only `worker::run`, which never returns into
         // the caller's frames; fork_safety has made our own locks safe.
@@ -699,8 +701,10 @@ impl Pool {
         for i in candidates.into_iter().take(count) {
             let child = &mut self.children[i];
             child.retired = Some(reason);
-            // End of file on its leave pipe: the worker leaves when its
-            // channels are closed.
+            // The flag is read when the worker would register again; end of
+            // file on its leave pipe wakes it if it is idle. Either way it
+            // leaves once its channels are closed.
+            self.scoreboard.slot(child.slot).request_leave();
             child.leave = None;
             done += 1;
             let fields = vec![
@@ -716,13 +720,20 @@ impl Pool {
     fn info(&self) -> Obj {
         let now = now_millis();
         let mut workers = Vec::new();
+        let stopping = matches!(self.phase, Phase::Stopping { .. });
         for child in &self.children {
             let slot = self.scoreboard.slot(child.slot);
+            // A worker told to leave is stopping, though it may not know yet.
+            let state = if (stopping || child.retired.is_some()) && slot.state() != State::Starting {
+                State::Stopping
+            } else {
+                slot.state()
+            };
             let since = slot.busy_since();
             let busy = if since == 0 { 0.0 } else { now.saturating_sub(since) as f64 / 1000.0 };
             workers.push(Obj::new_int(child.pid.as_raw().into()));
             workers.push(Obj::new_dict(vec![
-                ("state", Obj::new_string(slot.state().name())),
+                ("state", Obj::new_string(state.name())),
                 ("generation", Obj::new_int(child.generation.into())),
                 ("served", Obj::new_int(slot.served() as i64)),
                 ("open", Obj::new_int(slot.open().into())),

@@ -25,6 +25,19 @@ use crate::tcl::{self, Interp, Obj};
 use super::scoreboard::{now_millis, Slot, State};
 use super::signals;
 
+/// What a worker does not take over from the supervisor it was forked
+/// from: its TCP sockets (a server socket would accept here too, and a
+/// client connection must have one owner, or its peer never sees it
+/// close) and its `after` timers. Procs, variables and files stay.
+const LEAVE_TO_SUPERVISOR: &str = "
+    foreach chan [chan names] {
+        if {$chan ni {stdin stdout stderr} && ![catch {chan configure $chan -sockname}]} {
+            catch {close $chan}
+        }
+    }
+    foreach id [after info] {after cancel $id}
+";
+
 /// What the supervisor hands to a worker it forks.
 pub struct Assignment {
     pub port: u16,
@@ -95,8 +108,7 @@ pub fn run(assignment: Assignment) -> ! {
     // SAFETY: the pool keeps the interpreter's state alive while it lives,
     // and this process is a copy of it.
     unsafe { &*state }.reset_if_forked();
-    // The supervisor's `after` timers are its own business, not a worker's.
-    let _ = interp.eval_global(&Obj::new_string("foreach id [after info] {after cancel $id}"));
+    let _ = interp.eval_global(&Obj::new_string(LEAVE_TO_SUPERVISOR));
     let Some((queue, counters)) = entry else {
         eprintln!("socketserver pool {port}: worker {}: the port is closed", std::process::id());
         tcl::exit(1);
@@ -154,6 +166,11 @@ impl Worker {
 
     /// Waits for one more connection, if there is room and no reason to leave.
     fn register(&mut self) {
+        // Asked to leave while busy, before the leave pipe's event came.
+        if !self.leaving && self.slot.leave_requested() {
+            self.leave();
+            return;
+        }
         if self.leaving || self.open.len() >= self.concurrency || self.registered() {
             self.publish();
             return;
