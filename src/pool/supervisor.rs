@@ -127,7 +127,7 @@ struct Supervisor {
 }
 
 thread_local! {
-    static SUPERVISOR: RefCell<Supervisor> = RefCell::new(Supervisor {
+    static SUPERVISOR: RefCell<Supervisor> = const { RefCell::new(Supervisor {
         pid: Pid::from_raw(0),
         pools: Vec::new(),
         tick: None,
@@ -136,7 +136,7 @@ thread_local! {
         waiting: 0,
         exit_requested: false,
         log: Vec::new(),
-    });
+    }) };
 }
 
 fn with_supervisor<R>(f: impl FnOnce(&mut Supervisor) -> R) -> R {

@@ -143,7 +143,7 @@ pub fn run(assignment: Assignment) -> ! {
     with_worker(|w| w.register());
     signals::notify_supervisor();
     loop {
-        if WORKER.with(|w| w.borrow().as_ref().map_or(true, |w| w.done)) {
+        if WORKER.with(|w| w.borrow().as_ref().is_none_or(|w| w.done)) {
             tcl::exit(0);
         }
         tcl::do_one_event();
