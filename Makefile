@@ -2,7 +2,7 @@
 #
 #   make          build the package into build/socketserver<version>/
 #   make test     Rust tests and the tcltest suite (exits non-zero on failure)
-#   make demo     the echo server with forked workers
+#   make demo     the echo server: a pool of forked workers
 #   make bench    benchmarks (bench/README.md)
 #   make install  install where tclsh finds packages (DESTDIR, PREFIX)
 #
@@ -49,7 +49,6 @@ test-tcl:
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) tests/all.tcl $(TESTFLAGS)
 
 demo: build
-	@$(NEED) $(TEST_PACKAGES)
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) examples/echo_server.tcl $(DEMOFLAGS)
 
 bench: build

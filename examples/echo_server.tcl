@@ -1,83 +1,37 @@
 #!/usr/bin/env tclsh
 # echo_server.tcl --
 #
-#	The pre-forked echo server from the talk that introduced socketserver:
-#	the parent opens the port and forks workers; each worker serves one
-#	client at a time, answering every line with its pid, and registers for
-#	the next client when "quit" arrives or the client goes away.
+#	A pre-forked echo server: a pool of worker processes, each serving one
+#	client at a time and answering every line with its pid, until "quit"
+#	or the client goes away. The pool forks the workers, replaces any that
+#	die, and stops gracefully on SIGTERM or Ctrl-C (SIGINT); SIGHUP
+#	reloads, SIGTTIN/SIGTTOU add or remove a worker.
 #
 #	Usage: tclsh echo_server.tcl ?port? ?workers?
 #	    port     the TCP port (default 9901; 0 picks a free one)
-#	    workers  how many worker processes to fork (default 4)
+#	    workers  how many worker processes (default 4)
 #
-#	Try it: nc 127.0.0.1 9901, type lines, then "quit". Stop with Ctrl-C.
+#	Try it: tclsh examples/client.tcl 127.0.0.1 9901, type lines, then "quit".
+#	The same server written with the low-level API: echo_fork_loop.tcl.
 
 package require socketserver
-package require Tclx
 
-set port [expr {$argc > 0 ? [lindex $argv 0] : 9901}]
-set workerCount [expr {$argc > 1 ? [lindex $argv 1] : 4}]
+lassign [concat $argv [lrange {9901 4} $argc end]] port workers
 
-proc handle_readable {chan} {
-    if {[gets $chan line] < 0} {
-        if {[eof $chan]} {
-            finish $chan
-        }
-        return
+proc echo {chan addr port} {
+    fconfigure $chan -encoding utf-8 -buffering line
+    while {[gets $chan line] >= 0 && [string trim $line] ne "quit"} {
+        puts $chan "[pid] $line"
     }
-    if {[string trim $line] eq "quit"} {
-        finish $chan
-        return
-    }
-    puts $chan "[pid] $line"
-}
-
-proc finish {chan} {
     close $chan
-    # Now that the channel is closed, this worker is ready for another client.
-    ::socketserver::socket client handle_accept
 }
 
-proc handle_accept {chan addr port} {
-    fconfigure $chan -encoding utf-8 -buffering line -blocking 0
-    fileevent $chan readable [list handle_readable $chan]
-}
+set port [::socketserver::pool create -workers $workers $port echo]
 
-# A worker whose parent is gone has nothing left to serve: leave quietly.
-proc worker_bgerror {message options} {
-    if {[lrange [dict get $options -errorcode] 0 1] eq {SOCKETSERVER CLOSED}} {
-        exit 0
-    }
-    puts stderr "worker [pid]: $message"
-}
-
-proc make_worker {} {
-    set pid [fork]
-    if {$pid == 0} {
-        interp bgerror {} worker_bgerror
-        ::socketserver::socket client handle_accept
-        vwait forever
-    }
-    return $pid
-}
-
-proc shutdown {} {
-    foreach pid $::workers {
-        catch {kill TERM $pid}
-        catch {wait $pid}
-    }
-    exit 0
-}
-
-set port [::socketserver::socket server $port]
-set workers {}
-for {set i 0} {$i < $workerCount} {incr i} {
-    lappend workers [make_worker]
-}
-signal trap {SIGINT SIGTERM} shutdown
-
-puts "echo server on port $port with [llength $workers] workers: $workers"
-puts "connect with: nc 127.0.0.1 $port  (or telnet); each line comes back with the pid of the worker that serves you, \"quit\" ends"
+set pids [dict keys [dict get [::socketserver::pool info $port] workers]]
+puts "echo server on port $port with $workers workers: $pids"
+puts "connect with: tclsh [file join [file dirname [info script]] client.tcl] 127.0.0.1 $port\
+      (each line comes back with the pid of the worker that serves you; \"quit\" ends)"
 puts "stop with Ctrl-C"
 flush stdout
-vwait forever
+::socketserver::pool wait

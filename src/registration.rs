@@ -239,7 +239,7 @@ impl InterpState {
                         words.push(Obj::new_string(&channel.name()));
                         words.push(Obj::new_string(&host));
                         words.push(Obj::new_string(&peer_port));
-                        interp.eval_global_in_background(&words);
+                        let _ = interp.eval_global_in_background(&words);
                     }
                     Some(Handler::Native(native)) => (native.connection)(interp, conn),
                     None => {}

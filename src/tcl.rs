@@ -321,8 +321,9 @@ impl Interp {
 
     /// Evaluates `words` as one command at global level; a non-OK outcome
     /// is reported with `Tcl_BackgroundException`, as Tcl's own
-    /// `socket -server` does for its accept callback.
-    pub fn eval_global_in_background(&self, words: &[Obj]) {
+    /// `socket -server` does for its accept callback. Returns whether the
+    /// command succeeded.
+    pub fn eval_global_in_background(&self, words: &[Obj]) -> bool {
         let ptrs: Vec<*mut Tcl_Obj> = words.iter().map(Obj::as_ptr).collect();
         // SAFETY: interpreter and words are live; Tcl_Preserve keeps the
         // interpreter's memory valid even if the script deletes it.
@@ -338,6 +339,7 @@ impl Interp {
                 stub!(tcl_BackgroundException)(self.as_ptr(), code);
             }
             stub!(tcl_Release)(self.as_ptr().cast());
+            code == TCL_OK
         }
     }
 

@@ -7,6 +7,10 @@
 //! the same pipe when the supervisor should look at the scoreboard (a
 //! worker is ready, or leaves by itself): a message per worker life, not per
 //! connection.
+//!
+//! A worker has a pipe of its own for the signals it handles (a stop signal
+//! sent to the whole process group, as Ctrl-C and systemd do, must not cut
+//! its connections short): see `worker`.
 
 use std::cell::RefCell;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -18,8 +22,11 @@ use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal
 /// The byte a worker writes to wake the supervisor.
 pub const NOTIFY: u8 = 0;
 
-/// The write end of the pipe, for the signal handler and for workers.
+/// The write end of this process's pipe, for the signal handler.
 static WRITE_END: AtomicI32 = AtomicI32::new(-1);
+/// Where `notify_supervisor` writes: the supervisor's pipe (in the
+/// supervisor itself, the same as `WRITE_END`).
+static SUPERVISOR_END: AtomicI32 = AtomicI32::new(-1);
 
 struct Pipe {
     read_end: OwnedFd,
@@ -39,6 +46,8 @@ pub fn pipe_read_end() -> nix::Result<RawFd> {
         if pipe.is_none() {
             let (read_end, write_end) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
             WRITE_END.store(write_end.as_raw_fd(), Ordering::SeqCst);
+            // A worker keeps the supervisor's; only the supervisor's own is new.
+            let _ = SUPERVISOR_END.compare_exchange(-1, write_end.as_raw_fd(), Ordering::SeqCst, Ordering::SeqCst);
             *pipe = Some(Pipe { read_end, _write_end: write_end });
         }
         Ok(pipe.as_ref().map(|p| p.read_end.as_raw_fd()).unwrap_or(-1))
@@ -68,8 +77,8 @@ pub fn release_all() {
 }
 
 /// In a forked worker: signals act as they did before the pool existed,
-/// and the pipe's read end belongs to the supervisor alone. The write end
-/// stays, for `notify_supervisor`.
+/// and the pipe belongs to the supervisor alone; its write end stays open
+/// for `notify_supervisor`.
 pub fn reset_in_worker() {
     release_all();
     PIPE.with(|pipe| {
@@ -79,11 +88,12 @@ pub fn reset_in_worker() {
             std::mem::forget(pipe._write_end);
         }
     });
+    WRITE_END.store(-1, Ordering::SeqCst);
 }
 
 /// Wakes the supervisor to look at the scoreboard.
 pub fn notify_supervisor() {
-    write_byte(NOTIFY);
+    write_byte(SUPERVISOR_END.load(Ordering::Relaxed), NOTIFY);
 }
 
 /// Reads what is waiting in the pipe: the signals received (as numbers) and
@@ -109,8 +119,7 @@ pub fn drain(read_end: RawFd) -> (Vec<Signal>, bool) {
     (signals, notified)
 }
 
-fn write_byte(byte: u8) {
-    let fd = WRITE_END.load(Ordering::Relaxed);
+fn write_byte(fd: RawFd, byte: u8) {
     if fd >= 0 {
         // SAFETY: write(2) on a descriptor we own; a full pipe (EAGAIN)
         // already holds a wakeup, so the byte may be dropped.
@@ -122,7 +131,7 @@ extern "C" fn on_signal(signal: libc::c_int) {
     // SAFETY: errno is thread-local; saving and restoring it keeps the
     // interrupted code's view intact, as a signal handler must.
     let saved = unsafe { *libc::__errno_location() };
-    write_byte(signal as u8);
+    write_byte(WRITE_END.load(Ordering::Relaxed), signal as u8);
     // SAFETY: as above.
     unsafe { *libc::__errno_location() = saved };
 }

@@ -497,6 +497,7 @@ impl Supervisor {
                 limit,
                 slot: pool.scoreboard.leak_slot(slot),
                 leave: leave_read,
+                signals: pool.config.signals,
                 close,
                 tick,
             }),
@@ -799,7 +800,7 @@ fn flush_entries(entries: Vec<LogEntry>) {
             Some(prefix) if prefix.is_empty() => {}
             Some(mut words) => {
                 words.push(dict);
-                entry.interp.eval_global_in_background(&words);
+                let _ = entry.interp.eval_global_in_background(&words);
             }
         }
     }

@@ -50,6 +50,8 @@ pub struct Assignment {
     pub limit: Option<u64>,
     pub slot: &'static Slot,
     pub leave: OwnedFd,
+    /// Whether the pool handles signals (the worker then handles its own).
+    pub signals: bool,
     /// Descriptors of the supervisor's that this process must not keep.
     pub close: Vec<RawFd>,
     pub tick: Option<tcl::Timer>,
@@ -92,9 +94,12 @@ pub fn is_worker() -> bool {
 
 /// Runs in the child right after `fork`; never returns.
 pub fn run(assignment: Assignment) -> ! {
-    let Assignment { port, interp, state, handler, init, concurrency, limit, slot, leave, close, tick } =
+    let Assignment { port, interp, state, handler, init, concurrency, limit, slot, leave, signals, close, tick } =
         assignment;
     signals::reset_in_worker();
+    if signals {
+        watch_signals();
+    }
     if let Some(tick) = tick {
         tcl::delete_timer(tick);
     }
@@ -201,6 +206,10 @@ impl Worker {
         self.publish();
     }
 
+    fn holds(&self, id: u64) -> bool {
+        self.open.iter().any(|c| c.id == id)
+    }
+
     /// Brings the scoreboard slot up to date.
     fn publish(&self) {
         let oldest = self.open.first().map(|c| (c.since, c.peer.as_str()));
@@ -233,15 +242,20 @@ fn on_connection(interp: Interp, conn: Connection) {
         } else {
             w.register();
         }
+        let name = Obj::new_string(&channel.name());
         let mut words = w.handler.clone();
-        words.push(Obj::new_string(&channel.name()));
+        words.push(name.clone());
         words.push(Obj::new_string(&host));
         words.push(Obj::new_string(&peer_port));
-        words
+        (words, id, name)
     });
     // Outside the borrow: the handler may close the channel at once.
-    if let Some(words) = prepared {
-        interp.eval_global_in_background(&words);
+    let Some((words, id, name)) = prepared else { return };
+    if !interp.eval_global_in_background(&words) && with_worker(|w| w.holds(id)) == Some(true) {
+        // The handler failed and left its channel open: nobody will close
+        // it, and the worker would hold the slot for ever.
+        let close = Obj::new_list(&[Obj::new_string("catch"), Obj::new_list(&[Obj::new_string("close"), name])]);
+        let _ = interp.eval_global(&close);
     }
 }
 
@@ -262,6 +276,28 @@ unsafe extern "C" fn on_channel_closed(data: *mut c_void) {
                 w.register();
             }
         })
+    });
+}
+
+/// A worker's own signals: SIGTERM means leave once the open channels are
+/// closed; SIGINT (Ctrl-C reaches the whole process group) is the
+/// supervisor's to act on, which stops the pool gracefully.
+fn watch_signals() {
+    use nix::sys::signal::Signal;
+    let Ok(read_end) = signals::pipe_read_end() else { return };
+    for signal in [Signal::SIGTERM, Signal::SIGINT] {
+        let _ = signals::watch(signal);
+    }
+    tcl::create_file_handler(read_end, on_signal, read_end as usize as *mut c_void);
+}
+
+unsafe extern "C" fn on_signal(data: *mut c_void, _mask: std::ffi::c_int) {
+    let read_end = data as usize as RawFd;
+    let _ = std::panic::catch_unwind(|| {
+        let (received, _) = signals::drain(read_end);
+        if received.contains(&nix::sys::signal::Signal::SIGTERM) {
+            with_worker(|w| w.leave());
+        }
     });
 }
 
