@@ -54,6 +54,7 @@ demo: build
 bench: build
 	@$(NEED) $(TEST_PACKAGES) $(BENCH_PACKAGES)
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/run.tcl $(BENCHFLAGS)
+	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/pool.tcl $(POOLBENCHFLAGS)
 
 install: build
 	mkdir -p $(DESTDIR)$(TCLPKGDIR)/$(PKGNAME)

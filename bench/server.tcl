@@ -1,15 +1,18 @@
 # server.tcl --
 #
-#	The Tcl servers that bench/run.tcl measures: the same HTTP "ok"
-#	handler, one request per connection, either on socketserver with N
-#	forked workers or on Tcl's own socket -server in one process.
+#	The Tcl servers that the benchmarks measure: the same HTTP "ok"
+#	handler, one request per connection, on socketserver with N workers
+#	forked by hand (TclX) or by ::socketserver::pool, with an event-driven
+#	handler and -concurrency K on the pool, or on Tcl's own socket -server
+#	in one process.
 #
-#	Usage: tclsh server.tcl socketserver|tcl WORKERS SLOW_PERCENT
+#	Usage: tclsh server.tcl socketserver|pool|poolevent|tcl WORKERS SLOW_PERCENT ?K?
 #	Prints "port P pids PID..." when ready; stops on SIGTERM.
 
-package require Tclx
-
-lassign $argv mode workerCount slowPercent
+lassign $argv mode workerCount slowPercent concurrency
+if {$mode ni {pool poolevent}} {
+    package require Tclx
+}
 
 # Answers one request; SLOW_PERCENT of them take 100 ms, for the
 # mixed-latency run.
@@ -35,6 +38,39 @@ proc tclAccept {chan addr port} {
     catch {answer $chan}
 }
 
+proc poolAccept {chan addr port} {
+    answer $chan
+}
+
+# The event-driven handler: the request is read from fileevents, and a
+# slow request waits on a timer, so one worker serves several at once.
+proc eventAccept {chan addr port} {
+    fconfigure $chan -translation crlf -buffering full -blocking 0
+    fileevent $chan readable [list eventRead $chan]
+}
+
+proc eventRead {chan} {
+    while {[gets $chan line] > 0} {}
+    if {[eof $chan]} {
+        close $chan
+        return
+    }
+    if {[fblocked $chan]} return
+    fileevent $chan readable {}
+    if {$::slowPercent > 0 && rand() * 100 < $::slowPercent} {
+        after 100 [list eventReply $chan]
+    } else {
+        eventReply $chan
+    }
+}
+
+proc eventReply {chan} {
+    puts $chan "HTTP/1.1 200 OK\nContent-Type: text/plain\nContent-Length: 3\nConnection: close\n"
+    fconfigure $chan -translation binary
+    puts -nonewline $chan "ok\n"
+    catch {close $chan}
+}
+
 set pids {}
 switch -- $mode {
     socketserver {
@@ -53,6 +89,19 @@ switch -- $mode {
     tcl {
         set listener [socket -server tclAccept -myaddr 127.0.0.1 0]
         set port [lindex [fconfigure $listener -sockname] 2]
+    }
+    pool - poolevent {
+        package require socketserver
+        set handler [expr {$mode eq "pool" ? "poolAccept" : "eventAccept"}]
+        set port [::socketserver::pool create -myaddr 127.0.0.1 -workers $workerCount \
+            -concurrency [expr {$concurrency eq "" ? 1 : $concurrency}] -log {} \
+            -init {expr {srand([pid])}} 0 $handler]
+        puts "port $port pids [pid] [dict keys [dict get [::socketserver::pool info $port] workers]]"
+        flush stdout
+        # Never outlive a benchmark that died: stop by ourselves after 10 minutes.
+        after 600000 {::socketserver::pool stop}
+        ::socketserver::pool wait
+        exit 0
     }
 }
 

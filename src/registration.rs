@@ -209,6 +209,15 @@ impl InterpState {
         }
     }
 
+    /// Before the process exits: stops every receiver, then gives back the
+    /// connections that are still on their way to a handler (in this
+    /// thread's event queue), so another process serves them.
+    pub fn give_back_all(&self) {
+        self.registrations.borrow_mut().clear();
+        let pointer: *const InterpState = self;
+        tcl::delete_events(purge_delivery, pointer.cast_mut().cast());
+    }
+
     pub fn is_waiting(&self, port: u16) -> bool {
         self.registrations
             .borrow()
@@ -324,9 +333,7 @@ pub unsafe extern "C" fn on_interp_deleted(state: *mut c_void, _interp: *mut tcl
         let state = unsafe { Box::from_raw(state.cast::<InterpState>()) };
         crate::pool::interp_deleted(state.interp);
         state.reset_if_forked();
-        // Stop the receivers first, so that no event can be queued after the purge.
-        state.registrations.borrow_mut().clear();
-        let pointer: *const InterpState = &*state;
-        tcl::delete_events(purge_delivery, pointer.cast_mut().cast());
+        // Stops the receivers first, so that no event can be queued after the purge.
+        state.give_back_all();
     }));
 }

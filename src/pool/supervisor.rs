@@ -139,6 +139,9 @@ thread_local! {
     }) };
 }
 
+/// Runs `f` on the supervisor's state, then hands out the log entries it
+/// made. The state is never borrowed while Tcl code of the user runs, so
+/// `f` cannot be re-entered.
 fn with_supervisor<R>(f: impl FnOnce(&mut Supervisor) -> R) -> R {
     let result = SUPERVISOR.with(|s| f(&mut s.borrow_mut()));
     flush_log();
@@ -482,7 +485,8 @@ impl Supervisor {
         let limit = (pool.config.max_connections > 0)
             .then(|| pool.config.max_connections + random_below(pool.config.jitter + 1));
         // Output still buffered at the fork would be written twice.
-        let _ = pool.interp.eval_global(&Obj::new_string("foreach chan [chan names] {catch {flush $chan}}"));
+        // (A lambda, so that no global variable of the script is touched.)
+        let _ = pool.interp.eval_global(&Obj::new_string("apply {{} {foreach c [chan names] {catch {flush $c}}}}"));
         tcl::flush_standard_channels();
         // SAFETY: the child runs only `worker::run`, which never returns into
         // the caller's frames; fork_safety has made our own locks safe.
@@ -827,11 +831,9 @@ unsafe extern "C" fn on_tick(_: *mut c_void) {
             if sup.pid != nix::unistd::getpid() {
                 return;
             }
-            sup.tick = None;
+            // The next tick first: nothing below can stop the ticking.
+            sup.tick = Some(tcl::create_timer(TICK_MS, on_tick, std::ptr::null_mut()));
             sup.reconcile_all();
-            if !sup.pools.is_empty() && sup.tick.is_none() {
-                sup.tick = Some(tcl::create_timer(TICK_MS, on_tick, std::ptr::null_mut()));
-            }
         })
     });
 }

@@ -29,14 +29,15 @@ use super::signals;
 /// from: its TCP sockets (a server socket would accept here too, and a
 /// client connection must have one owner, or its peer never sees it
 /// close) and its `after` timers. Procs, variables and files stay.
-const LEAVE_TO_SUPERVISOR: &str = "
+/// (A lambda, so that no global variable of the script is touched.)
+const LEAVE_TO_SUPERVISOR: &str = "apply {{} {
     foreach chan [chan names] {
         if {$chan ni {stdin stdout stderr} && ![catch {chan configure $chan -sockname}]} {
             catch {close $chan}
         }
     }
     foreach id [after info] {after cancel $id}
-";
+}}";
 
 /// What the supervisor hands to a worker it forks.
 pub struct Assignment {
@@ -71,7 +72,8 @@ struct Worker {
     concurrency: usize,
     limit: Option<u64>,
     slot: &'static Slot,
-    leave: OwnedFd,
+    /// Open for as long as the process lives: the control thread polls it.
+    _leave: OwnedFd,
     queue: Arc<OwnedFd>,
     counters: Arc<Counters>,
     received: u64,
@@ -97,9 +99,7 @@ pub fn run(assignment: Assignment) -> ! {
     let Assignment { port, interp, state, handler, init, concurrency, limit, slot, leave, signals, close, tick } =
         assignment;
     signals::reset_in_worker();
-    if signals {
-        watch_signals();
-    }
+    let signal_pipe = if signals { watch_signals() } else { None };
     if let Some(tick) = tick {
         tcl::delete_timer(tick);
     }
@@ -134,7 +134,7 @@ pub fn run(assignment: Assignment) -> ! {
             concurrency,
             limit,
             slot,
-            leave,
+            _leave: leave,
             queue,
             counters,
             received: 0,
@@ -144,11 +144,18 @@ pub fn run(assignment: Assignment) -> ! {
             done: false,
         })
     });
-    tcl::create_file_handler(leave_fd, on_leave, std::ptr::null_mut());
+    if let Err(error) = spawn_control(leave_fd, signal_pipe) {
+        eprintln!("socketserver pool {port}: worker {}: {error}", std::process::id());
+        tcl::exit(1);
+    }
     with_worker(|w| w.register());
     signals::notify_supervisor();
     loop {
         if WORKER.with(|w| w.borrow().as_ref().is_none_or(|w| w.done)) {
+            // A connection taken just before we stopped waiting may still be
+            // on its way: it goes back to the queue, not down with us.
+            // SAFETY: see `Worker::interp_state`.
+            unsafe { &*state }.give_back_all();
             tcl::exit(0);
         }
         tcl::do_one_event();
@@ -198,7 +205,6 @@ impl Worker {
         if !self.leaving {
             self.leaving = true;
             self.interp_state().cancel(self.port, false);
-            tcl::delete_file_handler(self.leave.as_raw_fd());
         }
         if self.open.is_empty() {
             self.done = true;
@@ -281,30 +287,70 @@ unsafe extern "C" fn on_channel_closed(data: *mut c_void) {
 
 /// A worker's own signals: SIGTERM means leave once the open channels are
 /// closed; SIGINT (Ctrl-C reaches the whole process group) is the
-/// supervisor's to act on, which stops the pool gracefully.
-fn watch_signals() {
+/// supervisor's to act on, which stops the pool gracefully. Returns the
+/// read end of the worker's signal pipe.
+fn watch_signals() -> Option<RawFd> {
     use nix::sys::signal::Signal;
-    let Ok(read_end) = signals::pipe_read_end() else { return };
+    let read_end = signals::pipe_read_end().ok()?;
     for signal in [Signal::SIGTERM, Signal::SIGINT] {
         let _ = signals::watch(signal);
     }
-    tcl::create_file_handler(read_end, on_signal, read_end as usize as *mut c_void);
+    Some(read_end)
 }
 
-unsafe extern "C" fn on_signal(data: *mut c_void, _mask: std::ffi::c_int) {
-    let read_end = data as usize as RawFd;
-    let _ = std::panic::catch_unwind(|| {
-        let (received, _) = signals::drain(read_end);
-        if received.contains(&nix::sys::signal::Signal::SIGTERM) {
-            with_worker(|w| w.leave());
+/// Starts the thread that waits for a reason to leave: end of file on the
+/// leave pipe, or SIGTERM. It queues a Tcl event when one comes. A thread,
+/// not a Tcl file handler: a file handler would make Tcl's notifier thread
+/// take part in every wait of the worker's loop, two more context switches
+/// per connection.
+fn spawn_control(leave: RawFd, signal_pipe: Option<RawFd>) -> std::io::Result<()> {
+    let thread = tcl::current_thread();
+    std::thread::Builder::new()
+        .name("socketserver-ctl".into())
+        .stack_size(crate::THREAD_STACK_SIZE)
+        .spawn(move || {
+            wait_for_leave(leave, signal_pipe);
+            tcl::queue_event(thread, on_leave, ());
+        })?;
+    Ok(())
+}
+
+fn wait_for_leave(leave: RawFd, signal_pipe: Option<RawFd>) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::BorrowedFd;
+    // SAFETY: both descriptors stay open until the process exits: the leave
+    // pipe is owned by the worker's state, the signal pipe by `signals`.
+    let leave = unsafe { BorrowedFd::borrow_raw(leave) };
+    let signal_pipe = signal_pipe.map(|fd| unsafe { BorrowedFd::borrow_raw(fd) });
+    loop {
+        let mut fds = vec![PollFd::new(leave, PollFlags::POLLIN)];
+        if let Some(fd) = signal_pipe {
+            fds.push(PollFd::new(fd, PollFlags::POLLIN));
         }
-    });
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return,
+        }
+        if fds[0].any().unwrap_or(true) {
+            return;
+        }
+        if let Some(fd) = signal_pipe {
+            let (received, _) = signals::drain(fd.as_raw_fd());
+            if received.contains(&nix::sys::signal::Signal::SIGTERM) {
+                return;
+            }
+        }
+    }
 }
 
 fn on_queue_closed(_port: u16) {
     with_worker(|w| w.leave());
 }
 
-unsafe extern "C" fn on_leave(_: *mut c_void, _mask: std::ffi::c_int) {
+unsafe extern "C" fn on_leave(event: *mut tcl::Tcl_Event, _flags: std::ffi::c_int) -> std::ffi::c_int {
+    // SAFETY: queued by `spawn_control` with a `()` payload, taken once.
+    unsafe { tcl::Event::<()>::take_payload(event) };
     let _ = std::panic::catch_unwind(|| with_worker(|w| w.leave()));
+    1
 }

@@ -1,0 +1,163 @@
+# lib.tcl --
+#
+#	What the benchmark scripts share: the native baseline's build, starting
+#	and stopping the servers of bench/server.tcl, running ab, and reading
+#	/proc. Sourced by run.tcl and pool.tcl, which set ::here, ::top and the
+#	::opt array (-abs: ab processes side by side) first.
+
+# --- the native baseline ------------------------------------------------
+
+set native [file join $top build bench native_prefork]
+file mkdir [file dirname $native]
+if {![file exists $native] || [file mtime $native] < [file mtime [file join $here native_prefork.c]]} {
+    exec cc -O2 -Wall -o $native [file join $here native_prefork.c]
+}
+
+# --- servers ------------------------------------------------------------
+
+# startServer kind workers slowPercent ?concurrency? --
+#	kind: socketserver (forked by hand), pool, poolevent (an event-driven
+#	handler, -concurrency), tcl, native (shared accept) or reuseport.
+#	Returns a dict: pipe, port, pids (every process of the server).
+proc startServer {kind workers slow {concurrency 1}} {
+    switch -- $kind {
+        socketserver - tcl - pool - poolevent {
+            set command [list [info nameofexecutable] [file join $::here server.tcl] $kind $workers $slow $concurrency]
+        }
+        native {set command [list $::native 0 $workers shared $slow]}
+        reuseport {set command [list $::native 0 $workers reuseport $slow]}
+    }
+    set pipe [open |$command r]
+    set line [gets $pipe]
+    if {![regexp {^port (\d+) pids(.*)$} $line -> port pids]} {
+        error "server $kind did not start: $line"
+    }
+    set pids [lsort -unique [concat [pid $pipe] $pids]]
+    # Warm up: every worker registered and paged in.
+    exec ab -q -r -n [expr {max(200, 20 * $workers)}] -c 4 http://127.0.0.1:$port/ >/dev/null 2>@1
+    return [dict create pipe $pipe port $port pids $pids kind $kind]
+}
+
+proc stopServer {server} {
+    set pid [pid [dict get $server pipe]]
+    kill TERM $pid
+    catch {close [dict get $server pipe]}
+}
+
+# --- measurements -------------------------------------------------------
+
+proc readProc {path} {
+    if {[catch {open $path} f]} {return {}}
+    try {read $f} finally {close $f}
+}
+
+# Context switches (voluntary and not) over every thread of $pids.
+proc contextSwitches {pids} {
+    set total 0
+    foreach pid $pids {
+        foreach status [glob -nocomplain /proc/$pid/task/*/status] {
+            foreach {- value} [regexp -all -inline -line {ctxt_switches:\s+(\d+)} [readProc $status]] {
+                incr total $value
+            }
+        }
+    }
+    return $total
+}
+
+proc rssKb {pid} {
+    if {[regexp -line {^VmRSS:\s+(\d+)} [readProc /proc/$pid/status] -> kb]} {return $kb}
+    return 0
+}
+
+# runLoad port requests concurrency --
+#	Runs -abs ab processes side by side, each with its share of the
+#	requests and of the concurrency. Returns a dict of the totals.
+proc runLoad {port requests concurrency {perRequest 0}} {
+    set count $::opt(-abs)
+    set pipes {}
+    set files {}
+    set started [clock microseconds]
+    for {set i 0} {$i < $count} {incr i} {
+        set extra {}
+        if {$perRequest} {
+            set file [file join [file dirname $::native] timings-[pid]-$i.tsv]
+            lappend files $file
+            set extra [list -g $file]
+        }
+        lappend pipes [open |[list ab -r {*}$extra -n [expr {$requests / $count}] \
+            -c [expr {max(1, $concurrency / $count)}] http://127.0.0.1:$port/ 2>@1] r]
+    }
+    set outputs [lmap pipe $pipes {read $pipe}]
+    set seconds [expr {([clock microseconds] - $started) / 1e6}]
+    foreach pipe $pipes {catch {close $pipe}}
+    set result [dict create rps 0.0 failed 0 complete 0 mean {} p50 {} p99 {} max {}]
+    foreach out $outputs {
+        foreach {key pattern} {
+            rps {Requests per second:\s+([\d.]+)}
+            failed {Failed requests:\s+(\d+)}
+            complete {Complete requests:\s+(\d+)}
+            mean {Time per request:\s+([\d.]+) \[ms\] \(mean\)}
+            p50 {\n\s+50%\s+(\d+)}
+            p99 {\n\s+99%\s+(\d+)}
+            max {\n\s+100%\s+(\d+)}
+        } {
+            if {![regexp $pattern $out -> value]} {
+                error "ab gave no '$key':\n$out"
+            }
+            switch -- $key {
+                rps - failed - complete {dict set result $key [expr {[dict get $result $key] + $value}]}
+                default {dict lappend result $key $value}
+            }
+        }
+    }
+    # Requests per second over the wall time of the whole batch: summing
+    # each ab's own figure would overstate it when one finishes early.
+    dict set result rps [expr {[dict get $result complete] / $seconds}]
+    # Across the ab processes: mean of means, worst of the tails.
+    dict set result mean [expr {[tcl::mathop::+ {*}[dict get $result mean]] / $count}]
+    dict set result p50 [median [dict get $result p50]]
+    foreach key {p99 max} {
+        dict set result $key [tcl::mathfunc::max {*}[dict get $result $key]]
+    }
+    if {$perRequest} {
+        # Exact percentiles from every request's total time (ab -g).
+        set times {}
+        foreach file $files {
+            foreach line [lrange [split [readProc $file] \n] 1 end] {
+                if {[llength $line] >= 5} {lappend times [lindex $line end-1]}
+            }
+            file delete $file
+        }
+        set times [lsort -integer $times]
+        set n [llength $times]
+        foreach {key fraction} {p50 0.50 p99 0.99 p999 0.999} {
+            dict set result $key [lindex $times [expr {min($n - 1, int(ceil($fraction * $n)) - 1)}]]
+        }
+        dict set result max [lindex $times end]
+        # Share of requests that took 50 ms or more: the 1% that sleep, plus
+        # any fast request that waited behind one of them.
+        set late [expr {$n - [lsearch -bisect -integer $times 49] - 1}]
+        dict set result late [expr {100.0 * $late / max(1, $n)}]
+        dict set result mean [expr {double([tcl::mathop::+ {*}$times]) / max(1, $n)}]
+    }
+    return $result
+}
+
+proc median {values} {
+    set sorted [lsort -real $values]
+    set n [llength $sorted]
+    if {$n == 0} {return 0}
+    if {$n % 2} {return [lindex $sorted [expr {$n / 2}]]}
+    expr {([lindex $sorted [expr {$n / 2 - 1}]] + [lindex $sorted [expr {$n / 2}]]) / 2.0}
+}
+
+proc shuffle {list} {
+    set result {}
+    while {[llength $list]} {
+        set i [expr {int(rand() * [llength $list])}]
+        lappend result [lindex $list $i]
+        set list [lreplace $list $i $i]
+    }
+    return $result
+}
+
