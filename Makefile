@@ -72,7 +72,9 @@ clean:
 
 soak: build
 	@$(NEED) $(TEST_PACKAGES) $(BENCH_PACKAGES)
-	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/soak.tcl $(SOAKFLAGS)
+	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/soak.tcl -server socketserver $(SOAKFLAGS)
+	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/soak.tcl -server pool $(SOAKFLAGS)
+	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/soak.tcl -server pool -maxconnections 2000 $(SOAKFLAGS)
 
 # The tcltest suite under valgrind; every tclsh it starts is checked too.
 MEMCHECK_FILES ?= package.test server.test client.test fork.test threads.test errors.test soak.test

@@ -6,10 +6,10 @@
 #	handler and -concurrency K on the pool, or on Tcl's own socket -server
 #	in one process.
 #
-#	Usage: tclsh server.tcl socketserver|pool|poolevent|tcl WORKERS SLOW_PERCENT ?K?
+#	Usage: tclsh server.tcl socketserver|pool|poolevent|tcl WORKERS SLOW_PERCENT ?K? ?MAXCONNECTIONS?
 #	Prints "port P pids PID..." when ready; stops on SIGTERM.
 
-lassign $argv mode workerCount slowPercent concurrency
+lassign $argv mode workerCount slowPercent concurrency maxConnections
 if {$mode ni {pool poolevent}} {
     package require Tclx
 }
@@ -95,6 +95,7 @@ switch -- $mode {
         set handler [expr {$mode eq "pool" ? "poolAccept" : "eventAccept"}]
         set port [::socketserver::pool create -myaddr 127.0.0.1 -workers $workerCount \
             -concurrency [expr {$concurrency eq "" ? 1 : $concurrency}] -log {} \
+            -maxconnections [expr {$maxConnections eq "" ? 0 : $maxConnections}] -jitter 100 \
             -init {expr {srand([pid])}} 0 $handler]
         puts "port $port pids [pid] [dict keys [dict get [::socketserver::pool info $port] workers]]"
         flush stdout

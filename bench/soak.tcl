@@ -1,19 +1,23 @@
 # soak.tcl --
 #
 #	The steady-state check behind `make soak`: many connections through a
-#	socketserver HTTP server with forked workers, sampling the descriptor
-#	count (/proc/PID/fd) and RSS of the accepting process and of every
-#	worker as it goes. Figures must stay flat. Traffic goes to 127.0.0.1
-#	only, bounded by a count and a time limit.
+#	socketserver HTTP server, its workers forked by hand (-server
+#	socketserver) or by ::socketserver::pool (-server pool), sampling the
+#	descriptor count (/proc/PID/fd) and RSS of the accepting process and of
+#	every worker as it goes. Figures must stay flat. With -maxconnections
+#	the pool recycles its workers as it goes: then the accepting process
+#	alone is compared, over thousands of workers' lives. Traffic goes to
+#	127.0.0.1 only, bounded by a count and a time limit.
 #
-#	Usage: tclsh bench/soak.tcl ?-connections N? ?-workers W? ?-seconds S?
-#	Exits 1 if a descriptor count changed or a worker grew more than
+#	Usage: tclsh bench/soak.tcl ?-server socketserver|pool? ?-connections N?
+#	                            ?-workers W? ?-seconds S? ?-maxconnections N?
+#	Exits 1 if a descriptor count changed or a process grew more than
 #	-maxGrowthKb.
 
 package require Tclx
 
 set here [file dirname [file normalize [info script]]]
-array set opt {-connections 100000 -workers 4 -seconds 600 -checkpoints 10 -maxGrowthKb 256}
+array set opt {-server socketserver -connections 100000 -workers 4 -seconds 600 -checkpoints 10 -maxGrowthKb 256 -maxconnections 0}
 foreach {name value} $argv {
     if {![info exists opt($name)]} {
         puts stderr "unknown option $name: must be one of [lsort [array names opt]]"
@@ -32,10 +36,14 @@ proc rssKb {pid} {
     return 0
 }
 
-set pipe [open |[list [info nameofexecutable] [file join $here server.tcl] socketserver $opt(-workers) 0] r]
+set pipe [open |[list [info nameofexecutable] [file join $here server.tcl] $opt(-server) $opt(-workers) 0 1 $opt(-maxconnections)] r]
 regexp {^port (\d+) pids (.*)$} [gets $pipe] -> port pids
 set parent [lindex $pids 0]
 set workers [lrange $pids 1 end]
+# Recycled workers come and go: follow the accepting process only.
+if {$opt(-maxconnections) > 0} {
+    set pids [list $parent]
+}
 
 # Warm up, so that caches and Tcl's allocator reach their working size.
 exec ab -q -r -n 2000 -c 8 http://127.0.0.1:$port/ >/dev/null 2>@1
@@ -51,7 +59,8 @@ set chunk [expr {max(1, $opt(-connections) / $opt(-checkpoints))}]
 set done 0
 set failed 0
 set samples [list [list 0 [sample]]]
-puts "soak: $opt(-connections) connections to port $port, accepting pid $parent, workers $workers"
+puts "soak: $opt(-server), $opt(-connections) connections to port $port, accepting pid $parent, workers $workers\
+      [expr {$opt(-maxconnections) ? "(recycled after $opt(-maxconnections) connections)" : ""}]"
 puts [format "%10s  %s" connections "fds/RSS(kB) of accepting, then each worker"]
 puts [format "%10d  %s" 0 [lindex $samples 0 1]]
 while {$done < $opt(-connections) && [clock seconds] - $start < $opt(-seconds)} {
@@ -72,8 +81,8 @@ set last [lindex $samples end 1]
 set problems {}
 foreach pid $pids {fdsA rssA} $first {fdsB rssB} $last {
     if {$fdsA != $fdsB} {lappend problems "pid $pid descriptors $fdsA -> $fdsB"}
-    if {$pid != $parent && $rssB - $rssA > $opt(-maxGrowthKb)} {
-        lappend problems "worker $pid RSS grew [expr {$rssB - $rssA}] kB"
+    if {$rssB - $rssA > $opt(-maxGrowthKb)} {
+        lappend problems "[expr {$pid == $parent ? "accepting process" : "worker"}] $pid RSS grew [expr {$rssB - $rssA}] kB"
     }
 }
 set perConn [expr {$done ? ([tcl::mathop::+ {*}[lmap {f r} [lrange $last 2 end] {set r}]] - [tcl::mathop::+ {*}[lmap {f r} [lrange $first 2 end] {set r}]]) * 1024.0 / $done : 0}]
@@ -83,4 +92,4 @@ if {[llength $problems] || $failed} {
     puts "soak FAILED: [join $problems {; }]"
     exit 1
 }
-puts "soak passed: descriptor counts flat, worker RSS flat"
+puts "soak passed: descriptor counts flat, RSS flat"
