@@ -87,9 +87,22 @@ proc runLoad {port requests concurrency {perRequest 0}} {
         lappend pipes [open |[list ab -r {*}$extra -n [expr {$requests / $count}] \
             -c [expr {max(1, $concurrency / $count)}] http://127.0.0.1:$port/ 2>@1] r]
     }
-    set outputs [lmap pipe $pipes {read $pipe}]
+    # Read in the event loop, so that timers set by the caller (signals to
+    # the server during the load) fire while it runs.
+    set ::loadOpen [llength $pipes]
+    foreach pipe $pipes {
+        set ::loadOutput($pipe) {}
+        fconfigure $pipe -blocking 0
+        fileevent $pipe readable [list collectLoad $pipe]
+    }
+    while {$::loadOpen > 0} {vwait ::loadOpen}
+    set outputs [lmap pipe $pipes {set ::loadOutput($pipe)}]
     set seconds [expr {([clock microseconds] - $started) / 1e6}]
-    foreach pipe $pipes {catch {close $pipe}}
+    foreach pipe $pipes {
+        unset ::loadOutput($pipe)
+        fconfigure $pipe -blocking 1
+        catch {close $pipe}
+    }
     set result [dict create rps 0.0 failed 0 complete 0 mean {} p50 {} p99 {} max {}]
     foreach out $outputs {
         foreach {key pattern} {
@@ -141,6 +154,14 @@ proc runLoad {port requests concurrency {perRequest 0}} {
         dict set result mean [expr {double([tcl::mathop::+ {*}$times]) / max(1, $n)}]
     }
     return $result
+}
+
+proc collectLoad {pipe} {
+    append ::loadOutput($pipe) [read $pipe]
+    if {[eof $pipe]} {
+        fileevent $pipe readable {}
+        incr ::loadOpen -1
+    }
 }
 
 proc median {values} {

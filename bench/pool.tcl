@@ -16,7 +16,7 @@
 #	Load: ab on 127.0.0.1, bounded counts. Configurations are interleaved
 #	and repeated; figures are medians.
 #
-#	Usage: tclsh bench/pool.tcl ?-quick? ?-reps N? ?-requests N?
+#	Usage: tclsh bench/pool.tcl ?-quick? ?-reps N? ?-requests N? ?-reloadRequests N?
 
 package require Tclx
 
@@ -30,9 +30,10 @@ array set opt {
     -abs 2
     -workers {1 4 16}
     -reloads 10
+    -reloadRequests 40000
 }
 if {"-quick" in $argv} {
-    array set opt {-reps 3 -requests 6000}
+    array set opt {-reps 3 -requests 6000 -reloadRequests 20000}
     set argv [lsearch -all -inline -not -exact $argv -quick]
 }
 foreach {name value} $argv {
@@ -113,19 +114,20 @@ puts ""
 # --- P2. reloads under load --------------------------------------------
 
 # One run of the load on a 4-worker pool, with $reloads SIGHUPs spread over
-# it; returns the load's figures and the generation reached.
+# it; returns the load's figures, with "sent": the reloads that came while
+# the load ran.
 proc reloadRun {reloads} {
     set server [startServer pool 4 0]
     try {
         set port [dict get $server port]
         set supervisor [pid [dict get $server pipe]]
-        if {$reloads} {
-            # Spread the reloads over the run: one every 150 ms from 100 ms on.
-            for {set i 0} {$i < $reloads} {incr i} {
-                after [expr {100 + 150 * $i}] [list kill HUP $supervisor]
-            }
+        # One every 100 ms from 100 ms on (the load reads ab's output in the
+        # event loop, so the timers fire while it runs).
+        for {set i 0} {$i < $reloads} {incr i} {
+            after [expr {100 + 100 * $i}] [list kill HUP $supervisor]
         }
-        set m [runLoad $port $::opt(-requests) $::opt(-concurrency) 1]
+        set m [runLoad $port $::opt(-reloadRequests) $::opt(-concurrency) 1]
+        dict set m sent [expr {$reloads - [llength [after info]]}]
         foreach id [after info] {after cancel $id}
         return $m
     } finally {
@@ -136,14 +138,15 @@ proc reloadRun {reloads} {
 for {set rep 1} {$rep <= $opt(-reps)} {incr rep} {
     foreach reloads [shuffle [list 0 $opt(-reloads)]] {
         set m [reloadRun $reloads]
-        foreach key {rps failed complete p50 p99 p999 max} {lappend p2($reloads,$key) [dict get $m $key]}
+        foreach key {rps failed complete p50 p99 p999 max sent} {lappend p2($reloads,$key) [dict get $m $key]}
         puts -nonewline stderr "."
         flush stderr
     }
 }
 puts stderr ""
 set r $opt(-reloads)
-puts "P2. $r rolling reloads (SIGHUP, one every 150 ms) during $opt(-requests) requests on 4 workers (medians)"
+puts "P2. $r rolling reloads (SIGHUP, one every 100 ms) during $opt(-reloadRequests) requests on 4 workers (medians;\
+      reloads that came while the load ran: [lsort -unique $p2($r,sent)])"
 puts [format "%-16s %9s %8s %10s %7s %7s %8s %7s" run req/s failed complete p50-ms p99-ms p99.9-ms max-ms]
 foreach reloads [list 0 $r] label [list "steady" "$r reloads"] {
     puts [format "%-16s %9s %8s %10s %7s %7s %8s %7s" $label [fmt [median $p2($reloads,rps)]] \
