@@ -1,13 +1,26 @@
-//! The accepting thread of one port.
+//! The accepting threads of one port.
 //!
-//! It does system calls only and never touches an interpreter: it accepts
-//! on the port's listeners, sends each connection into the hand-off queue,
-//! and re-queues connections that workers send back. A full queue blocks
-//! it (the kernel's backlog then holds new connections); running out of
-//! descriptors makes it back off instead of spinning.
+//! They make system calls only and never touch an interpreter. Each
+//! accepting thread blocks in `accept4` on one listener and sends what it
+//! gets into the hand-off queue: per connection `accept4`, `sendmsg` and
+//! the `close` of our copy, as few as a blocking accept loop can make (no
+//! `poll`, no `EAGAIN` round trip), and no formatting: the peer's address
+//! travels in binary and the worker formats it. Several threads may accept
+//! on the same listener (`server -threads N`); the kernel wakes one per
+//! connection, and all feed the one queue, so FIFO order among idle workers
+//! is the queue's and does not depend on which thread accepted.
+//!
+//! A separate thread re-queues connections that workers send back (a
+//! registration cancelled while its connection was on the way): a rare
+//! path, kept off the accepting threads.
+//!
+//! A full queue blocks a sender (the kernel's backlog then holds new
+//! connections); running out of descriptors makes a thread back off
+//! instead of spinning. Stopping shuts the listeners down, which wakes the
+//! threads blocked in `accept4`.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -15,83 +28,135 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use nix::sys::socket::{MsgFlags, SockaddrLike, SockaddrStorage};
+use nix::sys::socket::{setsockopt, shutdown, sockopt, MsgFlags, Shutdown, SockaddrLike, SockaddrStorage};
+use nix::sys::time::TimeVal;
 
 use crate::fork_safety;
 use crate::handoff::{self, Connection, Received};
-use crate::port_table::Counters;
 use crate::listener;
+use crate::port_table::Counters;
 
 /// How long to pause when accept or send fails for lack of resources.
 const BACKOFF: Duration = Duration::from_millis(50);
+/// How long a send into a full queue blocks before the sender looks
+/// whether the port is being closed.
+const SEND_TIMEOUT: Duration = Duration::from_millis(200);
 
-/// A running accept loop; stopping it closes the listeners and the accept end.
+/// The accepting threads to start per listener when `server` is not told:
+/// one thread takes well over 100k connections a second, so more are
+/// worth it only on machines with many cores.
+pub fn default_threads() -> usize {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    (cores / 8).clamp(1, 4)
+}
+
+/// What the threads of one port share.
+struct Shared {
+    listeners: Vec<OwnedFd>,
+    accept_end: OwnedFd,
+    counters: Arc<Counters>,
+    stopping: AtomicBool,
+    /// Wakes the re-queueing thread.
+    stop: EventFd,
+}
+
+/// Running accept threads; stopping them closes the listeners and the
+/// accept end.
 pub struct AcceptLoop {
-    stop: Arc<EventFd>,
-    thread: Option<JoinHandle<()>>,
-    /// Descriptor numbers the thread owns, so a forked child (which has
-    /// copies of them but no thread) can close its copies.
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    /// Descriptor numbers the threads own, so a forked child (which has
+    /// copies of them but no threads) can close its copies.
     owned_fds: Vec<RawFd>,
-    /// The connection the thread holds between taking it and handing it
-    /// off (-1: none). A child forked meanwhile closes its copy, or the
-    /// client would never see the connection close.
-    in_hand: Arc<AtomicI32>,
+    /// Per accepting thread, the connection it holds between taking it and
+    /// handing it off (-1: none). A child forked meanwhile closes its copy,
+    /// or the client would never see the connection close.
+    in_hand: Vec<Arc<AtomicI32>>,
 }
 
 impl AcceptLoop {
+    /// Starts `threads_per_listener` accepting threads on each listener,
+    /// and the re-queueing thread.
     pub fn start(
         listeners: Vec<OwnedFd>,
         accept_end: OwnedFd,
         counters: Arc<Counters>,
+        threads_per_listener: usize,
     ) -> std::io::Result<AcceptLoop> {
-        let stop = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?);
-        // The accept end is used by this thread only: non-blocking lets a
-        // full queue be waited on together with the stop signal.
-        nix::fcntl::fcntl(
-            accept_end.as_raw_fd(),
-            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-        )?;
+        // Blocking listeners: a thread sleeps in accept4 until a client
+        // comes, and shutdown() wakes it.
+        for listener in &listeners {
+            set_blocking(listener)?;
+        }
+        // A blocking accept end, with a send timeout so that a sender held
+        // by a full queue still notices a stop.
+        set_blocking(&accept_end)?;
+        setsockopt(&accept_end, sockopt::SendTimeout, &TimeVal::from(libc::timeval {
+            tv_sec: 0,
+            tv_usec: SEND_TIMEOUT.as_micros() as libc::suseconds_t,
+        }))?;
+        let stop = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
         let mut owned_fds: Vec<RawFd> = listeners.iter().map(|l| l.as_raw_fd()).collect();
         owned_fds.push(accept_end.as_raw_fd());
         owned_fds.push(stop.as_fd().as_raw_fd());
-        let thread_stop = Arc::clone(&stop);
-        let in_hand = Arc::new(AtomicI32::new(-1));
-        let thread_in_hand = Arc::clone(&in_hand);
-        let thread = std::thread::Builder::new()
-            .name("socketserver-accept".into())
-            .stack_size(crate::THREAD_STACK_SIZE)
-            .spawn(move || {
-                LoopState { listeners, accept_end, stop: thread_stop, counters, in_hand: thread_in_hand }.run();
-            })?;
-        Ok(AcceptLoop { stop, thread: Some(thread), owned_fds, in_hand })
+        let shared = Arc::new(Shared { listeners, accept_end, counters, stopping: AtomicBool::new(false), stop });
+        let mut accept_loop = AcceptLoop { shared, threads: Vec::new(), owned_fds, in_hand: Vec::new() };
+        // On an error below, dropping `accept_loop` stops what started.
+        let requeue_shared = Arc::clone(&accept_loop.shared);
+        accept_loop.threads.push(spawn("socketserver-back", move || requeue_returned(&requeue_shared))?);
+        for index in 0..accept_loop.shared.listeners.len() {
+            for _ in 0..threads_per_listener.max(1) {
+                let in_hand = Arc::new(AtomicI32::new(-1));
+                let accepter = Accepter { shared: Arc::clone(&accept_loop.shared), index, in_hand: Arc::clone(&in_hand) };
+                accept_loop.in_hand.push(in_hand);
+                accept_loop.threads.push(spawn("socketserver-acc", move || accepter.run())?);
+            }
+        }
+        Ok(accept_loop)
     }
 
-    /// Stops accepting and waits for the thread, which closes the listeners
-    /// (so the port can be bound again at once) and the accept end.
+    /// How many threads accept (on all listeners together).
+    pub fn threads(&self) -> usize {
+        self.in_hand.len()
+    }
+
+    /// Stops accepting and waits for the threads; the listeners close (so
+    /// the port can be bound again at once), and so does the accept end.
     pub fn stop(mut self) {
         self.stop_and_join();
     }
 
     fn stop_and_join(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            let _ = self.stop.write(1);
+        if self.threads.is_empty() {
+            return;
+        }
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        for listener in &self.shared.listeners {
+            // Wakes every thread blocked in accept4 on it (EINVAL).
+            let _ = shutdown(listener.as_raw_fd(), Shutdown::Read);
+        }
+        let _ = self.shared.stop.write(1);
+        for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
     }
 
-    /// In a forked child: the thread does not exist here, only copies of its
-    /// descriptors. Close those copies and forget the rest.
+    /// In a forked child: the threads do not exist here, only copies of
+    /// their descriptors. Close those copies and forget the rest (never
+    /// shut a listener down: the socket is the parent's too).
     pub fn abandon_after_fork(mut self) {
-        let in_hand = self.in_hand.load(Ordering::Relaxed);
-        if in_hand >= 0 {
-            self.owned_fds.push(in_hand);
+        for in_hand in &self.in_hand {
+            let fd = in_hand.load(Ordering::Relaxed);
+            if fd >= 0 {
+                self.owned_fds.push(fd);
+            }
         }
         for fd in self.owned_fds.drain(..) {
-            // Another Arc holder of `stop` lives in the (absent) thread's
-            // memory; close by number and never drop the owners.
+            // The owners live in the (absent) threads' memory too; close by
+            // number and never drop them.
             let _ = nix::unistd::close(fd);
         }
-        std::mem::forget(self.thread.take());
+        std::mem::forget(std::mem::take(&mut self.threads));
         std::mem::forget(self);
     }
 }
@@ -102,103 +167,41 @@ impl Drop for AcceptLoop {
     }
 }
 
-struct LoopState {
-    listeners: Vec<OwnedFd>,
-    accept_end: OwnedFd,
-    stop: Arc<EventFd>,
-    counters: Arc<Counters>,
-    in_hand: Arc<AtomicI32>,
+fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new().name(name.into()).stack_size(crate::THREAD_STACK_SIZE).spawn(body)
 }
 
-impl LoopState {
-    fn run(&self) {
-        // Listeners first, then the accept end (returned connections), then stop.
-        let mut fds: Vec<PollFd> = self
-            .listeners
-            .iter()
-            .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN))
-            .collect();
-        fds.push(PollFd::new(self.accept_end.as_fd(), PollFlags::POLLIN));
-        fds.push(PollFd::new(self.stop.as_fd(), PollFlags::POLLIN));
-        let readable = |fd: &PollFd| fd.any().unwrap_or(false);
-        loop {
-            match poll(&mut fds, PollTimeout::NONE) {
-                Ok(_) => {}
-                Err(Errno::EINTR) => continue,
-                Err(_) => {
-                    std::thread::sleep(BACKOFF);
-                    continue;
-                }
-            }
-            let (stop, rest) = fds.split_last().expect("stop is polled");
-            let (returns, listeners) = rest.split_last().expect("the accept end is polled");
-            if readable(stop) {
-                return;
-            }
-            for (index, _) in listeners.iter().enumerate().filter(|(_, fd)| readable(fd)) {
-                if !self.accept_all(index) {
-                    return;
-                }
-            }
-            if readable(returns) && !self.requeue_returned() {
-                return;
-            }
-        }
+fn set_blocking(fd: &OwnedFd) -> nix::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = OFlag::from_bits_truncate(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?);
+    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK))?;
+    Ok(())
+}
+
+impl Shared {
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
     }
 
-    /// Accepts every pending connection on one listener; false when stopping.
-    fn accept_all(&self, index: usize) -> bool {
-        loop {
-            let taken = {
-                // No fork between taking the descriptor and publishing it.
-                let _no_fork = fork_safety::hold_off_forks();
-                accept_connection(&self.listeners[index]).inspect(|conn| self.hold(conn))
-            };
-            match taken {
-                Ok(conn) => {
-                    self.counters.accepted.fetch_add(1, Ordering::Relaxed);
-                    if !self.enqueue(conn) {
-                        return false;
-                    }
-                }
-                Err(Errno::EAGAIN) => return true,
-                // The peer gave up before we took it: nothing to hand off.
-                Err(Errno::ECONNABORTED | Errno::EINTR | Errno::EPROTO) => continue,
-                // Out of descriptors or memory: wait, the connection stays
-                // in the kernel's backlog until we can take it.
-                Err(_) => return self.pause(),
-            }
-        }
-    }
-
-    /// Records the connection the thread now holds (see `in_hand`).
-    fn hold(&self, conn: &Connection) {
-        self.in_hand.store(conn.socket.as_raw_fd(), Ordering::Relaxed);
-    }
-
-    /// Closes our copy of a connection that the queue holds now (or that
-    /// nobody can take), with no fork between the close and forgetting it.
-    fn release(&self, conn: Connection) {
-        let _no_fork = fork_safety::hold_off_forks();
-        drop(conn);
-        self.in_hand.store(-1, Ordering::Relaxed);
+    /// Sleeps for the back-off interval, in slices short enough to notice a
+    /// stop; false when stopping.
+    fn pause(&self) -> bool {
+        let mut fds = [PollFd::new(self.stop.as_fd(), PollFlags::POLLIN)];
+        let millis = u16::try_from(BACKOFF.as_millis()).unwrap_or(u16::MAX);
+        let _ = poll(&mut fds, PollTimeout::from(millis));
+        !self.stopping()
     }
 
     /// Sends one connection into the queue, waiting while it is full;
-    /// false when stopping.
-    fn enqueue(&self, conn: Connection) -> bool {
-        let sent = self.send_waiting(&conn);
-        self.release(conn);
-        sent
-    }
-
-    fn send_waiting(&self, conn: &Connection) -> bool {
+    /// false when the port was closed first (the connection is dropped).
+    fn send(&self, conn: &Connection) -> bool {
         loop {
             match handoff::send_connection(self.accept_end.as_fd(), conn, MsgFlags::empty()) {
                 Ok(()) => return true,
                 Err(Errno::EINTR) => continue,
+                // The send timeout: the queue stayed full.
                 Err(Errno::EAGAIN) => {
-                    if !self.wait_writable() {
+                    if self.stopping() {
                         return false;
                     }
                 }
@@ -214,55 +217,101 @@ impl LoopState {
             }
         }
     }
+}
 
-    /// Re-queues the connections workers sent back; false when stopping.
-    fn requeue_returned(&self) -> bool {
+/// One accepting thread: blocks in accept4 on one listener.
+struct Accepter {
+    shared: Arc<Shared>,
+    index: usize,
+    in_hand: Arc<AtomicI32>,
+}
+
+impl Accepter {
+    fn run(&self) {
+        let listener = &self.shared.listeners[self.index];
         loop {
-            let received = {
-                let _no_fork = fork_safety::hold_off_forks();
-                let received = handoff::receive_connection(self.accept_end.as_fd(), MsgFlags::MSG_DONTWAIT);
-                if let Ok(Received::Connection(conn)) = &received {
-                    self.hold(conn);
+            // Not under `hold_off_forks`: a fork must not wait for a client.
+            // A child forked between the accept and `hold` has a copy that
+            // nothing here records; a pool's worker closes such copies by
+            // their address (`fork_safety::close_copied_connections`).
+            match accept_connection(listener).inspect(|conn| self.hold(conn)) {
+                Ok(conn) => {
+                    self.shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                    self.shared.send(&conn);
+                    self.release(conn);
                 }
-                received
-            };
-            match received {
-                Ok(Received::Connection(conn)) => {
-                    if !self.enqueue(conn) {
-                        return false;
+                _ if self.shared.stopping() => return,
+                // The peer gave up before we took it: nothing to hand off.
+                Err(Errno::ECONNABORTED | Errno::EINTR | Errno::EPROTO | Errno::EAGAIN) => {}
+                // Out of descriptors or memory: wait, the connection stays
+                // in the kernel's backlog until we can take it.
+                Err(_) => {
+                    if !self.shared.pause() {
+                        return;
                     }
                 }
-                Ok(Received::Empty | Received::Closed) => return true,
-                Err(handoff::ReceiveError::DescriptorLost) => {
-                    if !self.pause() {
-                        return false;
-                    }
-                }
-                Err(_) => return true,
             }
         }
     }
 
-    fn wait_writable(&self) -> bool {
-        let mut fds = [
-            PollFd::new(self.accept_end.as_fd(), PollFlags::POLLOUT),
-            PollFd::new(self.stop.as_fd(), PollFlags::POLLIN),
-        ];
-        let _ = poll(&mut fds, PollTimeout::from(1000u16));
-        !fds[1].any().unwrap_or(false)
+    /// Records the connection the thread now holds (see `in_hand`).
+    fn hold(&self, conn: &Connection) {
+        let _no_fork = fork_safety::hold_off_forks();
+        self.in_hand.store(conn.socket.as_raw_fd(), Ordering::Relaxed);
     }
 
-    /// Sleeps for the back-off interval unless stop is asked; false when stopping.
-    fn pause(&self) -> bool {
-        let mut fds = [PollFd::new(self.stop.as_fd(), PollFlags::POLLIN)];
-        let millis = u16::try_from(BACKOFF.as_millis()).unwrap_or(u16::MAX);
-        let _ = poll(&mut fds, PollTimeout::from(millis));
-        !fds[0].any().unwrap_or(false)
+    /// Closes our copy of a connection that the queue holds now (or that
+    /// nobody can take), with no fork between the close and forgetting it.
+    fn release(&self, conn: Connection) {
+        let _no_fork = fork_safety::hold_off_forks();
+        drop(conn);
+        self.in_hand.store(-1, Ordering::Relaxed);
+    }
+}
+
+/// The re-queueing thread: takes the connections workers send back and
+/// queues them again, until the port is closed.
+fn requeue_returned(shared: &Shared) {
+    let mut fds = [
+        PollFd::new(shared.accept_end.as_fd(), PollFlags::POLLIN),
+        PollFd::new(shared.stop.as_fd(), PollFlags::POLLIN),
+    ];
+    loop {
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(_) => {
+                if !shared.pause() {
+                    return;
+                }
+            }
+        }
+        if shared.stopping() {
+            return;
+        }
+        if !fds[0].any().unwrap_or(false) {
+            continue;
+        }
+        // While it is being handed back, a returned connection is not in
+        // any thread's `in_hand`: a fork at that instant is rare enough,
+        // and the copy closes when that child exits.
+        match handoff::receive_connection(shared.accept_end.as_fd(), MsgFlags::MSG_DONTWAIT) {
+            Ok(Received::Connection(conn)) => {
+                shared.send(&conn);
+            }
+            Ok(Received::Empty) => {}
+            // Every worker end is closed: nothing more can come back.
+            Ok(Received::Closed) => return,
+            Err(_) => {
+                if !shared.pause() {
+                    return;
+                }
+            }
+        }
     }
 }
 
 /// `accept4` with close-on-exec, wrapping the descriptor before anything
-/// else can fail, and recording the peer as Tcl would print it.
+/// else can fail; the peer's address is kept in binary.
 fn accept_connection(listener: &OwnedFd) -> Result<Connection, Errno> {
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut length = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
@@ -284,10 +333,6 @@ fn accept_connection(listener: &OwnedFd) -> Result<Connection, Errno> {
     let address = unsafe {
         SockaddrStorage::from_raw((&storage as *const libc::sockaddr_storage).cast(), Some(length))
     };
-    let peer = address
-        .as_ref()
-        .and_then(listener::to_socket_addr)
-        .map(|a| format!("{} {}", listener::host_string(a.ip()), a.port()))
-        .unwrap_or_else(|| "0.0.0.0 0".into());
+    let peer = address.as_ref().and_then(listener::to_socket_addr);
     Ok(Connection { socket, peer })
 }

@@ -12,11 +12,13 @@ use crate::tcl::{self, Interp, NameTable, Obj, TclError, TclResult, Tcl_Obj};
 
 static SUBCOMMANDS: NameTable<5> =
     NameTable([c"client".as_ptr(), c"close".as_ptr(), c"info".as_ptr(), c"server".as_ptr(), std::ptr::null()]);
-static SERVER_OPTIONS: NameTable<3> =
-    NameTable([c"-backlog".as_ptr(), c"-myaddr".as_ptr(), std::ptr::null()]);
+static SERVER_OPTIONS: NameTable<4> =
+    NameTable([c"-backlog".as_ptr(), c"-myaddr".as_ptr(), c"-threads".as_ptr(), std::ptr::null()]);
 static CLIENT_OPTIONS: NameTable<2> = NameTable([c"-port".as_ptr(), std::ptr::null()]);
 
-const SERVER_USAGE: &str = "?-myaddr addr? ?-backlog n? port";
+const SERVER_USAGE: &str = "?-myaddr addr? ?-backlog n? ?-threads n? port";
+/// At most this many accepting threads per listener.
+pub(crate) const MAX_ACCEPT_THREADS: i32 = 64;
 const CLIENT_USAGE: &str = "?-port port? handler";
 
 /// Runs one call of `::socketserver::socket`.
@@ -54,6 +56,7 @@ fn server(interp: Interp, objv: &[*mut Tcl_Obj], args: &[Obj]) -> TclResult<Obj>
     };
     let mut myaddr: Option<String> = None;
     let mut backlog = libc::SOMAXCONN;
+    let mut threads = None;
     let mut rest = options;
     while let [option, tail @ ..] = rest {
         let index = interp.get_index(option, &SERVER_OPTIONS, c"option")?;
@@ -62,25 +65,43 @@ fn server(interp: Interp, objv: &[*mut Tcl_Obj], args: &[Obj]) -> TclResult<Obj>
         };
         match SERVER_OPTIONS.name(index) {
             "-myaddr" => myaddr = Some(value.to_string_lossy()),
-            _ => {
-                backlog = value.get_int(interp)?;
-                if backlog < 1 {
-                    return Err(TclError::new(
-                        format!("expected positive integer but got \"{}\"", value.to_string_lossy()),
-                        &["TCL", "VALUE", "NUMBER"],
-                    ));
-                }
-            }
+            "-threads" => threads = Some(parse_threads(interp, value)?),
+            _ => backlog = parse_backlog(interp, value)?,
         }
         rest = tail;
     }
     let number = parse_port(interp, port_word)?;
-    Ok(Obj::new_int(open_port(myaddr.as_deref(), number, backlog)?.into()))
+    Ok(Obj::new_int(open_port(myaddr.as_deref(), number, backlog, threads)?.into()))
 }
 
-/// Opens `number` (or finds it open already) and starts accepting on it;
-/// returns the port number, which `0` leaves to the system.
-pub(crate) fn open_port(myaddr: Option<&str>, number: u16, backlog: i32) -> TclResult<u16> {
+/// `-backlog`: a positive integer.
+pub(crate) fn parse_backlog(interp: Interp, value: &Obj) -> TclResult<i32> {
+    let backlog = value.get_int(interp)?;
+    if backlog < 1 {
+        return Err(TclError::new(
+            format!("expected positive integer but got \"{}\"", value.to_string_lossy()),
+            &["TCL", "VALUE", "NUMBER"],
+        ));
+    }
+    Ok(backlog)
+}
+
+/// `-threads`: accepting threads per listener, 1 to `MAX_ACCEPT_THREADS`.
+pub(crate) fn parse_threads(interp: Interp, value: &Obj) -> TclResult<usize> {
+    let threads = value.get_int(interp)?;
+    if !(1..=MAX_ACCEPT_THREADS).contains(&threads) {
+        return Err(TclError::new(
+            format!("bad thread count \"{}\": must be 1 to {MAX_ACCEPT_THREADS}", value.to_string_lossy()),
+            &["TCL", "VALUE", "NUMBER"],
+        ));
+    }
+    Ok(threads as usize)
+}
+
+/// Opens `number` (or finds it open already) and starts accepting on it
+/// with `threads` threads per listener (default: from the CPUs); returns
+/// the port number, which `0` leaves to the system.
+pub(crate) fn open_port(myaddr: Option<&str>, number: u16, backlog: i32, threads: Option<usize>) -> TclResult<u16> {
     if number != 0 && port_table::table().get(number).is_some() {
         return Ok(number);
     }
@@ -95,7 +116,12 @@ pub(crate) fn open_port(myaddr: Option<&str>, number: u16, backlog: i32) -> TclR
         backlog: listeners.backlog,
         counters: Arc::clone(&counters),
         accept_loop: Some(
-            AcceptLoop::start(listeners.sockets, accept_end, counters)
+            AcceptLoop::start(
+                listeners.sockets,
+                accept_end,
+                counters,
+                threads.unwrap_or_else(crate::accept_loop::default_threads),
+            )
                 .map_err(|e| TclError::posix("couldn't open socket", e.raw_os_error().unwrap_or(0)))?,
         ),
     };
@@ -188,6 +214,7 @@ fn info(state: &InterpState, number: u16) -> TclResult<Obj> {
         ("sockname", Obj::new_list(&sockname)),
         ("listening", Obj::new_int(port.accept_loop.is_some().into())),
         ("backlog", Obj::new_int(port.backlog.into())),
+        ("threads", Obj::new_int(port.accept_loop.as_ref().map_or(0, |l| l.threads()) as i64)),
         ("accepted", count(&port.counters.accepted)),
         ("received", count(&port.counters.received)),
         ("waiting", Obj::new_int(state.is_waiting(number).into())),

@@ -13,11 +13,20 @@
 //! copy left open keeps the client's connection open after its worker has
 //! closed it. The accepting thread publishes the connection it holds, under
 //! `hold_off_forks`, and the child closes its copies of everything the port
-//! table owns (listeners, accept ends, connections in hand) at once.
+//! table owns (listeners, accept ends, connections in hand) at once. A fork
+//! must never wait for a client, so the accept itself is not under the
+//! guard: a connection accepted an instant before the fork and not yet
+//! published is found by a pool's new worker among its descriptors, by its
+//! local address, and closed (`close_copied_connections`).
 
 use std::cell::RefCell;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::RawFd;
 use std::sync::{MutexGuard, Once, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use nix::sys::socket::{getpeername, getsockname, SockaddrStorage};
+
+use crate::listener;
 use crate::port_table::{self, PortTable};
 use crate::registration;
 
@@ -74,4 +83,36 @@ extern "C" fn in_child() {
             held.table.adopt_if_forked();
         }
     });
+}
+
+/// Closes this process's copies of connections accepted on `listening`
+/// addresses: TCP sockets, connected, whose local address is one of them.
+/// For a process that serves no connection yet (a pool's new worker); the
+/// listeners themselves are closed already, so a socket with that local
+/// address is an accepted connection.
+pub fn close_copied_connections(listening: &[SocketAddr]) {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else { return };
+    let fds: Vec<RawFd> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        let Ok(local) = getsockname::<SockaddrStorage>(fd) else { continue };
+        let Some(local) = listener::to_socket_addr(&local) else { continue };
+        let accepted_here = listening.iter().any(|l| {
+            l.port() == local.port()
+                && (l.ip().is_unspecified() || l.ip() == local.ip() || Some(l.ip()) == mapped(local.ip()))
+        });
+        if accepted_here && getpeername::<SockaddrStorage>(fd).is_ok() {
+            let _ = nix::unistd::close(fd);
+        }
+    }
+}
+
+/// The IPv4 address inside an IPv4-mapped IPv6 one.
+fn mapped(ip: IpAddr) -> Option<IpAddr> {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4),
+        IpAddr::V4(_) => None,
+    }
 }

@@ -3,7 +3,8 @@
 //! Each port has one `SOCK_SEQPACKET` socketpair. The accepting thread sends
 //! on one end (the *accept end*); every worker receives from the other (the
 //! *worker end*), which it inherited through `fork`. One message is one
-//! connection: its payload is the peer's address as `accept()` reported it,
+//! connection: its payload is the peer's address as `accept()` reported it
+//! (in binary: the worker, not the accepting thread, formats it as text),
 //! and its control message carries exactly one descriptor (`SCM_RIGHTS`).
 //! SEQPACKET keeps message boundaries, so a connection is never split or
 //! merged with another, and the kernel gives each message to one receiver.
@@ -13,6 +14,7 @@
 //! the worker end; the accepting thread queues it again.
 
 use std::io::{IoSlice, IoSliceMut};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
@@ -21,8 +23,9 @@ use nix::sys::socket::{
     SockFlag, SockType,
 };
 
-/// Longest payload: an IPv6 address, a space and a port fit easily.
-const MAX_PAYLOAD: usize = 96;
+/// Room for the longest payload (19 bytes) and more, so that a longer,
+/// foreign message is seen as truncated.
+const MAX_PAYLOAD: usize = 32;
 
 /// The two ends of a port's queue, both close-on-exec.
 pub fn new_queue() -> nix::Result<(OwnedFd, OwnedFd)> {
@@ -34,19 +37,73 @@ pub fn new_queue() -> nix::Result<(OwnedFd, OwnedFd)> {
     )
 }
 
-/// A connection in transit: the socket and its peer as "host port".
+/// A connection in transit: the socket and its peer's address.
 #[derive(Debug)]
 pub struct Connection {
     pub socket: OwnedFd,
-    pub peer: String,
+    /// `None` when `accept()` gave no IPv4 or IPv6 address.
+    pub peer: Option<SocketAddr>,
 }
 
 impl Connection {
-    /// The peer's address and port, as Tcl's `socket -server` reports them.
+    /// The peer's address and port, as Tcl's `socket -server` reports them
+    /// (an IPv4 peer on an IPv6 socket as `127.0.0.1`).
     pub fn peer_host_and_port(&self) -> (String, String) {
-        match self.peer.rsplit_once(' ') {
-            Some((host, port)) => (host.to_string(), port.to_string()),
-            None => (String::new(), "0".to_string()),
+        match self.peer {
+            Some(address) => (crate::listener::host_string(address.ip()), address.port().to_string()),
+            None => ("0.0.0.0".to_string(), "0".to_string()),
+        }
+    }
+
+    /// The peer as "host port".
+    pub fn peer_text(&self) -> String {
+        let (host, port) = self.peer_host_and_port();
+        format!("{host} {port}")
+    }
+}
+
+/// The payload of a message: a family byte (4, 6, or 0 for none), the port
+/// (big-endian) and the address's bytes. At most 19 bytes.
+struct PeerBytes {
+    bytes: [u8; 19],
+    len: usize,
+}
+
+impl PeerBytes {
+    fn encode(peer: Option<SocketAddr>) -> PeerBytes {
+        let mut bytes = [0u8; 19];
+        let len = match peer {
+            None => 1,
+            Some(SocketAddr::V4(v4)) => {
+                bytes[0] = 4;
+                bytes[1..3].copy_from_slice(&v4.port().to_be_bytes());
+                bytes[3..7].copy_from_slice(&v4.ip().octets());
+                7
+            }
+            Some(SocketAddr::V6(v6)) => {
+                bytes[0] = 6;
+                bytes[1..3].copy_from_slice(&v6.port().to_be_bytes());
+                bytes[3..19].copy_from_slice(&v6.ip().octets());
+                19
+            }
+        };
+        PeerBytes { bytes, len }
+    }
+
+    /// `Err` for a payload no sender of ours makes.
+    fn decode(payload: &[u8]) -> Result<Option<SocketAddr>, ReceiveError> {
+        let port = |p: &[u8]| u16::from_be_bytes([p[1], p[2]]);
+        match payload {
+            [0] => Ok(None),
+            [4, ..] if payload.len() == 7 => {
+                let ip: [u8; 4] = payload[3..7].try_into().expect("4 bytes");
+                Ok(Some(SocketAddr::new(Ipv4Addr::from(ip).into(), port(payload))))
+            }
+            [6, ..] if payload.len() == 19 => {
+                let ip: [u8; 16] = payload[3..19].try_into().expect("16 bytes");
+                Ok(Some(SocketAddr::new(Ipv6Addr::from(ip).into(), port(payload))))
+            }
+            _ => Err(ReceiveError::Malformed),
         }
     }
 }
@@ -55,7 +112,8 @@ impl Connection {
 /// it after a successful send (the receiver then holds the only copy).
 pub fn send_connection(queue: BorrowedFd<'_>, conn: &Connection, flags: MsgFlags) -> nix::Result<()> {
     let fds = [conn.socket.as_raw_fd()];
-    let payload = conn.peer.as_bytes();
+    let peer = PeerBytes::encode(conn.peer);
+    let payload = &peer.bytes[..peer.len];
     let sent = sendmsg::<()>(
         queue.as_raw_fd(),
         &[IoSlice::new(payload)],
@@ -143,7 +201,8 @@ pub fn receive_connection(queue: BorrowedFd<'_>, flags: MsgFlags) -> Result<Rece
     if truncated_payload || descriptors.len() != 1 {
         return Err(ReceiveError::Malformed);
     }
-    let peer = String::from_utf8_lossy(&payload[..length]).into_owned();
     let socket = descriptors.pop().expect("checked: exactly one descriptor");
+    // A malformed payload drops the socket here: closed, not leaked.
+    let peer = PeerBytes::decode(&payload[..length])?;
     Ok(Received::Connection(Connection { socket, peer }))
 }

@@ -82,6 +82,12 @@ impl PortTable {
         self.ports.first().map(|p| p.number)
     }
 
+    /// Every address a port of this process listens on (or did, in the
+    /// process that forked this one).
+    pub fn listening_addresses(&self) -> Vec<SocketAddr> {
+        self.ports.iter().flat_map(|p| p.addresses.iter().copied()).collect()
+    }
+
     pub fn numbers(&self) -> Vec<u16> {
         self.ports.iter().map(|p| p.number).collect()
     }

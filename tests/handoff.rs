@@ -46,7 +46,7 @@ fn a_connection_crosses_a_fork_with_its_peer_address() {
     match unsafe { fork() }.expect("fork") {
         ForkResult::Child => {
             // The child is the accepting side: send, then leave at once.
-            let conn = Connection { socket, peer: "192.0.2.7 4242".into() };
+            let conn = Connection { socket, peer: Some("192.0.2.7:4242".parse().unwrap()) };
             let ok = send_connection(accept_end.as_fd(), &conn, MsgFlags::empty()).is_ok();
             unsafe { libc::_exit(if ok { 0 } else { 1 }) };
         }
@@ -76,12 +76,12 @@ fn one_message_carries_one_connection() {
     for i in 0..3 {
         let (socket, far_end) = stream_pair();
         far_ends.push(far_end);
-        let conn = Connection { socket, peer: format!("127.0.0.1 {i}") };
+        let conn = Connection { socket, peer: Some(format!("127.0.0.1:{i}").parse().unwrap()) };
         send_connection(accept_end.as_fd(), &conn, MsgFlags::empty()).unwrap();
     }
     for (i, far_end) in far_ends.iter_mut().enumerate() {
         let conn = receive(&worker_end);
-        assert_eq!(conn.peer, format!("127.0.0.1 {i}"));
+        assert_eq!(conn.peer_text(), format!("127.0.0.1 {i}"));
         let mut stream = std::fs::File::from(conn.socket);
         stream.write_all(&[i as u8]).unwrap();
         let mut byte = [0u8; 1];
@@ -98,10 +98,10 @@ fn one_message_carries_one_connection() {
 fn queued_connections_outlive_the_accept_end() {
     let (accept_end, worker_end) = new_queue().unwrap();
     let (socket, _far_end) = stream_pair();
-    send_connection(accept_end.as_fd(), &Connection { socket, peer: "::1 1".into() }, MsgFlags::empty())
+    send_connection(accept_end.as_fd(), &Connection { socket, peer: Some("[::1]:1".parse().unwrap()) }, MsgFlags::empty())
         .unwrap();
     drop(accept_end);
-    assert_eq!(receive(&worker_end).peer, "::1 1");
+    assert_eq!(receive(&worker_end).peer_text(), "::1 1");
     assert!(matches!(
         receive_connection(worker_end.as_fd(), MsgFlags::MSG_DONTWAIT),
         Ok(Received::Closed)
@@ -123,7 +123,7 @@ fn a_message_without_a_descriptor_is_malformed() {
 fn a_descriptor_that_does_not_fit_is_reported() {
     let (accept_end, worker_end) = new_queue().unwrap();
     let (socket, _far_end) = stream_pair();
-    send_connection(accept_end.as_fd(), &Connection { socket, peer: "127.0.0.1 9".into() }, MsgFlags::empty())
+    send_connection(accept_end.as_fd(), &Connection { socket, peer: Some("127.0.0.1:9".parse().unwrap()) }, MsgFlags::empty())
         .unwrap();
     match unsafe { fork() }.expect("fork") {
         ForkResult::Child => {
@@ -144,4 +144,32 @@ fn a_descriptor_that_does_not_fit_is_reported() {
             assert_eq!(waitpid(child, None).unwrap(), WaitStatus::Exited(child, 0));
         }
     }
+}
+
+#[test]
+fn an_ipv4_peer_on_an_ipv6_socket_is_reported_as_ipv4() {
+    let (accept_end, worker_end) = new_queue().unwrap();
+    let (socket, _far_end) = stream_pair();
+    let mapped = Connection { socket, peer: Some("[::ffff:127.0.0.1]:80".parse().unwrap()) };
+    send_connection(accept_end.as_fd(), &mapped, MsgFlags::empty()).unwrap();
+    assert_eq!(receive(&worker_end).peer_host_and_port(), ("127.0.0.1".into(), "80".into()));
+}
+
+#[test]
+fn a_descriptor_with_a_foreign_payload_is_malformed_and_closed() {
+    use nix::sys::socket::{sendmsg, ControlMessage};
+    let (accept_end, worker_end) = new_queue().unwrap();
+    let (socket, mut far_end) = stream_pair();
+    let fds = [socket.as_raw_fd()];
+    // A family byte no sender of ours writes.
+    sendmsg::<()>(accept_end.as_raw_fd(), &[std::io::IoSlice::new(&[9, 0, 80])],
+        &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None).unwrap();
+    drop(socket);
+    assert!(matches!(
+        receive_connection(worker_end.as_fd(), MsgFlags::MSG_DONTWAIT),
+        Err(ReceiveError::Malformed)
+    ));
+    // The received copy was closed: the far end reads end of file.
+    let mut buffer = [0u8; 1];
+    assert_eq!(far_end.read(&mut buffer).unwrap(), 0);
 }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::command::{open_port, parse_port};
+use crate::command::{open_port, parse_backlog, parse_port, parse_threads};
 use crate::registration::InterpState;
 use crate::tcl::{Interp, NameTable, Obj, TclError, TclResult, Tcl_Obj};
 
@@ -17,7 +17,7 @@ static SUBCOMMANDS: NameTable<7> = NameTable([
     c"wait".as_ptr(),
     std::ptr::null(),
 ]);
-static CREATE_OPTIONS: NameTable<12> = NameTable([
+static CREATE_OPTIONS: NameTable<13> = NameTable([
     c"-backlog".as_ptr(),
     c"-concurrency".as_ptr(),
     c"-graceful".as_ptr(),
@@ -27,6 +27,7 @@ static CREATE_OPTIONS: NameTable<12> = NameTable([
     c"-maxconnections".as_ptr(),
     c"-myaddr".as_ptr(),
     c"-signals".as_ptr(),
+    c"-threads".as_ptr(),
     c"-timeout".as_ptr(),
     c"-workers".as_ptr(),
     std::ptr::null(),
@@ -110,6 +111,7 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
     };
     let mut myaddr = None;
     let mut backlog = libc::SOMAXCONN;
+    let mut threads = None;
     let mut rest = options;
     while let [option, tail @ ..] = rest {
         let index = interp.get_index(option, &CREATE_OPTIONS, c"option")?;
@@ -120,7 +122,8 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
             ));
         };
         match CREATE_OPTIONS.name(index) {
-            "-backlog" => backlog = positive(interp, value)? as i32,
+            "-backlog" => backlog = parse_backlog(interp, value)?,
+            "-threads" => threads = Some(parse_threads(interp, value)?),
             "-concurrency" => config.concurrency = positive(interp, value)? as usize,
             "-graceful" => config.graceful = seconds(interp, value)?,
             "-init" => config.init = Some(value.clone()),
@@ -157,7 +160,7 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
         }
     }
     let number = parse_port(interp, port_word)?;
-    let port = open_port(myaddr.as_deref(), number, backlog)?;
+    let port = open_port(myaddr.as_deref(), number, backlog, threads)?;
     supervisor::create(interp, state, port, config)?;
     Ok(Obj::new_int(port.into()))
 }

@@ -109,11 +109,18 @@ pub fn run(assignment: Assignment) -> ! {
     slot.set_pid(nix::unistd::getpid().as_raw());
     // Adopt the port table now: this closes our copies of every listener and
     // accept end, so a stopped port is free at once and its queue can close.
-    let entry = port_table::table().get(port).map(|p| (Arc::clone(&p.worker_end), Arc::clone(&p.counters)));
+    let (entry, listening) = {
+        let table = port_table::table();
+        let entry = table.get(port).map(|p| (Arc::clone(&p.worker_end), Arc::clone(&p.counters)));
+        (entry, table.listening_addresses())
+    };
     // SAFETY: the pool keeps the interpreter's state alive while it lives,
     // and this process is a copy of it.
     unsafe { &*state }.reset_if_forked();
     let _ = interp.eval_global(&Obj::new_string(LEAVE_TO_SUPERVISOR));
+    // After Tcl closed its socket channels: what is left on our ports is a
+    // copy of a connection the accepting threads were handling.
+    crate::fork_safety::close_copied_connections(&listening);
     let Some((queue, counters)) = entry else {
         eprintln!("socketserver pool {port}: worker {}: the port is closed", std::process::id());
         tcl::exit(1);
@@ -237,7 +244,7 @@ fn on_connection(interp: Interp, conn: Connection) {
         w.next_id += 1;
         let id = w.next_id;
         let (host, peer_port) = conn.peer_host_and_port();
-        let peer = conn.peer.clone();
+        let peer = conn.peer_text();
         let channel = interp.adopt_tcp_socket(conn.socket);
         channel.on_close(on_channel_closed, id as usize as *mut c_void);
         w.open.push(OpenChannel { id, since: now_millis(), peer });
