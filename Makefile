@@ -53,6 +53,7 @@ demo: build
 
 bench: build
 	@$(NEED) $(TEST_PACKAGES) $(BENCH_PACKAGES)
+	$(CARGO) bench --bench handoff -- $(HANDOFFFLAGS)
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/run.tcl $(BENCHFLAGS)
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/pool.tcl $(POOLBENCHFLAGS)
 

@@ -64,6 +64,15 @@ proc contextSwitches {pids} {
     return $total
 }
 
+# CPU nanoseconds so far of every thread of a process (schedstat).
+proc cpuNs {pid} {
+    set total 0
+    foreach stat [glob -nocomplain /proc/$pid/task/*/schedstat] {
+        incr total [lindex [readProc $stat] 0]
+    }
+    return $total
+}
+
 proc rssKb {pid} {
     if {[regexp -line {^VmRSS:\s+(\d+)} [readProc /proc/$pid/status] -> kb]} {return $kb}
     return 0

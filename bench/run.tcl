@@ -63,10 +63,16 @@ proc measure {kind workers {requests {}} {concurrency {}}} {
     set server [startServer $kind $workers 0]
     try {
         set pids [dict get $server pids]
+        set accepting [pid [dict get $server pipe]]
         set before [contextSwitches $pids]
+        set cpuBefore [cpuNs $accepting]
         set load [runLoad [dict get $server port] $requests $concurrency]
+        set cpuAfter [cpuNs $accepting]
         set after [contextSwitches $pids]
         dict set load cs [expr {double($after - $before) / max(1, [dict get $load complete])}]
+        # The accepting process's CPU per connection, in microseconds (for
+        # native servers every process accepts: the figure is one of them).
+        dict set load acc [expr {($cpuAfter - $cpuBefore) / 1000.0 / max(1, [dict get $load complete])}]
         return $load
     } finally {
         stopServer $server
@@ -90,7 +96,7 @@ for {set rep 1} {$rep <= $opt(-reps)} {incr rep} {
     foreach config [shuffle $configs] {
         lassign $config kind n
         set m [measure $kind $n]
-        foreach key {rps failed mean p99 cs} {
+        foreach key {rps failed mean p99 cs acc} {
             lappend results($kind,$n,$key) [dict get $m $key]
         }
         puts -nonewline stderr "."
@@ -111,16 +117,16 @@ proc spread {kind n} {
     set values [lsort -real $::results($kind,$n,rps)]
     format "%.0f-%.0f" [lindex $values 0] [lindex $values end]
 }
-puts [format "%-14s %7s %9s %13s %7s %8s %7s %9s %9s %9s %9s" \
-    server workers req/s range failed mean-ms p99-ms cs/req vs-tcl vs-native vs-1w]
+puts [format "%-14s %7s %9s %13s %7s %8s %7s %9s %9s %9s %9s %9s" \
+    server workers req/s range failed mean-ms p99-ms cs/req acc-us/c vs-tcl vs-native vs-1w]
 puts [format "%-14s %7s %9s %13s %7s %8s %7s %9s" tcl-socket 1 [fmt $tclRps] [spread tcl 1] \
     [fmt [fig tcl 1 failed]] [fmt [fig tcl 1 mean] 2] [fmt [fig tcl 1 p99]] [fmt [fig tcl 1 cs] 2]]
 foreach n $opt(-workers) {
     set rps [fig socketserver $n rps]
     set nativeRps [fig native $n rps]
-    puts [format "%-14s %7s %9s %13s %7s %8s %7s %9s %9s %9s %9s" socketserver $n [fmt $rps] [spread socketserver $n] \
+    puts [format "%-14s %7s %9s %13s %7s %8s %7s %9s %9s %9s %9s %9s" socketserver $n [fmt $rps] [spread socketserver $n] \
         [fmt [fig socketserver $n failed]] [fmt [fig socketserver $n mean] 2] \
-        [fmt [fig socketserver $n p99]] [fmt [fig socketserver $n cs] 2] \
+        [fmt [fig socketserver $n p99]] [fmt [fig socketserver $n cs] 2] [fmt [fig socketserver $n acc] 2] \
         [fmt [expr {$rps / $tclRps}] 2]x [fmt [expr {$rps / $nativeRps}] 2]x \
         [fmt [expr {$rps / $oneRps}] 2]x]
 }
@@ -133,6 +139,7 @@ set last [lindex $opt(-workers) end]
 puts ""
 puts "socketserver $last workers vs 1: requests/s [fmt [expr {[fig socketserver $last rps] / $oneRps}] 2]x,\
       context switches per request [fmt [expr {[fig socketserver $last cs] / $oneCs}] 2]x"
+puts "acc-us/c: CPU time of socketserver's accepting process (all its threads) per connection, in microseconds"
 puts ""
 
 # --- 1b. one request at a time -------------------------------------------

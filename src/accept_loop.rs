@@ -34,7 +34,7 @@ use nix::sys::time::TimeVal;
 use crate::fork_safety;
 use crate::handoff::{self, Connection, Received};
 use crate::listener;
-use crate::port_table::Counters;
+use crate::counters::Counters;
 
 /// How long to pause when accept or send fails for lack of resources.
 const BACKOFF: Duration = Duration::from_millis(50);

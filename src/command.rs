@@ -6,7 +6,8 @@ use std::sync::Arc;
 use crate::accept_loop::AcceptLoop;
 use crate::handoff;
 use crate::listener::{self, OpenError};
-use crate::port_table::{self, Counters, Port};
+use crate::counters::Counters;
+use crate::port_table::{self, Port};
 use crate::registration::{Handler, InterpState};
 use crate::tcl::{self, Interp, NameTable, Obj, TclError, TclResult, Tcl_Obj};
 

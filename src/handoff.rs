@@ -13,14 +13,13 @@
 //! was cancelled while the connection was in flight) sends it back through
 //! the worker end; the accepting thread queues it again.
 
-use std::io::{IoSlice, IoSliceMut};
+use std::io::IoSliceMut;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
 use nix::sys::socket::{
-    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
-    SockFlag, SockType,
+    recvmsg, socketpair, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType,
 };
 
 /// Room for the longest payload (19 bytes) and more, so that a longer,
@@ -110,19 +109,38 @@ impl PeerBytes {
 
 /// Sends one connection as one message. The caller keeps `conn` and closes
 /// it after a successful send (the receiver then holds the only copy).
+///
+/// This is the accepting threads' hot path: `libc::sendmsg` with the
+/// control message on the stack, because nix's `sendmsg` allocates its
+/// control buffer on the heap at every call.
 pub fn send_connection(queue: BorrowedFd<'_>, conn: &Connection, flags: MsgFlags) -> nix::Result<()> {
-    let fds = [conn.socket.as_raw_fd()];
     let peer = PeerBytes::encode(conn.peer);
     let payload = &peer.bytes[..peer.len];
-    let sent = sendmsg::<()>(
-        queue.as_raw_fd(),
-        &[IoSlice::new(payload)],
-        &[ControlMessage::ScmRights(&fds)],
-        flags | MsgFlags::MSG_NOSIGNAL,
-        None,
-    )?;
+    let fd: RawFd = conn.socket.as_raw_fd();
+    // Room for one cmsghdr and one descriptor, aligned as cmsghdr wants.
+    let mut control = [0u64; 4];
+    let fd_len = std::mem::size_of::<RawFd>() as u32;
+    let mut iov = libc::iovec { iov_base: payload.as_ptr() as *mut libc::c_void, iov_len: payload.len() };
+    // SAFETY: msghdr is plain data; every pointer set below outlives the
+    // call, and CMSG_SPACE(one descriptor) fits in `control` (32 bytes).
+    let sent = unsafe {
+        let space = libc::CMSG_SPACE(fd_len) as usize;
+        debug_assert!(space <= std::mem::size_of_val(&control));
+        let mut header: libc::msghdr = std::mem::zeroed();
+        header.msg_iov = &mut iov;
+        header.msg_iovlen = 1;
+        header.msg_control = control.as_mut_ptr().cast();
+        header.msg_controllen = space;
+        let cmsg = libc::CMSG_FIRSTHDR(&header);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(fd_len) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+        libc::sendmsg(queue.as_raw_fd(), &header, (flags | MsgFlags::MSG_NOSIGNAL).bits())
+    };
+    let sent = Errno::result(sent)?;
     // SEQPACKET sends whole messages or nothing.
-    debug_assert_eq!(sent, payload.len());
+    debug_assert_eq!(sent as usize, payload.len());
     Ok(())
 }
 

@@ -16,6 +16,7 @@ mod tcl;
 
 pub mod accept_loop;
 mod command;
+pub mod counters;
 mod fork_safety;
 pub mod handoff;
 pub mod listener;

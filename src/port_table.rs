@@ -10,21 +10,12 @@
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use nix::unistd::{getpid, Pid};
 
 use crate::accept_loop::AcceptLoop;
-
-/// What `info` reports of a port's traffic in this process.
-#[derive(Default)]
-pub struct Counters {
-    /// Connections the accept loop took from the listeners.
-    pub accepted: AtomicU64,
-    /// Connections handed to a handler.
-    pub received: AtomicU64,
-}
+use crate::counters::Counters;
 
 pub struct Port {
     pub number: u16,

@@ -16,7 +16,7 @@ use std::sync::{Arc, Once, RwLock};
 
 use nix::unistd::{getpid, Pid};
 
-use crate::port_table::Counters;
+use crate::counters::Counters;
 use crate::receiver::{self, Outcome, Receiver};
 use crate::tcl::{self, Event, Interp, Obj, TclError, TclResult, Tcl_Event, ThreadId};
 

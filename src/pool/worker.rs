@@ -18,7 +18,8 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 use crate::handoff::Connection;
-use crate::port_table::{self, Counters};
+use crate::counters::Counters;
+use crate::port_table;
 use crate::registration::{self, Handler, InterpState, NativeHandler};
 use crate::tcl::{self, Interp, Obj};
 

@@ -1,0 +1,12 @@
+//! What `info` reports of a port's traffic in this process, counted by the
+//! accepting threads and by the registrations without a lock.
+
+use std::sync::atomic::AtomicU64;
+
+#[derive(Default)]
+pub struct Counters {
+    /// Connections the accepting threads took from the listeners.
+    pub accepted: AtomicU64,
+    /// Connections handed to a handler.
+    pub received: AtomicU64,
+}
