@@ -1,10 +1,12 @@
 //! `::socketserver::socket`: argument parsing and the four subcommands.
 
+use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::accept_loop::AcceptLoop;
 use crate::handoff;
+use crate::inherited;
 use crate::listener::{self, OpenError};
 use crate::counters::Counters;
 use crate::port_table::{self, Port};
@@ -13,11 +15,17 @@ use crate::tcl::{self, Interp, NameTable, Obj, TclError, TclResult, Tcl_Obj};
 
 static SUBCOMMANDS: NameTable<5> =
     NameTable([c"client".as_ptr(), c"close".as_ptr(), c"info".as_ptr(), c"server".as_ptr(), std::ptr::null()]);
-static SERVER_OPTIONS: NameTable<4> =
-    NameTable([c"-backlog".as_ptr(), c"-myaddr".as_ptr(), c"-threads".as_ptr(), std::ptr::null()]);
+static SERVER_OPTIONS: NameTable<6> = NameTable([
+    c"-backlog".as_ptr(),
+    c"-fd".as_ptr(),
+    c"-myaddr".as_ptr(),
+    c"-systemd".as_ptr(),
+    c"-threads".as_ptr(),
+    std::ptr::null(),
+]);
 static CLIENT_OPTIONS: NameTable<2> = NameTable([c"-port".as_ptr(), std::ptr::null()]);
 
-const SERVER_USAGE: &str = "?-myaddr addr? ?-backlog n? ?-threads n? port";
+const SERVER_USAGE: &str = "?-myaddr addr? ?-backlog n? ?-threads n? ?-fd fd? ?-systemd name? ?port?";
 /// At most this many accepting threads per listener.
 pub(crate) const MAX_ACCEPT_THREADS: i32 = 64;
 const CLIENT_USAGE: &str = "?-port port? handler";
@@ -50,29 +58,68 @@ pub fn dispatch(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj]) -> T
     }
 }
 
-/// `server ?-myaddr addr? ?-backlog n? port`
-fn server(interp: Interp, objv: &[*mut Tcl_Obj], args: &[Obj]) -> TclResult<Obj> {
-    let Some((port_word, options)) = args.split_last() else {
-        return Err(interp.wrong_num_args(objv, 2, SERVER_USAGE));
-    };
-    let mut myaddr: Option<String> = None;
-    let mut backlog = libc::SOMAXCONN;
-    let mut threads = None;
-    let mut rest = options;
-    while let [option, tail @ ..] = rest {
-        let index = interp.get_index(option, &SERVER_OPTIONS, c"option")?;
-        let [value, tail @ ..] = tail else {
-            return Err(interp.wrong_num_args(objv, 2, SERVER_USAGE));
-        };
-        match SERVER_OPTIONS.name(index) {
-            "-myaddr" => myaddr = Some(value.to_string_lossy()),
-            "-threads" => threads = Some(parse_threads(interp, value)?),
-            _ => backlog = parse_backlog(interp, value)?,
+/// The options `server` and `pool create` share: where the listeners come
+/// from and how they are served.
+#[derive(Default)]
+pub(crate) struct ServerOptions {
+    pub myaddr: Option<String>,
+    pub backlog: Option<i32>,
+    pub threads: Option<usize>,
+    /// Listening sockets to adopt instead of opening one (`-fd`).
+    pub fds: Vec<RawFd>,
+    /// Names (a `string match` pattern) of sockets systemd passed (`-systemd`).
+    pub systemd: Option<String>,
+}
+
+impl ServerOptions {
+    /// Takes option `name` with `value`; false when it is not one of these.
+    pub fn take(&mut self, interp: Interp, name: &str, value: &Obj) -> TclResult<bool> {
+        match name {
+            "-myaddr" => self.myaddr = Some(value.to_string_lossy()),
+            "-backlog" => self.backlog = Some(parse_backlog(interp, value)?),
+            "-threads" => self.threads = Some(parse_threads(interp, value)?),
+            "-fd" => {
+                let fd = value.get_int(interp)?;
+                if fd < 0 {
+                    return Err(TclError::new(
+                        format!("expected non-negative integer but got \"{}\"", value.to_string_lossy()),
+                        &["TCL", "VALUE", "NUMBER"],
+                    ));
+                }
+                self.fds.push(fd);
+            }
+            "-systemd" => self.systemd = Some(value.to_string_lossy()),
+            _ => return Ok(false),
         }
-        rest = tail;
+        Ok(true)
     }
-    let number = parse_port(interp, port_word)?;
-    Ok(Obj::new_int(open_port(myaddr.as_deref(), number, backlog, threads)?.into()))
+
+    /// Whether the listeners are inherited rather than opened.
+    pub fn inherits(&self) -> bool {
+        !self.fds.is_empty() || self.systemd.is_some()
+    }
+}
+
+/// `server ?-myaddr addr? ?-backlog n? ?-threads n? ?-fd fd? ?-systemd name? ?port?`
+/// (the port may be left out when the listeners are inherited).
+fn server(interp: Interp, objv: &[*mut Tcl_Obj], args: &[Obj]) -> TclResult<Obj> {
+    let (options, port_word) = match args.len() % 2 {
+        1 => (&args[..args.len() - 1], args.last()),
+        _ => (args, None),
+    };
+    let mut server = ServerOptions::default();
+    for pair in options.chunks(2) {
+        let index = interp.get_index(&pair[0], &SERVER_OPTIONS, c"option")?;
+        server.take(interp, SERVER_OPTIONS.name(index), &pair[1])?;
+    }
+    if port_word.is_none() && !server.inherits() {
+        return Err(interp.wrong_num_args(objv, 2, SERVER_USAGE));
+    }
+    let number = match port_word {
+        Some(word) => parse_port(interp, word)?,
+        None => 0,
+    };
+    Ok(Obj::new_int(open_port(interp, number, &server)?.into()))
 }
 
 /// `-backlog`: a positive integer.
@@ -99,36 +146,85 @@ pub(crate) fn parse_threads(interp: Interp, value: &Obj) -> TclResult<usize> {
     Ok(threads as usize)
 }
 
-/// Opens `number` (or finds it open already) and starts accepting on it
-/// with `threads` threads per listener (default: from the CPUs); returns
-/// the port number, which `0` leaves to the system.
-pub(crate) fn open_port(myaddr: Option<&str>, number: u16, backlog: i32, threads: Option<usize>) -> TclResult<u16> {
+/// Opens `number` (or finds it open already), or adopts the inherited
+/// listeners, and starts accepting; returns the port number (`0` leaves it
+/// to the system, or to the inherited sockets).
+pub(crate) fn open_port(interp: Interp, number: u16, options: &ServerOptions) -> TclResult<u16> {
     if number != 0 && port_table::table().get(number).is_some() {
+        if options.inherits() {
+            return Err(TclError::new(
+                format!("port {number} is open already in this process"),
+                &["SOCKETSERVER", "PORT_OPEN", &number.to_string()],
+            ));
+        }
         return Ok(number);
     }
-    let listeners = listener::open(myaddr, number, backlog).map_err(open_error)?;
+    let listeners = if options.inherits() {
+        adopt_listeners(interp, number, options)?
+    } else {
+        listener::open(options.myaddr.as_deref(), number, options.backlog.unwrap_or(libc::SOMAXCONN))
+            .map_err(open_error)?
+    };
     let (accept_end, worker_end) =
         handoff::new_queue().map_err(|e| TclError::posix("couldn't open socket", e as i32))?;
     let counters = Arc::new(Counters::default());
+    let threads = options.threads.unwrap_or_else(crate::accept_loop::default_threads);
+    let accept_loop = AcceptLoop::start(listeners.sockets, accept_end, Arc::clone(&counters), threads)
+        .map_err(|e| TclError::posix("couldn't open socket", e.raw_os_error().unwrap_or(0)))?;
     let port = Port {
         number: listeners.port,
         worker_end: Arc::new(worker_end),
         addresses: listeners.addresses,
         backlog: listeners.backlog,
-        counters: Arc::clone(&counters),
-        accept_loop: Some(
-            AcceptLoop::start(
-                listeners.sockets,
-                accept_end,
-                counters,
-                threads.unwrap_or_else(crate::accept_loop::default_threads),
-            )
-                .map_err(|e| TclError::posix("couldn't open socket", e.raw_os_error().unwrap_or(0)))?,
-        ),
+        counters,
+        accept_loop: Some(accept_loop),
     };
     let number = port.number;
     port_table::table().insert(port);
     Ok(number)
+}
+
+/// The listeners of `-fd` and `-systemd`, checked and adopted.
+fn adopt_listeners(interp: Interp, number: u16, options: &ServerOptions) -> TclResult<listener::Listeners> {
+    let adopt_error = |error: inherited::AdoptError| match error {
+        // Worded as Tcl words a failed system call.
+        inherited::AdoptError::Os { fd, errno } => TclError::posix(&format!("couldn't adopt descriptor {fd}"), errno as i32),
+        other => TclError::new(other.to_string(), &["SOCKETSERVER", "ADOPT"]),
+    };
+    if options.myaddr.is_some() {
+        return Err(TclError::new(
+            "-myaddr cannot be combined with -fd or -systemd: the sockets are bound already",
+            &["SOCKETSERVER", "ADOPT"],
+        ));
+    }
+    let mut fds = options.fds.clone();
+    let mut from_systemd = Vec::new();
+    if let Some(pattern) = &options.systemd {
+        // The Tcl `env` array forgets the variables too, and so do the
+        // programs this process execs.
+        let mut unset = |name: &str| {
+            let script = Obj::new_list(&[
+                Obj::new_string("unset"),
+                Obj::new_string("-nocomplain"),
+                Obj::new_string(&format!("::env({name})")),
+            ]);
+            let _ = interp.eval_global(&script);
+        };
+        from_systemd = inherited::systemd_descriptors(pattern, &tcl::string_match, &mut unset).map_err(adopt_error)?;
+        fds.extend(&from_systemd);
+    }
+    fds.sort_unstable();
+    fds.dedup();
+    let mut listeners = inherited::adopt(&fds, number).map_err(adopt_error)?;
+    inherited::mark_taken(&from_systemd);
+    if let Some(backlog) = options.backlog {
+        for socket in &listeners.sockets {
+            // listen() again on a listening socket sets its backlog.
+            let _ = nix::sys::socket::listen(socket, nix::sys::socket::Backlog::new(backlog).unwrap_or(nix::sys::socket::Backlog::MAXCONN));
+        }
+        listeners.backlog = backlog.min(libc::SOMAXCONN);
+    }
+    Ok(listeners)
 }
 
 fn open_error(error: OpenError) -> TclError {

@@ -19,6 +19,7 @@ mod command;
 pub mod counters;
 mod fork_safety;
 pub mod handoff;
+mod inherited;
 pub mod listener;
 mod pool;
 mod port_table;

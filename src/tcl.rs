@@ -441,6 +441,13 @@ pub fn posix_error_words(errno: i32) -> (String, String) {
     }
 }
 
+/// Tcl's `string match`: whether `text` matches the glob `pattern`.
+pub fn string_match(pattern: &str, text: &str) -> bool {
+    let (Ok(pattern), Ok(text)) = (CString::new(pattern), CString::new(text)) else { return false };
+    // SAFETY: both are NUL-terminated strings that live across the call.
+    unsafe { stub!(tcl_StringMatch)(text.as_ptr(), pattern.as_ptr()) != 0 }
+}
+
 /// The Tcl thread that calls this.
 pub fn current_thread() -> ThreadId {
     // SAFETY: a plain query, valid on any thread.

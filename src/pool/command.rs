@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::command::{open_port, parse_backlog, parse_port, parse_threads};
+use crate::command::{open_port, parse_port, ServerOptions};
 use crate::registration::InterpState;
 use crate::tcl::{Interp, NameTable, Obj, TclError, TclResult, Tcl_Obj};
 
@@ -17,9 +17,10 @@ static SUBCOMMANDS: NameTable<7> = NameTable([
     c"wait".as_ptr(),
     std::ptr::null(),
 ]);
-static CREATE_OPTIONS: NameTable<13> = NameTable([
+static CREATE_OPTIONS: NameTable<15> = NameTable([
     c"-backlog".as_ptr(),
     c"-concurrency".as_ptr(),
+    c"-fd".as_ptr(),
     c"-graceful".as_ptr(),
     c"-init".as_ptr(),
     c"-jitter".as_ptr(),
@@ -27,6 +28,7 @@ static CREATE_OPTIONS: NameTable<13> = NameTable([
     c"-maxconnections".as_ptr(),
     c"-myaddr".as_ptr(),
     c"-signals".as_ptr(),
+    c"-systemd".as_ptr(),
     c"-threads".as_ptr(),
     c"-timeout".as_ptr(),
     c"-workers".as_ptr(),
@@ -109,9 +111,7 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
         log: None,
         signals: true,
     };
-    let mut myaddr = None;
-    let mut backlog = libc::SOMAXCONN;
-    let mut threads = None;
+    let mut server = ServerOptions::default();
     let mut rest = options;
     while let [option, tail @ ..] = rest {
         let index = interp.get_index(option, &CREATE_OPTIONS, c"option")?;
@@ -121,16 +121,18 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
                 &["TCL", "VALUE", "MISSING"],
             ));
         };
-        match CREATE_OPTIONS.name(index) {
-            "-backlog" => backlog = parse_backlog(interp, value)?,
-            "-threads" => threads = Some(parse_threads(interp, value)?),
+        let name = CREATE_OPTIONS.name(index);
+        if server.take(interp, name, value)? {
+            rest = tail;
+            continue;
+        }
+        match name {
             "-concurrency" => config.concurrency = positive(interp, value)? as usize,
             "-graceful" => config.graceful = seconds(interp, value)?,
             "-init" => config.init = Some(value.clone()),
             "-jitter" => config.jitter = non_negative(interp, value)?,
             "-log" => config.log = Some(value.list_elements(interp)?),
             "-maxconnections" => config.max_connections = non_negative(interp, value)?,
-            "-myaddr" => myaddr = Some(value.to_string_lossy()),
             "-signals" => config.signals = value.get_boolean(interp)?,
             "-timeout" => {
                 let timeout = seconds(interp, value)?;
@@ -160,7 +162,7 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
         }
     }
     let number = parse_port(interp, port_word)?;
-    let port = open_port(myaddr.as_deref(), number, backlog, threads)?;
+    let port = open_port(interp, number, &server)?;
     supervisor::create(interp, state, port, config)?;
     Ok(Obj::new_int(port.into()))
 }

@@ -1,0 +1,179 @@
+//! Listening sockets the process did not open itself: passed by descriptor
+//! number (`server -fd N`) or by systemd socket activation (`server
+//! -systemd name`).
+//!
+//! systemd passes them from descriptor 3 on (`SD_LISTEN_FDS_START`), with
+//! `LISTEN_PID` (which must be this process), `LISTEN_FDS` (how many) and
+//! `LISTEN_FDNAMES` (their names, colon-separated). The variables are read
+//! once and removed from the environment, so that children and programs
+//! they exec do not take the sockets again; what was read is remembered, so
+//! several `server -systemd` calls can each take their own sockets.
+//!
+//! A descriptor is checked before it is adopted (an open socket, TCP, IPv4
+//! or IPv6, listening); a check that fails is an error and leaves the
+//! descriptor alone: nothing is closed that we do not own.
+
+use std::net::SocketAddr;
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Mutex;
+
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use nix::sys::socket::{getsockname, getsockopt, sockopt, SockType, SockaddrStorage};
+
+use crate::listener::{self, Listeners};
+
+/// The first descriptor systemd passes.
+const LISTEN_FDS_START: RawFd = 3;
+/// The environment variables of socket activation.
+pub const SYSTEMD_VARIABLES: [&str; 3] = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"];
+
+/// Why a descriptor cannot be adopted, or systemd passed none that fits.
+#[derive(Debug)]
+pub enum AdoptError {
+    Os { fd: RawFd, errno: Errno },
+    NotListening { fd: RawFd, what: &'static str },
+    OtherPort { fd: RawFd, port: u16, wanted: u16 },
+    Systemd(String),
+}
+
+impl std::fmt::Display for AdoptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AdoptError::Os { fd, errno } => write!(f, "couldn't adopt descriptor {fd}: {}", errno.desc()),
+            AdoptError::NotListening { fd, what } => {
+                write!(f, "descriptor {fd} is not a listening TCP socket: {what}")
+            }
+            AdoptError::OtherPort { fd, port, wanted } => {
+                write!(f, "descriptor {fd} listens on port {port}, not {wanted}")
+            }
+            AdoptError::Systemd(message) => write!(f, "{message}"),
+        }
+    }
+}
+
+/// One socket passed by systemd.
+struct Passed {
+    fd: RawFd,
+    name: String,
+    taken: bool,
+}
+
+/// What systemd passed, read once: `None` until first asked.
+static PASSED: Mutex<Option<Result<Vec<Passed>, String>>> = Mutex::new(None);
+
+/// Reads the socket-activation variables (once) and removes them from this
+/// process's environment with `unset`, which the caller runs (the Tcl
+/// `env` array must learn of it too).
+fn read_environment(unset: &mut dyn FnMut(&str)) -> Result<Vec<Passed>, String> {
+    let variable = |name: &str| std::env::var(name).ok();
+    let (pid, count, names) = (variable("LISTEN_PID"), variable("LISTEN_FDS"), variable("LISTEN_FDNAMES"));
+    for name in SYSTEMD_VARIABLES {
+        unset(name);
+    }
+    let Some(count) = count else {
+        return Err("no sockets were passed by systemd (LISTEN_FDS is not set)".into());
+    };
+    let me = std::process::id();
+    match pid.as_deref().map(str::parse::<u32>) {
+        Some(Ok(pid)) if pid == me => {}
+        Some(_) => {
+            return Err(format!(
+                "the sockets systemd passed are for process {}, not this one ({me})",
+                pid.unwrap_or_default()
+            ))
+        }
+        None => return Err("LISTEN_PID is not set: the sockets are not meant for this process".into()),
+    }
+    let count: RawFd = count.parse().map_err(|_| format!("LISTEN_FDS is not a number: \"{count}\""))?;
+    let names: Vec<String> = names.map(|n| n.split(':').map(String::from).collect()).unwrap_or_default();
+    Ok((0..count.max(0))
+        .map(|i| Passed {
+            fd: LISTEN_FDS_START + i,
+            name: names.get(i as usize).cloned().unwrap_or_else(|| "unknown".into()),
+            taken: false,
+        })
+        .collect())
+}
+
+/// The descriptors systemd passed whose names match `pattern` (Tcl's
+/// `string match`) and that no earlier call took.
+pub fn systemd_descriptors(
+    pattern: &str,
+    matches: &dyn Fn(&str, &str) -> bool,
+    unset: &mut dyn FnMut(&str),
+) -> Result<Vec<RawFd>, AdoptError> {
+    let mut passed = PASSED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let passed = passed.get_or_insert_with(|| read_environment(unset));
+    let sockets = passed.as_mut().map_err(|message| AdoptError::Systemd(message.clone()))?;
+    let fds: Vec<RawFd> =
+        sockets.iter().filter(|s| !s.taken && matches(pattern, &s.name)).map(|s| s.fd).collect();
+    if fds.is_empty() {
+        let names: Vec<&str> = sockets.iter().map(|s| s.name.as_str()).collect();
+        return Err(AdoptError::Systemd(format!(
+            "no socket named \"{pattern}\" among those systemd passed ({})",
+            if names.is_empty() { "none".to_string() } else { names.join(", ") }
+        )));
+    }
+    Ok(fds)
+}
+
+/// Marks systemd's sockets as taken once they are adopted.
+pub fn mark_taken(fds: &[RawFd]) {
+    let mut passed = PASSED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(Ok(sockets)) = passed.as_mut() {
+        sockets.iter_mut().filter(|s| fds.contains(&s.fd)).for_each(|s| s.taken = true);
+    }
+}
+
+/// Checks every descriptor, then takes ownership of all of them (or of
+/// none): they must listen on one port, `wanted` unless it is 0.
+pub fn adopt(fds: &[RawFd], wanted: u16) -> Result<Listeners, AdoptError> {
+    let mut addresses = Vec::new();
+    for &fd in fds {
+        let address = check(fd)?;
+        if wanted != 0 && address.port() != wanted {
+            return Err(AdoptError::OtherPort { fd, port: address.port(), wanted });
+        }
+        if let Some(first) = addresses.first().map(|a: &SocketAddr| a.port()) {
+            if first != address.port() {
+                return Err(AdoptError::OtherPort { fd, port: address.port(), wanted: first });
+            }
+        }
+        addresses.push(address);
+    }
+    let mut sockets = Vec::new();
+    for &fd in fds {
+        // Ours from now on, and not to be inherited by programs we exec
+        // (systemd passes them without close-on-exec).
+        let _ = fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+        // SAFETY: `check` found an open socket; the caller hands it to us.
+        sockets.push(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+    let port = addresses.first().map_or(0, |a| a.port());
+    Ok(Listeners { sockets, port, addresses, backlog: 0 })
+}
+
+/// What a descriptor must be: an open TCP socket (IPv4 or IPv6) that listens.
+fn check(fd: RawFd) -> Result<SocketAddr, AdoptError> {
+    if fd < 0 {
+        return Err(AdoptError::Os { fd, errno: Errno::EBADF });
+    }
+    fcntl(fd, FcntlArg::F_GETFD).map_err(|errno| AdoptError::Os { fd, errno })?;
+    // SAFETY: the descriptor is open (F_GETFD succeeded); we only query it.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let not = |what| AdoptError::NotListening { fd, what };
+    match getsockopt(&borrowed, sockopt::SockType) {
+        Ok(SockType::Stream) => {}
+        Ok(_) => return Err(not("not a stream socket")),
+        Err(Errno::ENOTSOCK) => return Err(not("not a socket")),
+        Err(errno) => return Err(AdoptError::Os { fd, errno }),
+    }
+    let local: SockaddrStorage = getsockname(fd).map_err(|errno| AdoptError::Os { fd, errno })?;
+    let address = listener::to_socket_addr(&local).ok_or_else(|| not("not an IPv4 or IPv6 socket"))?;
+    match getsockopt(&borrowed, sockopt::AcceptConn) {
+        Ok(true) => Ok(address),
+        Ok(false) => Err(not("it does not listen")),
+        Err(errno) => Err(AdoptError::Os { fd, errno }),
+    }
+}
