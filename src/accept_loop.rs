@@ -16,19 +16,25 @@
 //!
 //! A full queue blocks a sender (the kernel's backlog then holds new
 //! connections); running out of descriptors makes a thread back off
-//! instead of spinning. Stopping shuts the listeners down, which wakes the
-//! threads blocked in `accept4`.
+//! instead of spinning. Stopping interrupts the threads blocked in
+//! `accept4` with a signal (SIGURG, whose handler does nothing and does
+//! not restart system calls): never with `shutdown()`, which would stop
+//! the socket itself from listening, also for the other processes that
+//! hold it (systemd, which keeps a copy to activate us again, or the next
+//! generation of this server).
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use nix::sys::socket::{setsockopt, shutdown, sockopt, MsgFlags, Shutdown, SockaddrLike, SockaddrStorage};
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal};
+use nix::sys::socket::{setsockopt, sockopt, MsgFlags, SockaddrLike, SockaddrStorage};
 use nix::sys::time::TimeVal;
 
 use crate::fork_safety;
@@ -64,7 +70,10 @@ struct Shared {
 /// accept end.
 pub struct AcceptLoop {
     shared: Arc<Shared>,
+    /// The accepting threads (interrupted to stop) and the re-queueing one.
     threads: Vec<JoinHandle<()>>,
+    /// Per thread of `threads`: set when it has returned.
+    finished: Vec<Arc<AtomicBool>>,
     /// Descriptor numbers the threads own, so a forked child (which has
     /// copies of them but no threads) can close its copies.
     owned_fds: Vec<RawFd>,
@@ -100,19 +109,35 @@ impl AcceptLoop {
         owned_fds.push(accept_end.as_raw_fd());
         owned_fds.push(stop.as_fd().as_raw_fd());
         let shared = Arc::new(Shared { listeners, accept_end, counters, stopping: AtomicBool::new(false), stop });
-        let mut accept_loop = AcceptLoop { shared, threads: Vec::new(), owned_fds, in_hand: Vec::new() };
+        install_wakeup_handler();
+        let mut accept_loop =
+            AcceptLoop { shared, threads: Vec::new(), finished: Vec::new(), owned_fds, in_hand: Vec::new() };
         // On an error below, dropping `accept_loop` stops what started.
         let requeue_shared = Arc::clone(&accept_loop.shared);
-        accept_loop.threads.push(spawn("socketserver-back", move || requeue_returned(&requeue_shared))?);
+        accept_loop.spawn("socketserver-back", move || requeue_returned(&requeue_shared))?;
         for index in 0..accept_loop.shared.listeners.len() {
             for _ in 0..threads_per_listener.max(1) {
                 let in_hand = Arc::new(AtomicI32::new(-1));
                 let accepter = Accepter { shared: Arc::clone(&accept_loop.shared), index, in_hand: Arc::clone(&in_hand) };
                 accept_loop.in_hand.push(in_hand);
-                accept_loop.threads.push(spawn("socketserver-acc", move || accepter.run())?);
+                accept_loop.spawn("socketserver-acc", move || accepter.run())?;
             }
         }
         Ok(accept_loop)
+    }
+
+    fn spawn(&mut self, name: &str, body: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+        let finished = Arc::new(AtomicBool::new(false));
+        let done = Arc::clone(&finished);
+        let thread = std::thread::Builder::new().name(name.into()).stack_size(crate::THREAD_STACK_SIZE).spawn(
+            move || {
+                body();
+                done.store(true, Ordering::SeqCst);
+            },
+        )?;
+        self.threads.push(thread);
+        self.finished.push(finished);
+        Ok(())
     }
 
     /// How many threads accept (on all listeners together).
@@ -131,11 +156,19 @@ impl AcceptLoop {
             return;
         }
         self.shared.stopping.store(true, Ordering::SeqCst);
-        for listener in &self.shared.listeners {
-            // Wakes every thread blocked in accept4 on it (EINVAL).
-            let _ = shutdown(listener.as_raw_fd(), Shutdown::Read);
-        }
         let _ = self.shared.stop.write(1);
+        // A thread that checked `stopping` just before it entered accept4
+        // misses a first signal: send again until every thread has returned.
+        while !self.finished.iter().all(|f| f.load(Ordering::SeqCst)) {
+            for (thread, finished) in self.threads.iter().zip(&self.finished) {
+                if !finished.load(Ordering::SeqCst) {
+                    // SAFETY: the thread has not returned, so its pthread_t
+                    // is valid (it is joined only below).
+                    unsafe { libc::pthread_kill(thread.as_pthread_t(), libc::SIGURG) };
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
@@ -157,6 +190,7 @@ impl AcceptLoop {
             let _ = nix::unistd::close(fd);
         }
         std::mem::forget(std::mem::take(&mut self.threads));
+        self.finished.clear();
         std::mem::forget(self);
     }
 }
@@ -167,8 +201,26 @@ impl Drop for AcceptLoop {
     }
 }
 
-fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new().name(name.into()).stack_size(crate::THREAD_STACK_SIZE).spawn(body)
+/// SIGURG interrupts a blocked `accept4` (`EINTR`) when the port is
+/// closed. Installed once, and only where SIGURG has no handler of the
+/// script's: its default action is to ignore it, as this handler does.
+fn install_wakeup_handler() {
+    static INSTALLED: Once = Once::new();
+    INSTALLED.call_once(|| {
+        extern "C" fn wake(_: libc::c_int) {}
+        // SAFETY: only queries the current action.
+        let current = unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(libc::SIGURG, std::ptr::null(), &mut old);
+            old.sa_sigaction
+        };
+        if current == libc::SIG_DFL || current == libc::SIG_IGN {
+            // No SA_RESTART: the interrupted accept4 returns EINTR.
+            let action = SigAction::new(SigHandler::Handler(wake), SaFlags::empty(), SigSet::empty());
+            // SAFETY: the handler does nothing at all.
+            let _ = unsafe { nix::sys::signal::sigaction(Signal::SIGURG, &action) };
+        }
+    });
 }
 
 fn set_blocking(fd: &OwnedFd) -> nix::Result<()> {
@@ -198,9 +250,9 @@ impl Shared {
         loop {
             match handoff::send_connection(self.accept_end.as_fd(), conn, MsgFlags::empty()) {
                 Ok(()) => return true,
-                Err(Errno::EINTR) => continue,
-                // The send timeout: the queue stayed full.
-                Err(Errno::EAGAIN) => {
+                // The send timeout (the queue stayed full), or the stop's
+                // signal.
+                Err(Errno::EAGAIN | Errno::EINTR) => {
                     if self.stopping() {
                         return false;
                     }
