@@ -140,6 +140,11 @@ impl AcceptLoop {
         Ok(())
     }
 
+    /// The listening sockets' descriptor numbers.
+    pub fn listener_fds(&self) -> Vec<RawFd> {
+        self.shared.listeners.iter().map(|l| l.as_raw_fd()).collect()
+    }
+
     /// How many threads accept (on all listeners together).
     pub fn threads(&self) -> usize {
         self.in_hand.len()

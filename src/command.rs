@@ -119,7 +119,9 @@ fn server(interp: Interp, objv: &[*mut Tcl_Obj], args: &[Obj]) -> TclResult<Obj>
         Some(word) => parse_port(interp, word)?,
         None => 0,
     };
-    Ok(Obj::new_int(open_port(interp, number, &server)?.into()))
+    let port = open_port(interp, number, &server)?;
+    inherited::announce_ready_if_done(crate::pool::all_ready());
+    Ok(Obj::new_int(port.into()))
 }
 
 /// `-backlog`: a positive integer.
@@ -159,8 +161,20 @@ pub(crate) fn open_port(interp: Interp, number: u16, options: &ServerOptions) ->
         }
         return Ok(number);
     }
+    // A previous generation (or systemd) may have passed a socket that
+    // listens on this port already.
+    let passed = if number != 0 && !options.inherits() {
+        inherited::descriptors_for_port(number, &mut |name| unset_env(interp, name))
+    } else {
+        Vec::new()
+    };
     let listeners = if options.inherits() {
         adopt_listeners(interp, number, options)?
+    } else if !passed.is_empty() {
+        let listeners = inherited::adopt(&passed, number)
+            .map_err(|e| TclError::new(e.to_string(), &["SOCKETSERVER", "ADOPT"]))?;
+        inherited::mark_taken(&passed);
+        listeners
     } else {
         listener::open(options.myaddr.as_deref(), number, options.backlog.unwrap_or(libc::SOMAXCONN))
             .map_err(open_error)?
@@ -184,6 +198,17 @@ pub(crate) fn open_port(interp: Interp, number: u16, options: &ServerOptions) ->
     Ok(number)
 }
 
+/// Removes an environment variable, from Tcl's `env` array and from the
+/// environment of the programs this process execs.
+fn unset_env(interp: Interp, name: &str) {
+    let script = Obj::new_list(&[
+        Obj::new_string("unset"),
+        Obj::new_string("-nocomplain"),
+        Obj::new_string(&format!("::env({name})")),
+    ]);
+    let _ = interp.eval_global(&script);
+}
+
 /// The listeners of `-fd` and `-systemd`, checked and adopted.
 fn adopt_listeners(interp: Interp, number: u16, options: &ServerOptions) -> TclResult<listener::Listeners> {
     let adopt_error = |error: inherited::AdoptError| match error {
@@ -202,14 +227,7 @@ fn adopt_listeners(interp: Interp, number: u16, options: &ServerOptions) -> TclR
     if let Some(pattern) = &options.systemd {
         // The Tcl `env` array forgets the variables too, and so do the
         // programs this process execs.
-        let mut unset = |name: &str| {
-            let script = Obj::new_list(&[
-                Obj::new_string("unset"),
-                Obj::new_string("-nocomplain"),
-                Obj::new_string(&format!("::env({name})")),
-            ]);
-            let _ = interp.eval_global(&script);
-        };
+        let mut unset = |name: &str| unset_env(interp, name);
         from_systemd = inherited::systemd_descriptors(pattern, &tcl::string_match, &mut unset).map_err(adopt_error)?;
         fds.extend(&from_systemd);
     }

@@ -9,6 +9,13 @@
 //! they exec do not take the sockets again; what was read is remembered, so
 //! several `server -systemd` calls can each take their own sockets.
 //!
+//! A server started by `pool upgrade` (the next generation of a running
+//! one) gets its listeners the same way, and `server PORT` or `pool create
+//! ... PORT` adopts a passed socket that listens on PORT instead of binding
+//! a new one: the same script serves the first generation and the next.
+//! The next generation also gets a pipe (`SOCKETSERVER_READY_FD`) on which
+//! it says "ready" once it serves, so that the old one stops then.
+//!
 //! A descriptor is checked before it is adopted (an open socket, TCP, IPv4
 //! or IPv6, listening); a check that fails is an error and leaves the
 //! descriptor alone: nothing is closed that we do not own.
@@ -27,6 +34,8 @@ use crate::listener::{self, Listeners};
 const LISTEN_FDS_START: RawFd = 3;
 /// The environment variables of socket activation.
 pub const SYSTEMD_VARIABLES: [&str; 3] = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"];
+/// The variable naming the readiness pipe of an upgrade.
+pub const READY_VARIABLE: &str = "SOCKETSERVER_READY_FD";
 
 /// Why a descriptor cannot be adopted, or systemd passed none that fits.
 #[derive(Debug)]
@@ -61,6 +70,8 @@ struct Passed {
 
 /// What systemd passed, read once: `None` until first asked.
 static PASSED: Mutex<Option<Result<Vec<Passed>, String>>> = Mutex::new(None);
+/// The readiness pipe of an upgrade, while nothing was said on it.
+static READY: Mutex<Option<OwnedFd>> = Mutex::new(None);
 
 /// Reads the socket-activation variables (once) and removes them from this
 /// process's environment with `unset`, which the caller runs (the Tcl
@@ -68,8 +79,16 @@ static PASSED: Mutex<Option<Result<Vec<Passed>, String>>> = Mutex::new(None);
 fn read_environment(unset: &mut dyn FnMut(&str)) -> Result<Vec<Passed>, String> {
     let variable = |name: &str| std::env::var(name).ok();
     let (pid, count, names) = (variable("LISTEN_PID"), variable("LISTEN_FDS"), variable("LISTEN_FDNAMES"));
-    for name in SYSTEMD_VARIABLES {
+    let ready = variable(READY_VARIABLE);
+    for name in SYSTEMD_VARIABLES.into_iter().chain([READY_VARIABLE]) {
         unset(name);
+    }
+    let for_me = pid.as_deref().and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
+    if let Some(fd) = ready.and_then(|fd| fd.parse::<RawFd>().ok()).filter(|&fd| for_me && fd > 2) {
+        if fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).is_ok() {
+            // SAFETY: the previous generation passed this pipe to us alone.
+            *READY.lock().unwrap_or_else(|p| p.into_inner()) = Some(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
     }
     let Some(count) = count else {
         return Err("no sockets were passed by systemd (LISTEN_FDS is not set)".into());
@@ -116,6 +135,31 @@ pub fn systemd_descriptors(
         )));
     }
     Ok(fds)
+}
+
+/// The passed sockets, not taken yet, that listen on `port` (none when no
+/// socket was passed).
+pub fn descriptors_for_port(port: u16, unset: &mut dyn FnMut(&str)) -> Vec<RawFd> {
+    let mut passed = PASSED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let passed = passed.get_or_insert_with(|| read_environment(unset));
+    let Ok(sockets) = passed.as_ref() else { return Vec::new() };
+    sockets.iter().filter(|s| !s.taken && check(s.fd).is_ok_and(|a| a.port() == port)).map(|s| s.fd).collect()
+}
+
+/// Says "ready" to the previous generation, once every socket it passed
+/// has been adopted; `pools_ready` tells whether the pools made so far
+/// have all their workers.
+pub fn announce_ready_if_done(pools_ready: bool) {
+    let all_taken = match PASSED.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        Some(Ok(sockets)) => sockets.iter().all(|s| s.taken),
+        _ => true,
+    };
+    if !all_taken || !pools_ready {
+        return;
+    }
+    if let Some(pipe) = READY.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        let _ = nix::unistd::write(&pipe, b"ready");
+    }
 }
 
 /// Marks systemd's sockets as taken once they are adopted.

@@ -24,6 +24,7 @@ pub mod listener;
 mod pool;
 mod port_table;
 pub mod receiver;
+mod upgrade;
 mod registration;
 
 use std::ffi::{c_int, c_void};

@@ -79,6 +79,11 @@ impl PortTable {
         self.ports.iter().flat_map(|p| p.addresses.iter().copied()).collect()
     }
 
+    /// The listening sockets this process accepts on, all ports together.
+    pub fn listener_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.ports.iter().filter_map(|p| p.accept_loop.as_ref()).flat_map(|l| l.listener_fds()).collect()
+    }
+
     pub fn numbers(&self) -> Vec<u16> {
         self.ports.iter().map(|p| p.number).collect()
     }

@@ -8,12 +8,13 @@ use crate::tcl::{Interp, NameTable, Obj, TclError, TclResult, Tcl_Obj};
 
 use super::supervisor::{self, Config, MAX_WORKERS};
 
-static SUBCOMMANDS: NameTable<7> = NameTable([
+static SUBCOMMANDS: NameTable<8> = NameTable([
     c"create".as_ptr(),
     c"info".as_ptr(),
     c"reload".as_ptr(),
     c"resize".as_ptr(),
     c"stop".as_ptr(),
+    c"upgrade".as_ptr(),
     c"wait".as_ptr(),
     std::ptr::null(),
 ]);
@@ -85,6 +86,20 @@ pub fn dispatch(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj]) -> T
         "stop" => {
             supervisor::ports(optional_port("?port?")?)?.into_iter().for_each(supervisor::stop);
             empty()
+        }
+        "upgrade" => {
+            let command = match args.as_slice() {
+                [] => supervisor::default_command(),
+                [command] => command.list_elements(interp)?.iter().map(Obj::to_string_lossy).collect(),
+                _ => return Err(interp.wrong_num_args(objv, 2, "?command?")),
+            };
+            if command.is_empty() {
+                return Err(TclError::new("the command is empty", &["SOCKETSERVER", "UPGRADE", "COMMAND"]));
+            }
+            if supervisor::ports(None)?.is_empty() {
+                return Err(TclError::new("no pool to upgrade", &["SOCKETSERVER", "UPGRADE", "NO_POOL"]));
+            }
+            Ok(Obj::new_int(supervisor::upgrade(command)?.into()))
         }
         _ => {
             let ports = supervisor::ports(optional_port("?port?")?)?;

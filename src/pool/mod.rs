@@ -12,4 +12,4 @@ mod supervisor;
 mod worker;
 
 pub use command::dispatch;
-pub use supervisor::interp_deleted;
+pub use supervisor::{all_ready, interp_deleted};

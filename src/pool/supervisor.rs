@@ -100,6 +100,8 @@ pub struct Pool {
     /// Workers lost unasked, still to be replaced (counted as respawns).
     to_respawn: u64,
     phase: Phase,
+    /// Whether every worker of the first generation has been ready once.
+    ready_once: bool,
 }
 
 /// A log entry waiting to be handed to the pool's `-log` command, which
@@ -123,6 +125,8 @@ struct Supervisor {
     waiting: u32,
     /// Exit the process once the supervisor's state is released.
     exit_requested: bool,
+    /// The pid of a new generation that has not said "ready" yet.
+    upgrading: Option<Pid>,
     log: Vec<LogEntry>,
 }
 
@@ -135,6 +139,7 @@ thread_local! {
         exit_when_stopped: false,
         waiting: 0,
         exit_requested: false,
+        upgrading: None,
         log: Vec::new(),
     }) };
 }
@@ -193,6 +198,7 @@ pub fn create(interp: Interp, state: *const InterpState, port: u16, config: Conf
             retry_at: None,
             to_respawn: 0,
             phase: Phase::Running,
+            ready_once: false,
         });
         let index = sup.pools.len() - 1;
         sup.reconcile(index);
@@ -237,6 +243,21 @@ pub fn wait(ports: &[u16]) {
         tcl::do_one_event();
     }
     with_supervisor(|sup| sup.waiting -= 1);
+}
+
+/// Whether every pool of this process has had all its workers ready once
+/// (true when there is none).
+pub fn all_ready() -> bool {
+    SUPERVISOR.with(|s| s.try_borrow().map(|s| s.pools.iter().all(|p| p.ready_once)).unwrap_or(false))
+}
+
+/// Starts the next generation of this process with its listeners; this
+/// one stops gracefully once the new one says it serves. Returns its pid.
+pub fn upgrade(command: Vec<String>) -> TclResult<i32> {
+    if worker::is_worker() {
+        return Err(not_here());
+    }
+    with_supervisor(|sup| sup.upgrade(command))
 }
 
 pub fn info(port: u16) -> TclResult<Obj> {
@@ -291,7 +312,9 @@ impl Supervisor {
         }
         signals::watch(Signal::SIGCHLD).map_err(posix)?;
         if handle_signals {
-            for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGTTIN, Signal::SIGTTOU] {
+            for signal in
+                [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGTTIN, Signal::SIGTTOU, Signal::SIGUSR2]
+            {
                 signals::watch(signal).map_err(posix)?;
             }
         }
@@ -365,6 +388,13 @@ impl Supervisor {
                     }
                 }
                 Signal::SIGHUP => ports.iter().for_each(|&port| self.reload(port)),
+                Signal::SIGUSR2 if !ports.is_empty() => {
+                    if let Err(TclError::Message { message, .. }) = self.upgrade(default_command()) {
+                        let index = self.index(ports[0]).unwrap_or(0);
+                        let entry = self.pools[index].entry("upgrade-failed", vec![("message", Obj::new_string(&message))]);
+                        self.log.push(entry);
+                    }
+                }
                 Signal::SIGTTIN | Signal::SIGTTOU => {
                     for &port in &ports {
                         if let Some(index) = self.index(port) {
@@ -380,6 +410,67 @@ impl Supervisor {
                 }
                 _ => {}
             }
+        }
+    }
+
+    fn upgrade(&mut self, command: Vec<String>) -> TclResult<i32> {
+        if self.upgrading.is_some() {
+            return Err(TclError::new("an upgrade is already under way", &["SOCKETSERVER", "UPGRADE", "BUSY"]));
+        }
+        let listeners = port_table::table().listener_fds();
+        let (pid, ready) = crate::upgrade::spawn_next_generation(&command, &listeners)
+            .map_err(|errno| TclError::posix("couldn't start the new generation", errno as i32))?;
+        let thread = tcl::current_thread();
+        let watcher = std::thread::Builder::new()
+            .name("socketserver-upg".into())
+            .stack_size(crate::THREAD_STACK_SIZE)
+            .spawn(move || {
+                // "ready", or end of file when the new program failed (its
+                // workers may hold the pipe open long after it said ready).
+                let mut said = [0u8; 5];
+                let mut got = 0;
+                while got < said.len() {
+                    match nix::unistd::read(ready.as_raw_fd(), &mut said[got..]) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got += n,
+                    }
+                }
+                let outcome = UpgradeOutcome { pid, ready: said.starts_with(b"ready") };
+                tcl::queue_event(thread, on_upgrade_outcome, outcome);
+            });
+        if let Err(error) = watcher {
+            let _ = kill(pid, Signal::SIGKILL);
+            return Err(TclError::posix("couldn't watch the new generation", error.raw_os_error().unwrap_or(0)));
+        }
+        self.upgrading = Some(pid);
+        let command_text = Obj::new_list(&command.iter().map(|a| Obj::new_string(a)).collect::<Vec<_>>());
+        for index in 0..self.pools.len() {
+            let entry = self.pools[index].entry("upgrade", vec![
+                ("pid", Obj::new_int(pid.as_raw().into())),
+                ("command", command_text.clone()),
+            ]);
+            self.log.push(entry);
+        }
+        Ok(pid.as_raw())
+    }
+
+    /// The new generation serves (stop this one), or failed (keep serving).
+    fn upgrade_outcome(&mut self, outcome: UpgradeOutcome) {
+        self.upgrading = None;
+        let ports: Vec<u16> = self.pools.iter().map(|p| p.port).collect();
+        for index in 0..self.pools.len() {
+            let event = if outcome.ready { "upgraded" } else { "upgrade-failed" };
+            let entry = self.pools[index].entry(event, vec![("pid", Obj::new_int(outcome.pid.as_raw().into()))]);
+            self.log.push(entry);
+        }
+        if outcome.ready {
+            self.exit_when_stopped = true;
+            for port in ports {
+                self.stop(port);
+            }
+        } else {
+            // Collect it if it is gone; the listeners stay with us.
+            let _ = waitpid(outcome.pid, Some(WaitPidFlag::WNOHANG));
         }
     }
 
@@ -412,6 +503,13 @@ impl Supervisor {
                 self.log.append(&mut entries);
                 for _ in 0..fork_now {
                     self.spawn(index);
+                }
+                let pool = &mut self.pools[index];
+                if !pool.ready_once && pool.ready_count() >= pool.target {
+                    pool.ready_once = true;
+                    // A new generation of the accepting process serves now.
+                    let all = self.pools.iter().all(|p| p.ready_once);
+                    crate::inherited::announce_ready_if_done(all);
                 }
             }
             Phase::Stopping { deadline } => {
@@ -650,6 +748,11 @@ impl Pool {
         })
     }
 
+    /// Workers of the current generation that are registered or serving.
+    fn ready_count(&self) -> usize {
+        self.serving().filter(|c| matches!(self.scoreboard.slot(c.slot).state(), State::Idle | State::Busy)).count()
+    }
+
     fn missing(&self) -> usize {
         self.target.saturating_sub(self.serving().count())
     }
@@ -664,10 +767,7 @@ impl Pool {
             excess -= self.retire(excess, Retired::Resize, |c| c.generation == generation, entries);
             debug_assert_eq!(excess, 0);
         }
-        let ready = self
-            .serving()
-            .filter(|c| matches!(self.scoreboard.slot(c.slot).state(), State::Idle | State::Busy))
-            .count();
+        let ready = self.ready_count();
         let generation = self.generation;
         let old: usize = self
             .children
@@ -765,6 +865,17 @@ impl Pool {
     }
 }
 
+/// What `pool upgrade` runs by default: this program again, as it was
+/// started (`info nameofexecutable`, `argv0`, `argv`).
+pub fn default_command() -> Vec<String> {
+    let mut command: Vec<String> = std::env::args().take(1).collect();
+    if let Ok(exe) = std::env::current_exe() {
+        command = vec![exe.to_string_lossy().into_owned()];
+    }
+    command.extend(std::env::args().skip(1));
+    command
+}
+
 /// The back-off before the next try after `failures` young deaths in a row.
 fn backoff(failures: u32) -> Duration {
     let doublings = failures.saturating_sub(1).min(16);
@@ -780,6 +891,25 @@ fn random_below(bound: u64) -> u64 {
         return 0;
     }
     u64::from_ne_bytes(bytes) % bound
+}
+
+/// What the thread watching a new generation's readiness pipe reports.
+struct UpgradeOutcome {
+    pid: Pid,
+    ready: bool,
+}
+
+unsafe extern "C" fn on_upgrade_outcome(event: *mut tcl::Tcl_Event, _flags: std::ffi::c_int) -> std::ffi::c_int {
+    // SAFETY: queued by `Supervisor::upgrade` with this payload, taken once.
+    let outcome = unsafe { tcl::Event::<UpgradeOutcome>::take_payload(event) };
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        with_supervisor(|sup| {
+            if sup.pid == nix::unistd::getpid() {
+                sup.upgrade_outcome(outcome);
+            }
+        })
+    }));
+    1
 }
 
 /// Hands the collected log entries to their pools' `-log` commands.

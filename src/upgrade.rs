@@ -1,0 +1,98 @@
+//! Starting the next generation of the accepting process with its
+//! listeners, for upgrades that refuse no connection (nginx's binary
+//! upgrade, unicorn's USR2).
+//!
+//! The process forks; the child moves the listening sockets to descriptors
+//! 3, 4, ... (close-on-exec cleared for them alone), and execs the new
+//! program with the variables of systemd socket activation (`LISTEN_PID`,
+//! `LISTEN_FDS`, `LISTEN_FDNAMES`), plus the write end of a pipe
+//! (`SOCKETSERVER_READY_FD`) on which the new generation says "ready" once
+//! it serves. Until then both generations accept on the same sockets, which
+//! never close: no client is refused at any moment. The caller stops the
+//! old generation on "ready", and keeps serving if the pipe closes without
+//! it (the new program failed).
+//!
+//! Everything the child needs is prepared before the fork: between fork and
+//! exec it makes only system calls (`getpid`, `fcntl`, `dup2`, `execve`).
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::unistd::Pid;
+
+use crate::inherited::READY_VARIABLE;
+
+/// Copies of the descriptors wait above this while they are rearranged.
+const SCRATCH_FDS: RawFd = 1000;
+/// Digits reserved for the child's pid in `LISTEN_PID=`.
+const PID_DIGITS: usize = 10;
+
+/// Forks and execs `command` (program, then arguments) with `listeners`
+/// passed on. Returns the child's pid and the read end of its readiness
+/// pipe.
+pub fn spawn_next_generation(command: &[String], listeners: &[RawFd]) -> Result<(Pid, OwnedFd), Errno> {
+    let to_c = |s: &str| CString::new(s).map_err(|_| Errno::EINVAL);
+    let program = to_c(command.first().ok_or(Errno::EINVAL)?)?;
+    let args: Vec<CString> = command.iter().map(|a| to_c(a)).collect::<Result<_, _>>()?;
+    let count = listeners.len() as RawFd;
+    let ready_fd = 3 + count;
+    let mut environment: Vec<CString> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| !matches!(k.as_str(), "LISTEN_PID" | "LISTEN_FDS" | "LISTEN_FDNAMES") && k != READY_VARIABLE)
+        .map(|(k, v)| to_c(&format!("{k}={v}")))
+        .collect::<Result<_, _>>()?;
+    environment.push(to_c(&format!("LISTEN_FDS={count}"))?);
+    environment.push(to_c(&format!("LISTEN_FDNAMES={}", vec!["socketserver"; listeners.len()].join(":")))?);
+    environment.push(to_c(&format!("{READY_VARIABLE}={ready_fd}"))?);
+    // The pid is written in by the child, over the zeros.
+    let mut pid_variable = format!("LISTEN_PID={}", "0".repeat(PID_DIGITS)).into_bytes();
+    pid_variable.push(0);
+    let digits_at = pid_variable.len() - 1 - PID_DIGITS;
+
+    let argv: Vec<*const libc::c_char> =
+        args.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+    let mut envp: Vec<*const libc::c_char> = environment.iter().map(|e| e.as_ptr()).collect();
+    envp.push(pid_variable.as_ptr().cast());
+    envp.push(std::ptr::null());
+
+    let (ready_read, ready_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    // Copies above every number the child will use: the fork closes the
+    // originals in the child (see `fork_safety`), and a target number may
+    // be one of the originals.
+    let mut scratch: Vec<OwnedFd> = Vec::new();
+    for fd in listeners.iter().copied().chain(std::iter::once(ready_write.as_raw_fd())) {
+        let copy = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(SCRATCH_FDS.max(ready_fd + 1)))?;
+        // SAFETY: fcntl just made this descriptor.
+        scratch.push(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(copy) });
+    }
+    let sources: Vec<RawFd> = scratch.iter().map(|fd| fd.as_raw_fd()).collect();
+    let pid_digits = pid_variable.as_mut_ptr();
+
+    // SAFETY: the child only makes async-signal-safe system calls on data
+    // prepared above, then execs or exits.
+    match unsafe { nix::unistd::fork() }? {
+        nix::unistd::ForkResult::Child => unsafe {
+            // The pid into LISTEN_PID, right-aligned over the zeros.
+            let mut pid = libc::getpid() as u64;
+            for i in (0..PID_DIGITS).rev() {
+                *pid_digits.add(digits_at + i) = b'0' + (pid % 10) as u8;
+                pid /= 10;
+            }
+            for (i, &fd) in sources.iter().enumerate() {
+                // dup2 leaves the new descriptor without close-on-exec.
+                if libc::dup2(fd, 3 + i as RawFd) < 0 {
+                    libc::_exit(126);
+                }
+            }
+            libc::execve(program.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            libc::_exit(127)
+        },
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(scratch);
+            drop(ready_write);
+            Ok((child, ready_read))
+        }
+    }
+}
