@@ -269,14 +269,7 @@ fn client(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
         }
         _ => return Err(interp.wrong_num_args(objv, 2, CLIENT_USAGE)),
     };
-    let words = handler.list_elements(interp)?;
-    let command = words.first().map(Obj::to_string_lossy).unwrap_or_default();
-    if words.is_empty() || !interp.command_exists_globally(&command) {
-        return Err(TclError::new(
-            format!("invalid command name \"{command}\""),
-            &["TCL", "LOOKUP", "COMMAND", &command],
-        ));
-    }
+    let words = command_prefix(interp, handler)?;
     let (number, queue, counters) = {
         let table = port_table::table();
         let number = match port.or_else(|| table.default_port()) {
@@ -293,6 +286,20 @@ fn client(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
     };
     state.register(number, Handler::Script(words), queue, counters)?;
     Ok(Obj::new_string(""))
+}
+
+/// A command prefix's words, checked as Tcl checks a command: its first
+/// word must name a command, found from the global namespace.
+pub(crate) fn command_prefix(interp: Interp, prefix: &Obj) -> TclResult<Vec<Obj>> {
+    let words = prefix.list_elements(interp)?;
+    let command = words.first().map(Obj::to_string_lossy).unwrap_or_default();
+    if words.is_empty() || !interp.command_exists_globally(&command) {
+        return Err(TclError::new(
+            format!("invalid command name \"{command}\""),
+            &["TCL", "LOOKUP", "COMMAND", &command],
+        ));
+    }
+    Ok(words)
 }
 
 /// `close port`

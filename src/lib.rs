@@ -100,17 +100,8 @@ unsafe extern "C" fn socket_command(
     objc: c_int,
     objv: *const *mut Tcl_Obj,
 ) -> c_int {
-    // SAFETY: Tcl passes a live interpreter and objc live words; `state` is
-    // the InterpState registered with the command, freed only with the
-    // interpreter.
-    let (interp, objv, state) = unsafe {
-        (
-            Interp::from_raw(interp),
-            std::slice::from_raw_parts(objv, objc as usize),
-            &*state.cast::<InterpState>(),
-        )
-    };
-    tcl::run_command(interp, || command::dispatch(state, interp, objv))
+    // SAFETY: Tcl's contract for a command procedure, passed on.
+    unsafe { run(state, interp, objc, objv, command::dispatch) }
 }
 
 /// The `::socketserver::pool` command procedure.
@@ -120,7 +111,27 @@ unsafe extern "C" fn pool_command(
     objc: c_int,
     objv: *const *mut Tcl_Obj,
 ) -> c_int {
-    // SAFETY: as for `socket_command`.
+    // SAFETY: Tcl's contract for a command procedure, passed on.
+    unsafe { run(state, interp, objc, objv, pool::dispatch) }
+}
+
+type Dispatch = fn(&InterpState, Interp, &[*mut Tcl_Obj]) -> tcl::TclResult<Obj>;
+
+/// Runs a command's `dispatch` under the trampoline (errors and panics
+/// become Tcl errors).
+///
+/// # Safety
+/// The arguments are those Tcl passes a command procedure: a live
+/// interpreter, `objc` live words, and the `InterpState` registered with
+/// the command (freed only with the interpreter).
+unsafe fn run(
+    state: *mut c_void,
+    interp: *mut Tcl_Interp,
+    objc: c_int,
+    objv: *const *mut Tcl_Obj,
+    dispatch: Dispatch,
+) -> c_int {
+    // SAFETY: see the contract above.
     let (interp, objv, state) = unsafe {
         (
             Interp::from_raw(interp),
@@ -128,5 +139,5 @@ unsafe extern "C" fn pool_command(
             &*state.cast::<InterpState>(),
         )
     };
-    tcl::run_command(interp, || pool::dispatch(state, interp, objv))
+    tcl::run_command(interp, || dispatch(state, interp, objv))
 }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::command::{open_port, parse_port, ServerOptions};
+use crate::command::{command_prefix, open_port, parse_port, ServerOptions};
 use crate::registration::InterpState;
 use crate::tcl::{Interp, NameTable, Obj, TclError, TclResult, Tcl_Obj};
 
@@ -157,23 +157,11 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
         }
         rest = tail;
     }
-    let words = handler.list_elements(interp)?;
-    let command = words.first().map(Obj::to_string_lossy).unwrap_or_default();
-    if words.is_empty() || !interp.command_exists_globally(&command) {
-        return Err(TclError::new(
-            format!("invalid command name \"{command}\""),
-            &["TCL", "LOOKUP", "COMMAND", &command],
-        ));
-    }
-    config.handler = words;
+    config.handler = command_prefix(interp, handler)?;
     if let Some(log) = &config.log {
-        if let Some(first) = log.first().map(Obj::to_string_lossy) {
-            if !interp.command_exists_globally(&first) {
-                return Err(TclError::new(
-                    format!("invalid command name \"{first}\""),
-                    &["TCL", "LOOKUP", "COMMAND", &first],
-                ));
-            }
+        // An empty -log means no log; anything else must be a command.
+        if !log.is_empty() {
+            command_prefix(interp, &Obj::new_list(log))?;
         }
     }
     let number = parse_port(interp, port_word)?;
