@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::accept_loop::AcceptLoop;
 use crate::handoff;
 use crate::inherited;
+use crate::proxy_protocol;
 use crate::listener::{self, OpenError};
 use crate::counters::Counters;
 use crate::port_table::{self, Port};
@@ -15,17 +16,22 @@ use crate::tcl::{self, Interp, NameTable, Obj, TclError, TclResult, Tcl_Obj};
 
 static SUBCOMMANDS: NameTable<5> =
     NameTable([c"client".as_ptr(), c"close".as_ptr(), c"info".as_ptr(), c"server".as_ptr(), std::ptr::null()]);
-static SERVER_OPTIONS: NameTable<6> = NameTable([
+static SERVER_OPTIONS: NameTable<8> = NameTable([
     c"-backlog".as_ptr(),
     c"-fd".as_ptr(),
     c"-myaddr".as_ptr(),
+    c"-proxy".as_ptr(),
+    c"-proxytimeout".as_ptr(),
     c"-systemd".as_ptr(),
     c"-threads".as_ptr(),
     std::ptr::null(),
 ]);
 static CLIENT_OPTIONS: NameTable<2> = NameTable([c"-port".as_ptr(), std::ptr::null()]);
 
-const SERVER_USAGE: &str = "?-myaddr addr? ?-backlog n? ?-threads n? ?-fd fd? ?-systemd name? ?port?";
+const SERVER_USAGE: &str = "?-option value ...? ?port?";
+static PROXY_MODES: NameTable<4> = NameTable([c"any".as_ptr(), c"v1".as_ptr(), c"v2".as_ptr(), std::ptr::null()]);
+/// How long a worker waits for a PROXY protocol header by default.
+const DEFAULT_PROXY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 /// At most this many accepting threads per listener.
 pub(crate) const MAX_ACCEPT_THREADS: i32 = 64;
 const CLIENT_USAGE: &str = "?-port port? handler";
@@ -69,6 +75,9 @@ pub(crate) struct ServerOptions {
     pub fds: Vec<RawFd>,
     /// Names (a `string match` pattern) of sockets systemd passed (`-systemd`).
     pub systemd: Option<String>,
+    /// Every connection starts with a PROXY protocol header (`-proxy`).
+    pub proxy: Option<proxy_protocol::Mode>,
+    pub proxy_timeout: Option<std::time::Duration>,
 }
 
 impl ServerOptions {
@@ -89,6 +98,23 @@ impl ServerOptions {
                 self.fds.push(fd);
             }
             "-systemd" => self.systemd = Some(value.to_string_lossy()),
+            "-proxy" => {
+                self.proxy = Some(match PROXY_MODES.name(interp.get_index(value, &PROXY_MODES, c"PROXY protocol version")?) {
+                    "v1" => proxy_protocol::Mode::V1,
+                    "v2" => proxy_protocol::Mode::V2,
+                    _ => proxy_protocol::Mode::Any,
+                })
+            }
+            "-proxytimeout" => {
+                let seconds = value.get_double(interp)?;
+                if !(seconds > 0.0 && seconds <= 3600.0) {
+                    return Err(TclError::new(
+                        format!("expected positive number of seconds but got \"{}\"", value.to_string_lossy()),
+                        &["TCL", "VALUE", "NUMBER"],
+                    ));
+                }
+                self.proxy_timeout = Some(std::time::Duration::from_secs_f64(seconds));
+            }
             _ => return Ok(false),
         }
         Ok(true)
@@ -191,6 +217,10 @@ pub(crate) fn open_port(interp: Interp, number: u16, options: &ServerOptions) ->
         addresses: listeners.addresses,
         backlog: listeners.backlog,
         counters,
+        proxy: options.proxy.map(|mode| crate::proxy_header::Setting {
+            mode,
+            deadline: options.proxy_timeout.unwrap_or(DEFAULT_PROXY_TIMEOUT),
+        }),
         accept_loop: Some(accept_loop),
     };
     let number = port.number;
@@ -339,6 +369,8 @@ fn info(state: &InterpState, number: u16) -> TclResult<Obj> {
         ("threads", Obj::new_int(port.accept_loop.as_ref().map_or(0, |l| l.threads()) as i64)),
         ("accepted", count(&port.counters.accepted)),
         ("received", count(&port.counters.received)),
+        ("proxy", Obj::new_string(port.proxy.map_or("none", |p| p.mode.name()))),
+        ("proxyerrors", count(&port.counters.proxy_errors)),
         ("waiting", Obj::new_int(state.is_waiting(number).into())),
     ];
     let mut dict = Vec::new();

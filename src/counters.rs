@@ -9,4 +9,6 @@ pub struct Counters {
     pub accepted: AtomicU64,
     /// Connections handed to a handler.
     pub received: AtomicU64,
+    /// Connections closed for a bad, late or missing PROXY protocol header.
+    pub proxy_errors: AtomicU64,
 }

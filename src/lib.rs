@@ -21,6 +21,8 @@ mod fork_safety;
 pub mod handoff;
 mod inherited;
 pub mod listener;
+mod proxy_header;
+pub mod proxy_protocol;
 mod pool;
 mod port_table;
 pub mod receiver;

@@ -24,6 +24,8 @@ pub struct Port {
     pub addresses: Vec<SocketAddr>,
     pub backlog: i32,
     pub counters: Arc<Counters>,
+    /// A PROXY protocol header starts every connection (`server -proxy`).
+    pub proxy: Option<crate::proxy_header::Setting>,
     /// The accept loop, in the accepting process only.
     pub accept_loop: Option<AcceptLoop>,
 }

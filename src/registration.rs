@@ -17,6 +17,8 @@ use std::sync::{Arc, Once, RwLock};
 use nix::unistd::{getpid, Pid};
 
 use crate::counters::Counters;
+use crate::port_table;
+use crate::proxy_header;
 use crate::receiver::{self, Outcome, Receiver};
 use crate::tcl::{self, Event, Interp, Obj, TclError, TclResult, Tcl_Event, ThreadId};
 
@@ -35,12 +37,18 @@ pub struct NativeHandler {
     pub connection: fn(Interp, crate::handoff::Connection),
     /// The queue closed and is drained: no connection will come again.
     pub queue_closed: fn(u16),
+    /// A connection was closed for a bad PROXY protocol header.
+    pub proxy_rejected: fn(),
 }
 
 struct Registration {
     port: u16,
     /// The handler while a registration is pending.
     handler: Option<Handler>,
+    /// The port's PROXY protocol setting: a header comes first.
+    proxy: Option<proxy_header::Setting>,
+    /// How many times the registration was cancelled (see `AfterHeader`).
+    cancels: u64,
     counters: Arc<Counters>,
     receiver: Receiver,
     mailbox: Mailbox,
@@ -171,7 +179,8 @@ impl InterpState {
                     move |outcome| mailbox.post(outcome)
                 })
                 .map_err(|e| TclError::posix("couldn't wait for a connection", e.raw_os_error().unwrap_or(0)))?;
-                registrations.push(Registration { port, handler: None, counters, receiver, mailbox });
+                let proxy = port_table::table().get(port).and_then(|p| p.proxy);
+                registrations.push(Registration { port, handler: None, proxy, cancels: 0, counters, receiver, mailbox });
                 registrations.len() - 1
             }
         };
@@ -202,6 +211,7 @@ impl InterpState {
         for registration in registrations.iter_mut().filter(|r| r.port == port) {
             registration.receiver.disarm();
             registration.handler = None;
+            registration.cancels += 1;
         }
         if forget {
             // Dropping a registration stops its receiver thread.
@@ -225,6 +235,22 @@ impl InterpState {
             .any(|r| r.port == port && r.handler.is_some())
     }
 
+    /// Calls `handler` with `conn`, now a channel of this interpreter.
+    fn hand_over(&self, interp: Interp, handler: Handler, conn: crate::handoff::Connection, counters: &Counters) {
+        counters.received.fetch_add(1, Ordering::Relaxed);
+        match handler {
+            Handler::Script(mut words) => {
+                let (host, peer_port) = conn.peer_host_and_port();
+                let channel = interp.adopt_tcp_socket(conn.socket);
+                words.push(Obj::new_string(&channel.name()));
+                words.push(Obj::new_string(&host));
+                words.push(Obj::new_string(&peer_port));
+                let _ = interp.eval_global_in_background(&words);
+            }
+            Handler::Native(native) => (native.connection)(interp, conn),
+        }
+    }
+
     /// Runs on the interpreter's thread when a receiver delivers.
     fn deliver(&self, port: u16, queue: &OwnedFd, outcome: Outcome) {
         let mut registrations = self.registrations.borrow_mut();
@@ -238,20 +264,23 @@ impl InterpState {
                     return;
                 };
                 let handler = registration.handler.take();
-                registration.counters.received.fetch_add(1, Ordering::Relaxed);
+                let proxy = registration.proxy;
+                let after = AfterHeader {
+                    state: StatePtr(self),
+                    port,
+                    cancels: registration.cancels,
+                    handler: None,
+                    queue: Arc::clone(&registration.mailbox.queue),
+                    counters: Arc::clone(&registration.counters),
+                };
                 // The handler usually registers again: release the borrow first.
                 drop(registrations);
-                match handler {
-                    Some(Handler::Script(mut words)) => {
-                        let (host, peer_port) = conn.peer_host_and_port();
-                        let channel = interp.adopt_tcp_socket(conn.socket);
-                        words.push(Obj::new_string(&channel.name()));
-                        words.push(Obj::new_string(&host));
-                        words.push(Obj::new_string(&peer_port));
-                        let _ = interp.eval_global_in_background(&words);
+                let Some(handler) = handler else { return };
+                match proxy {
+                    Some(setting) => {
+                        proxy_header::read(conn, setting, Box::new(AfterHeader { handler: Some(handler), ..after }))
                     }
-                    Some(Handler::Native(native)) => (native.connection)(interp, conn),
-                    None => {}
+                    None => self.hand_over(interp, handler, conn, &after.counters),
                 }
             }
             Outcome::QueueClosed => {
@@ -280,6 +309,48 @@ impl InterpState {
                     format!("socketserver port {port}: {error}"),
                     &["SOCKETSERVER", "RECEIVE", &port.to_string()],
                 ));
+            }
+        }
+    }
+}
+
+/// What happens after a connection's PROXY protocol header: the handler
+/// gets the connection, or the registration waits for the next one (unless
+/// it was cancelled or replaced meanwhile).
+struct AfterHeader {
+    state: StatePtr,
+    port: u16,
+    cancels: u64,
+    handler: Option<Handler>,
+    queue: Arc<OwnedFd>,
+    counters: Arc<Counters>,
+}
+
+impl proxy_header::Next for AfterHeader {
+    fn accepted(mut self: Box<Self>, conn: crate::handoff::Connection) {
+        // SAFETY: see `StatePtr`; header reads run on the interpreter's thread.
+        let state = unsafe { &*self.state.0 };
+        if let Some(handler) = self.handler.take() {
+            state.hand_over(state.interp, handler, conn, &self.counters);
+        }
+    }
+
+    fn rejected(mut self: Box<Self>, _why: &str) {
+        proxy_header::count(&self.counters);
+        // SAFETY: as above.
+        let state = unsafe { &*self.state.0 };
+        let Some(handler) = self.handler.take() else { return };
+        if let Handler::Native(native) = &handler {
+            (native.proxy_rejected)();
+        }
+        let unchanged = state
+            .registrations
+            .borrow()
+            .iter()
+            .any(|r| r.port == self.port && r.cancels == self.cancels && r.handler.is_none());
+        if unchanged {
+            if let Err(error) = state.register(self.port, handler, Arc::clone(&self.queue), Arc::clone(&self.counters)) {
+                state.interp.background_error(error);
             }
         }
     }

@@ -18,7 +18,7 @@ static SUBCOMMANDS: NameTable<8> = NameTable([
     c"wait".as_ptr(),
     std::ptr::null(),
 ]);
-static CREATE_OPTIONS: NameTable<15> = NameTable([
+static CREATE_OPTIONS: NameTable<17> = NameTable([
     c"-backlog".as_ptr(),
     c"-concurrency".as_ptr(),
     c"-fd".as_ptr(),
@@ -28,6 +28,8 @@ static CREATE_OPTIONS: NameTable<15> = NameTable([
     c"-log".as_ptr(),
     c"-maxconnections".as_ptr(),
     c"-myaddr".as_ptr(),
+    c"-proxy".as_ptr(),
+    c"-proxytimeout".as_ptr(),
     c"-signals".as_ptr(),
     c"-systemd".as_ptr(),
     c"-threads".as_ptr(),

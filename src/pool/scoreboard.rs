@@ -68,6 +68,8 @@ pub struct Slot {
     leave_requested: AtomicU32,
     /// Connections whose channels the worker has closed.
     served: AtomicU64,
+    /// Connections closed for a bad PROXY protocol header.
+    proxy_errors: AtomicU64,
     /// Monotonic milliseconds since its oldest open channel was received;
     /// 0 while it holds none.
     busy_since: AtomicU64,
@@ -117,6 +119,14 @@ impl Slot {
         self.leave_requested.load(Relaxed) != 0
     }
 
+    pub fn count_proxy_error(&self) {
+        self.proxy_errors.fetch_add(1, Relaxed);
+    }
+
+    pub fn proxy_errors(&self) -> u64 {
+        self.proxy_errors.load(Relaxed)
+    }
+
     pub fn count_served(&self) {
         self.served.fetch_add(1, Relaxed);
     }
@@ -135,6 +145,7 @@ impl Slot {
         self.open.store(0, Relaxed);
         self.leave_requested.store(0, Relaxed);
         self.served.store(0, Relaxed);
+        self.proxy_errors.store(0, Relaxed);
         self.busy_since.store(0, Relaxed);
         self.peer_len.store(0, Relaxed);
         self.set_state(State::Starting);

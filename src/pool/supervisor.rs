@@ -77,6 +77,8 @@ struct Totals {
     recycled: u64,
     timed_out: u64,
     backoffs: u64,
+    /// PROXY protocol rejections of workers that have exited.
+    proxy_errors: u64,
 }
 
 enum Phase {
@@ -664,6 +666,7 @@ impl Pool {
             let slot = self.scoreboard.slot(child.slot);
             let left_by_itself = slot.state() == State::Stopping && child.retired.is_none();
             let served = slot.served();
+            self.totals.proxy_errors += slot.proxy_errors();
             slot.free();
             let (status_text, clean) = match status {
                 WaitStatus::Exited(_, code) => (format!("exit {code}"), code == 0),
@@ -861,6 +864,11 @@ impl Pool {
             ("recycled", Obj::new_int(self.totals.recycled as i64)),
             ("timedout", Obj::new_int(self.totals.timed_out as i64)),
             ("backoffs", Obj::new_int(self.totals.backoffs as i64)),
+            ("proxyerrors", Obj::new_int(
+                (self.totals.proxy_errors
+                    + self.children.iter().map(|c| self.scoreboard.slot(c.slot).proxy_errors()).sum::<u64>())
+                    as i64,
+            )),
         ])
     }
 }

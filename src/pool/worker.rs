@@ -88,7 +88,8 @@ thread_local! {
     static WORKER: RefCell<Option<Worker>> = const { RefCell::new(None) };
 }
 
-const NATIVE: NativeHandler = NativeHandler { connection: on_connection, queue_closed: on_queue_closed };
+const NATIVE: NativeHandler =
+    NativeHandler { connection: on_connection, queue_closed: on_queue_closed, proxy_rejected: on_proxy_rejected };
 
 /// Whether this process is a pool's worker.
 pub fn is_worker() -> bool {
@@ -350,6 +351,10 @@ fn wait_for_leave(leave: RawFd, signal_pipe: Option<RawFd>) {
             }
         }
     }
+}
+
+fn on_proxy_rejected() {
+    with_worker(|w| w.slot.count_proxy_error());
 }
 
 fn on_queue_closed(_port: u16) {
