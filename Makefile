@@ -20,7 +20,7 @@ TCLPKGDIR ?= $(PREFIX)/lib/tcltk
 NEED      := scripts/need-packages
 
 BUILD_PACKAGES := tcl8.6 tcl8.6-dev tcl-dev libclang-dev pkg-config
-TEST_PACKAGES  := tclx8.4 tcl-thread binutils apache2-utils systemd tcl-tls openssl curl
+TEST_PACKAGES  := tclx8.4 tcl-thread binutils apache2-utils systemd tcl-tls openssl curl haproxy
 BENCH_PACKAGES := apache2-utils gcc
 
 .PHONY: all build deps test test-rust test-tcl demo bench soak memcheck install uninstall clean
