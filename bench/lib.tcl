@@ -21,7 +21,7 @@ if {![file exists $native] || [file mtime $native] < [file mtime [file join $her
 #	Returns a dict: pipe, port, pids (every process of the server).
 proc startServer {kind workers slow {concurrency 1}} {
     switch -- $kind {
-        socketserver - tcl - pool - poolevent {
+        socketserver - tcl - pool - poolevent - poolproxy {
             set command [list [info nameofexecutable] [file join $::here server.tcl] $kind $workers $slow $concurrency]
         }
         native {set command [list $::native 0 $workers shared $slow]}

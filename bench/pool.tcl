@@ -12,7 +12,10 @@
 #	  P3. 2 workers with -concurrency 4 and an event-driven handler against
 #	      8 workers with -concurrency 1 (Apache prefork): requests/s and
 #	      memory (PSS of every process of the server), with plain requests
-#	      and with 1% of requests taking 100 ms.
+#	      and with 1% of requests taking 100 ms;
+#	  P4. a port with -proxy behind HAProxy (send-proxy-v2) against a plain
+#	      port behind the same HAProxy: the header read must cost no
+#	      wakeup (context switches per request in the server).
 #	Load: ab on 127.0.0.1, bounded counts. Configurations are interleaved
 #	and repeated; figures are medians.
 #
@@ -193,3 +196,74 @@ foreach slow {0 1} {
     puts "  $label: 2x4 vs 8x1: requests/s [fmt [expr {[median $p3(poolevent,$slow,rps)] / [median $p3(pool,$slow,rps)]}] 2]x,\
           memory [fmt [expr {double([median $p3(poolevent,$slow,pss)]) / [median $p3(pool,$slow,pss)]}] 2]x"
 }
+
+# --- P4. PROXY protocol -------------------------------------------------
+
+if {[auto_execok haproxy] eq ""} {
+    puts "P4. skipped: no haproxy"
+    exit 0
+}
+proc freePort {} {
+    set probe [socket -server {apply {args {}}} -myaddr 127.0.0.1 0]
+    set port [lindex [fconfigure $probe -sockname] 2]
+    close $probe
+    return $port
+}
+set plain [startServer pool 4 0]
+set proxied [startServer poolproxy 4 0]
+set plainFront [freePort]
+set proxyFront [freePort]
+set config [file join [file dirname $native] haproxy-bench.cfg]
+set f [open $config w]
+puts $f [string map [list PF $plainFront XF $proxyFront PP [dict get $plain port] XP [dict get $proxied port]] {
+global
+    maxconn 1000
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 10s
+    timeout server 10s
+frontend plain
+    bind 127.0.0.1:PF
+    default_backend plain
+frontend proxied
+    bind 127.0.0.1:XF
+    default_backend proxied
+backend plain
+    server s 127.0.0.1:PP
+backend proxied
+    server s 127.0.0.1:XP send-proxy-v2
+}]
+close $f
+set haproxy [open |[list haproxy -db -f $config 2>@1] r]
+after 300
+try {
+    for {set rep 1} {$rep <= $opt(-reps)} {incr rep} {
+        foreach entry [shuffle [list [list plain $plain $plainFront] [list proxied $proxied $proxyFront]]] {
+            lassign $entry kind server front
+            set pids [serverPids $server]
+            set before [contextSwitches $pids]
+            set m [runLoad $front $opt(-requests) $opt(-concurrency)]
+            lappend p4($kind,rps) [dict get $m rps]
+            lappend p4($kind,failed) [dict get $m failed]
+            lappend p4($kind,cs) [expr {double([contextSwitches $pids] - $before) / max(1, [dict get $m complete])}]
+            puts -nonewline stderr "."
+            flush stderr
+        }
+    }
+} finally {
+    kill TERM [pid $haproxy]
+    catch {close $haproxy}
+    stopServer $plain
+    stopServer $proxied
+    file delete $config
+}
+puts stderr ""
+puts "P4. The same 4-worker pool behind HAProxy, plain against -proxy (send-proxy-v2) (medians)"
+puts [format "%-22s %9s %8s %14s" port req/s failed cs/req-server]
+foreach kind {plain proxied} label {"plain" "-proxy v2"} {
+    puts [format "%-22s %9s %8s %14s" $label [fmt [median $p4($kind,rps)]] \
+        [tcl::mathop::+ {*}$p4($kind,failed)] [fmt [median $p4($kind,cs)] 2]]
+}
+puts "-proxy vs plain: requests/s [fmt [expr {[median $p4(proxied,rps)] / [median $p4(plain,rps)]}] 2]x,\
+      context switches per request in the server [fmt [expr {[median $p4(proxied,cs)] / [median $p4(plain,cs)]}] 2]x"

@@ -6,11 +6,12 @@
 #	handler and -concurrency K on the pool, or on Tcl's own socket -server
 #	in one process.
 #
-#	Usage: tclsh server.tcl socketserver|pool|poolevent|tcl WORKERS SLOW_PERCENT ?K? ?MAXCONNECTIONS?
+#	Usage: tclsh server.tcl socketserver|pool|poolevent|poolproxy|tcl WORKERS SLOW_PERCENT ?K? ?MAXCONNECTIONS?
+#	(poolproxy: a pool whose connections begin with a PROXY protocol header)
 #	Prints "port P pids PID..." when ready; stops on SIGTERM.
 
 lassign $argv mode workerCount slowPercent concurrency maxConnections
-if {$mode ni {pool poolevent}} {
+if {$mode ni {pool poolevent poolproxy}} {
     package require Tclx
 }
 
@@ -90,10 +91,11 @@ switch -- $mode {
         set listener [socket -server tclAccept -myaddr 127.0.0.1 0]
         set port [lindex [fconfigure $listener -sockname] 2]
     }
-    pool - poolevent {
+    pool - poolevent - poolproxy {
         package require socketserver
-        set handler [expr {$mode eq "pool" ? "poolAccept" : "eventAccept"}]
-        set port [::socketserver::pool create -myaddr 127.0.0.1 -workers $workerCount \
+        set handler [expr {$mode eq "poolevent" ? "eventAccept" : "poolAccept"}]
+        set proxy [expr {$mode eq "poolproxy" ? {-proxy any} : {}}]
+        set port [::socketserver::pool create -myaddr 127.0.0.1 -workers $workerCount {*}$proxy \
             -concurrency [expr {$concurrency eq "" ? 1 : $concurrency}] -log {} \
             -maxconnections [expr {$maxConnections eq "" ? 0 : $maxConnections}] -jitter 100 \
             -init {expr {srand([pid])}} 0 $handler]

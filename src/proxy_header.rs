@@ -20,6 +20,10 @@ use crate::handoff::Connection;
 use crate::proxy_protocol::{self, Mode, Parsed, V2_MAX};
 use crate::tcl;
 
+/// How long `read` waits for a header in place before it waits in the
+/// event loop.
+const QUICK_WAIT_MS: libc::c_int = 10;
+
 /// A port's PROXY protocol setting.
 #[derive(Clone, Copy, Debug)]
 pub struct Setting {
@@ -37,7 +41,18 @@ pub trait Next {
 
 /// Reads the header of `conn`, then calls `next`.
 pub fn read(conn: Connection, setting: Setting, next: Box<dyn Next>) {
-    match attempt(&conn, setting.mode) {
+    let mut outcome = attempt(&conn, setting.mode);
+    if matches!(outcome, Attempt::Wait) {
+        // A proxy writes the header right after connecting, often an
+        // instant after the connection is accepted: a short wait here is
+        // cheaper than a Tcl file handler, which would bring Tcl's notifier
+        // thread into the worker's loop.
+        let mut poll = libc::pollfd { fd: conn.socket.as_raw_fd(), events: libc::POLLIN | libc::POLLRDHUP, revents: 0 };
+        // SAFETY: one pollfd, a bounded wait.
+        unsafe { libc::poll(&mut poll, 1, QUICK_WAIT_MS) };
+        outcome = attempt(&conn, setting.mode);
+    }
+    match outcome {
         Attempt::Done(source) => finish_ok(conn, source, next),
         Attempt::Failed(why) => fail(conn, next, why),
         Attempt::Wait => {
