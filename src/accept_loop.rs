@@ -44,6 +44,9 @@ use crate::counters::Counters;
 
 /// How long to pause when accept or send fails for lack of resources.
 const BACKOFF: Duration = Duration::from_millis(50);
+/// How many times (a millisecond apart) stopping signals the threads before
+/// it falls back to shutting the listeners down.
+const SIGNAL_ROUNDS: u32 = 500;
 /// How long a send into a full queue blocks before the sender looks
 /// whether the port is being closed.
 const SEND_TIMEOUT: Duration = Duration::from_millis(200);
@@ -164,7 +167,16 @@ impl AcceptLoop {
         let _ = self.shared.stop.write(1);
         // A thread that checked `stopping` just before it entered accept4
         // misses a first signal: send again until every thread has returned.
+        let mut rounds = 0;
         while !self.finished.iter().all(|f| f.load(Ordering::SeqCst)) {
+            rounds += 1;
+            if rounds == SIGNAL_ROUNDS {
+                // A handler of the script's for SIGURG restarts accept4:
+                // then only shutdown() wakes the threads, shared socket or not.
+                for listener in &self.shared.listeners {
+                    let _ = nix::sys::socket::shutdown(listener.as_raw_fd(), nix::sys::socket::Shutdown::Read);
+                }
+            }
             for (thread, finished) in self.threads.iter().zip(&self.finished) {
                 if !finished.load(Ordering::SeqCst) {
                     // SAFETY: the thread has not returned, so its pthread_t
