@@ -7,5 +7,6 @@
 
 int socketserver_init_stubs(Tcl_Interp *interp)
 {
-    return Tcl_InitStubs(interp, "8.6", 0) != NULL;
+    /* "8.6" or "9.0": the version of the headers this is built with. */
+    return Tcl_InitStubs(interp, TCL_VERSION, 0) != NULL;
 }

@@ -15,6 +15,14 @@ use std::ptr::{self, NonNull};
 pub use tcl_sys::{Tcl_Event, Tcl_Interp, Tcl_Obj, Tcl_ThreadId};
 use tcl_sys::{Tcl_Channel, Tcl_TimerToken};
 
+/// Tcl's type for lengths and counts: `int` in Tcl 8.6, `Tcl_Size` (a
+/// `ptrdiff_t`) in Tcl 9. The only place that knows which Tcl this is
+/// built for (`cfg(tcl9)`, set by build.rs from the headers).
+#[cfg(tcl9)]
+pub type Size = tcl_sys::Tcl_Size;
+#[cfg(not(tcl9))]
+pub type Size = c_int;
+
 pub const TCL_OK: c_int = tcl_sys::TCL_OK as c_int;
 pub const TCL_ERROR: c_int = tcl_sys::TCL_ERROR as c_int;
 pub const TCL_FILE_EVENTS: c_int = tcl_sys::TCL_FILE_EVENTS as c_int;
@@ -94,7 +102,7 @@ impl Obj {
     }
 
     pub fn new_string(s: &str) -> Obj {
-        let len = c_int::try_from(s.len()).expect("string longer than Tcl allows");
+        let len = Size::try_from(s.len()).expect("string longer than Tcl allows");
         // SAFETY: Tcl copies `len` bytes from `s` into a new object.
         unsafe { Obj::from_raw(stub!(tcl_NewStringObj)(s.as_ptr().cast(), len)) }
     }
@@ -106,7 +114,7 @@ impl Obj {
 
     pub fn new_list(items: &[Obj]) -> Obj {
         let ptrs: Vec<*mut Tcl_Obj> = items.iter().map(Obj::as_ptr).collect();
-        let len = c_int::try_from(ptrs.len()).expect("list longer than Tcl allows");
+        let len = Size::try_from(ptrs.len()).expect("list longer than Tcl allows");
         // SAFETY: Tcl_NewListObj takes its own references to the elements.
         unsafe { Obj::from_raw(stub!(tcl_NewListObj)(len, ptrs.as_ptr())) }
     }
@@ -156,7 +164,7 @@ impl Obj {
 
     /// The string form of the value (lossy where it is not valid UTF-8).
     pub fn to_string_lossy(&self) -> String {
-        let mut len: c_int = 0;
+        let mut len: Size = 0;
         // SAFETY: the object is live; Tcl returns a pointer to `len` bytes it owns.
         unsafe {
             let bytes = stub!(tcl_GetStringFromObj)(self.as_ptr(), &mut len);
@@ -180,7 +188,7 @@ impl Obj {
     /// The elements of the value as a list, with Tcl's own error message
     /// when it is not a well-formed list.
     pub fn list_elements(&self, interp: Interp) -> TclResult<Vec<Obj>> {
-        let mut count: c_int = 0;
+        let mut count: Size = 0;
         let mut elements: *mut *mut Tcl_Obj = ptr::null_mut();
         // SAFETY: interpreter and object are live; Tcl fills `elements` with
         // `count` pointers that stay valid while the list is unchanged, and we
@@ -270,7 +278,7 @@ impl Interp {
         let usage = CString::new(usage).unwrap_or_default();
         // SAFETY: objv holds at least `keep` live objects (the caller's words).
         unsafe {
-            stub!(tcl_WrongNumArgs)(self.as_ptr(), keep as c_int, objv.as_ptr(), usage.as_ptr())
+            stub!(tcl_WrongNumArgs)(self.as_ptr(), keep as Size, objv.as_ptr(), usage.as_ptr())
         };
         TclError::AlreadySet
     }
@@ -290,10 +298,11 @@ impl Interp {
                 self.as_ptr(),
                 word.as_ptr(),
                 table.0.as_ptr().cast::<c_void>(),
-                std::mem::size_of::<*const c_char>() as c_int,
+                std::mem::size_of::<*const c_char>() as _,
                 what.as_ptr(),
                 0,
-                &mut index,
+                // An int either way; Tcl 9 declares the pointer void *.
+                (&mut index as *mut c_int).cast(),
             )
         };
         if code == TCL_OK {
@@ -331,7 +340,7 @@ impl Interp {
             stub!(tcl_Preserve)(self.as_ptr().cast());
             let code = stub!(tcl_EvalObjv)(
                 self.as_ptr(),
-                ptrs.len() as c_int,
+                ptrs.len() as Size,
                 ptrs.as_ptr(),
                 tcl_sys::TCL_EVAL_GLOBAL as c_int,
             );
@@ -445,7 +454,7 @@ pub fn posix_error_words(errno: i32) -> (String, String) {
 pub fn string_match(pattern: &str, text: &str) -> bool {
     let (Ok(pattern), Ok(text)) = (CString::new(pattern), CString::new(text)) else { return false };
     // SAFETY: both are NUL-terminated strings that live across the call.
-    unsafe { stub!(tcl_StringMatch)(text.as_ptr(), pattern.as_ptr()) != 0 }
+    unsafe { stub!(tcl_StringCaseMatch)(text.as_ptr(), pattern.as_ptr(), 0) != 0 }
 }
 
 /// The Tcl thread that calls this.
@@ -473,7 +482,7 @@ pub fn queue_event<T>(thread: ThreadId, proc_: EventProc, payload: T) {
     // every field before handing it over. Queueing and alerting are
     // documented as safe from any thread.
     unsafe {
-        let event = stub!(tcl_Alloc)(std::mem::size_of::<Event<T>>() as u32).cast::<Event<T>>();
+        let event = stub!(tcl_Alloc)(std::mem::size_of::<Event<T>>() as _).cast::<Event<T>>();
         ptr::write(
             event,
             Event {
@@ -484,7 +493,7 @@ pub fn queue_event<T>(thread: ThreadId, proc_: EventProc, payload: T) {
         stub!(tcl_ThreadQueueEvent)(
             thread.0,
             event.cast(),
-            tcl_sys::Tcl_QueuePosition_TCL_QUEUE_TAIL,
+            tcl_sys::Tcl_QueuePosition_TCL_QUEUE_TAIL as _,
         );
         stub!(tcl_ThreadAlert)(thread.0);
     }
@@ -636,6 +645,7 @@ pub fn flush_standard_channels() {
 
 /// Ends the process as Tcl's `exit` does: exit handlers run, channels are
 /// flushed and closed.
+#[allow(unreachable_code)] // Tcl 9 declares Tcl_Exit as not returning; 8.6 does not.
 pub fn exit(status: i32) -> ! {
     // SAFETY: Tcl_Exit never returns.
     unsafe { stub!(tcl_Exit)(status) };
