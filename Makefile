@@ -14,6 +14,8 @@ CARGO     ?= cargo
 PKGNAME   := socketserver$(VERSION)
 PKGDIR    := build/$(PKGNAME)
 LIBFILE   := libsocketserver.so
+TCL9LIBFILE := libtcl9socketserver$(VERSION).so
+TCL9DIR   := build/tcl9
 PREFIX    ?= /usr/local
 DESTDIR   ?=
 TCLPKGDIR ?= $(PREFIX)/lib/tcltk
@@ -23,7 +25,7 @@ BUILD_PACKAGES := tcl8.6 tcl8.6-dev tcl-dev libclang-dev pkg-config
 TEST_PACKAGES  := tclx8.4 tcl-thread binutils apache2-utils systemd tcl-tls openssl curl haproxy
 BENCH_PACKAGES := apache2-utils gcc
 
-.PHONY: all build deps test test-rust test-tcl demo bench soak memcheck install uninstall clean
+.PHONY: all build deps test test-rust test-tcl demo bench soak memcheck install uninstall clean tcl9 build-tcl9
 
 all: build
 
@@ -35,8 +37,18 @@ build: deps
 	mkdir -p $(PKGDIR)
 	cp target/release/$(LIBFILE) $(PKGDIR)/$(LIBFILE)
 	cp tcl/socketserver.tcl $(PKGDIR)/
-	sed -e 's/@VERSION@/$(VERSION)/g' -e 's/@LIBFILE@/$(LIBFILE)/g' \
+	sed -e 's/@VERSION@/$(VERSION)/g' -e 's/@LIBFILE@/$(LIBFILE)/g' -e 's/@TCL9LIBFILE@/$(TCL9LIBFILE)/g' \
 	    pkgIndex.tcl.in > $(PKGDIR)/pkgIndex.tcl
+
+# Tcl 9.0 from Debian 13 into build/tcl9 (the system is left as it was), and
+# the library built against its headers beside the 8.6 one. Work in
+# progress: see README, "Tcl versions".
+tcl9:
+	scripts/get-tcl9 $(TCL9DIR)
+
+build-tcl9: build tcl9
+	PKG_CONFIG_PATH=$(CURDIR)/$(TCL9DIR)/pkgconfig CARGO_TARGET_DIR=target/tcl9 $(CARGO) build --release
+	cp target/tcl9/release/$(LIBFILE) $(PKGDIR)/$(TCL9LIBFILE)
 
 test: build
 	@$(NEED) $(TEST_PACKAGES)
@@ -60,6 +72,7 @@ bench: build
 install: build
 	mkdir -p $(DESTDIR)$(TCLPKGDIR)/$(PKGNAME)
 	install -m 0755 $(PKGDIR)/$(LIBFILE) $(DESTDIR)$(TCLPKGDIR)/$(PKGNAME)/
+	if [ -f $(PKGDIR)/$(TCL9LIBFILE) ]; then install -m 0755 $(PKGDIR)/$(TCL9LIBFILE) $(DESTDIR)$(TCLPKGDIR)/$(PKGNAME)/; fi
 	install -m 0644 $(PKGDIR)/pkgIndex.tcl $(PKGDIR)/socketserver.tcl $(DESTDIR)$(TCLPKGDIR)/$(PKGNAME)/
 	mkdir -p $(DESTDIR)$(PREFIX)/share/man/mann
 	install -m 0644 doc/socketserver.n $(DESTDIR)$(PREFIX)/share/man/mann/socketserver.n
