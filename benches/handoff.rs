@@ -152,6 +152,12 @@ struct Measure {
     cpu_ns_per_connection: f64,
 }
 
+impl Measure {
+    fn new(connections: u64, seconds: f64, cpu_ns: u64) -> Measure {
+        Measure { per_second: connections as f64 / seconds, cpu_ns_per_connection: cpu_ns as f64 / connections as f64 }
+    }
+}
+
 fn measure(server: Server, o: &Options) -> Measure {
     match server {
         Server::Socketserver(threads) => {
@@ -170,7 +176,7 @@ fn measure(server: Server, o: &Options) -> Measure {
             accept_loop.stop();
             drop(worker_end);
             receivers.into_iter().for_each(|r| r.join().expect("receiver"));
-            Measure { per_second: o.connections as f64 / seconds, cpu_ns_per_connection: cpu as f64 / o.connections as f64 }
+            Measure::new(o.connections, seconds, cpu)
         }
         Server::Old113 => {
             let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -196,7 +202,7 @@ fn measure(server: Server, o: &Options) -> Measure {
             let cpu = accepter.join().expect("accepter");
             drop(worker_end);
             receivers.into_iter().for_each(|r| r.join().expect("receiver"));
-            Measure { per_second: o.connections as f64 / seconds, cpu_ns_per_connection: cpu as f64 / o.connections as f64 }
+            Measure::new(o.connections, seconds, cpu)
         }
         Server::Native => {
             let listener = Arc::new(TcpListener::bind("127.0.0.1:0").expect("bind"));
@@ -224,7 +230,7 @@ fn measure(server: Server, o: &Options) -> Measure {
                 let _ = TcpStream::connect(address);
             }
             let cpu: u64 = accepters.into_iter().map(|a| a.join().expect("accepter")).sum();
-            Measure { per_second: o.connections as f64 / seconds, cpu_ns_per_connection: cpu as f64 / o.connections as f64 }
+            Measure::new(o.connections, seconds, cpu)
         }
     }
 }

@@ -85,18 +85,9 @@ impl ServerOptions {
     pub fn take(&mut self, interp: Interp, name: &str, value: &Obj) -> TclResult<bool> {
         match name {
             "-myaddr" => self.myaddr = Some(value.to_string_lossy()),
-            "-backlog" => self.backlog = Some(parse_backlog(interp, value)?),
+            "-backlog" => self.backlog = Some(positive(interp, value)?),
             "-threads" => self.threads = Some(parse_threads(interp, value)?),
-            "-fd" => {
-                let fd = value.get_int(interp)?;
-                if fd < 0 {
-                    return Err(TclError::new(
-                        format!("expected non-negative integer but got \"{}\"", value.to_string_lossy()),
-                        &["TCL", "VALUE", "NUMBER"],
-                    ));
-                }
-                self.fds.push(fd);
-            }
+            "-fd" => self.fds.push(non_negative(interp, value)?),
             "-systemd" => self.systemd = Some(value.to_string_lossy()),
             "-proxy" => {
                 self.proxy = Some(match PROXY_MODES.name(interp.get_index(value, &PROXY_MODES, c"PROXY protocol version")?) {
@@ -150,16 +141,25 @@ fn server(interp: Interp, objv: &[*mut Tcl_Obj], args: &[Obj]) -> TclResult<Obj>
     Ok(Obj::new_int(port.into()))
 }
 
-/// `-backlog`: a positive integer.
-pub(crate) fn parse_backlog(interp: Interp, value: &Obj) -> TclResult<i32> {
-    let backlog = value.get_int(interp)?;
-    if backlog < 1 {
+/// An integer of at least `min`, with the core's wording when it is not
+/// (`expected positive integer but got "0"`).
+fn integer(interp: Interp, value: &Obj, min: i32, what: &str) -> TclResult<i32> {
+    let n = value.get_int(interp)?;
+    if n < min {
         return Err(TclError::new(
-            format!("expected positive integer but got \"{}\"", value.to_string_lossy()),
+            format!("expected {what} integer but got \"{}\"", value.to_string_lossy()),
             &["TCL", "VALUE", "NUMBER"],
         ));
     }
-    Ok(backlog)
+    Ok(n)
+}
+
+pub(crate) fn positive(interp: Interp, value: &Obj) -> TclResult<i32> {
+    integer(interp, value, 1, "positive")
+}
+
+pub(crate) fn non_negative(interp: Interp, value: &Obj) -> TclResult<i32> {
+    integer(interp, value, 0, "non-negative")
 }
 
 /// `-threads`: accepting threads per listener, 1 to `MAX_ACCEPT_THREADS`.
@@ -198,7 +198,7 @@ pub(crate) fn open_port(interp: Interp, number: u16, options: &ServerOptions) ->
         adopt_listeners(interp, number, options)?
     } else if !passed.is_empty() {
         let listeners = inherited::adopt(&passed, number)
-            .map_err(|e| TclError::new(e.to_string(), &["SOCKETSERVER", "ADOPT"]))?;
+            .map_err(adopt_error)?;
         inherited::mark_taken(&passed);
         listeners
     } else {
@@ -239,13 +239,18 @@ fn unset_env(interp: Interp, name: &str) {
     let _ = interp.eval_global(&script);
 }
 
+fn adopt_error(error: inherited::AdoptError) -> TclError {
+    match error {
+        // Worded as Tcl words a failed system call.
+        inherited::AdoptError::Os { fd, errno } => {
+            TclError::posix(&format!("couldn't adopt descriptor {fd}"), errno as i32)
+        }
+        other => TclError::new(other.to_string(), &["SOCKETSERVER", "ADOPT"]),
+    }
+}
+
 /// The listeners of `-fd` and `-systemd`, checked and adopted.
 fn adopt_listeners(interp: Interp, number: u16, options: &ServerOptions) -> TclResult<listener::Listeners> {
-    let adopt_error = |error: inherited::AdoptError| match error {
-        // Worded as Tcl words a failed system call.
-        inherited::AdoptError::Os { fd, errno } => TclError::posix(&format!("couldn't adopt descriptor {fd}"), errno as i32),
-        other => TclError::new(other.to_string(), &["SOCKETSERVER", "ADOPT"]),
-    };
     if options.myaddr.is_some() {
         return Err(TclError::new(
             "-myaddr cannot be combined with -fd or -systemd: the sockets are bound already",

@@ -116,7 +116,7 @@ fn attempt(conn: &Connection, mode: Mode) -> Attempt {
             set_receive_low_water(fd, peeked + 1);
             Attempt::Wait
         }
-        Err(error) => Attempt::Failed(error_text(error)),
+        Err(error) => Attempt::Failed(error.text()),
     }
 }
 
@@ -143,18 +143,6 @@ fn peer_done_sending(fd: std::os::fd::RawFd) -> bool {
     // SAFETY: one pollfd, no waiting.
     let ready = unsafe { libc::poll(&mut poll, 1, 0) };
     ready > 0 && poll.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
-}
-
-fn error_text(error: proxy_protocol::Error) -> &'static str {
-    use proxy_protocol::Error::*;
-    match error {
-        Signature => "not a PROXY protocol header",
-        BadLine => "malformed v1 line",
-        LineTooLong => "v1 line too long",
-        BadCommand => "bad v2 version or command",
-        BadFamily => "bad v2 family or protocol",
-        BadLength => "bad v2 length",
-    }
 }
 
 fn finish_ok(mut conn: Connection, source: Option<std::net::SocketAddr>, next: Box<dyn Next>) {

@@ -62,16 +62,16 @@ pub enum Error {
     BadLength,
 }
 
-impl std::fmt::Display for Error {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+impl Error {
+    pub fn text(self) -> &'static str {
+        match self {
             Error::Signature => "not a PROXY protocol header",
             Error::BadLine => "malformed PROXY protocol v1 line",
             Error::LineTooLong => "PROXY protocol v1 line too long",
             Error::BadCommand => "unknown PROXY protocol v2 version or command",
             Error::BadFamily => "unknown PROXY protocol v2 address family or protocol",
             Error::BadLength => "bad PROXY protocol v2 length",
-        })
+        }
     }
 }
 

@@ -629,20 +629,6 @@ pub fn do_one_event() {
     unsafe { stub!(tcl_DoOneEvent)(0) };
 }
 
-/// Flushes Tcl's standard output and error channels, so that a process
-/// about to fork does not hand buffered output to its child as well.
-pub fn flush_standard_channels() {
-    for which in [tcl_sys::TCL_STDOUT, tcl_sys::TCL_STDERR] {
-        // SAFETY: a missing standard channel is null, which we skip.
-        unsafe {
-            let channel = stub!(tcl_GetStdChannel)(which as c_int);
-            if !channel.is_null() {
-                stub!(tcl_Flush)(channel);
-            }
-        }
-    }
-}
-
 /// Ends the process as Tcl's `exit` does: exit handlers run, channels are
 /// flushed and closed.
 #[allow(unreachable_code)] // Tcl 9 declares Tcl_Exit as not returning; 8.6 does not.

@@ -192,3 +192,13 @@ proc alive {pid} {
     }
     expr {[lindex [regexp -inline {\) (\S)} $stat] 1] ni {Z X}}
 }
+
+# freePort --
+#	A port free on 127.0.0.1 a moment ago, for tests that need a fixed
+#	port (another process, or a later generation, must find it again).
+proc freePort {} {
+    set probe [socket -server {apply {args {}}} -myaddr 127.0.0.1 0]
+    set port [lindex [fconfigure $probe -sockname] 2]
+    close $probe
+    return $port
+}

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::command::{command_prefix, open_port, parse_port, ServerOptions};
+use crate::command::{command_prefix, non_negative, open_port, parse_port, positive, ServerOptions};
 use crate::registration::InterpState;
 use crate::tcl::{Interp, NameTable, Obj, TclError, TclResult, Tcl_Obj};
 
@@ -147,9 +147,9 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
             "-concurrency" => config.concurrency = positive(interp, value)? as usize,
             "-graceful" => config.graceful = seconds(interp, value)?,
             "-init" => config.init = Some(value.clone()),
-            "-jitter" => config.jitter = non_negative(interp, value)?,
+            "-jitter" => config.jitter = non_negative(interp, value)? as u64,
             "-log" => config.log = Some(value.list_elements(interp)?),
-            "-maxconnections" => config.max_connections = non_negative(interp, value)?,
+            "-maxconnections" => config.max_connections = non_negative(interp, value)? as u64,
             "-signals" => config.signals = value.get_boolean(interp)?,
             "-timeout" => {
                 let timeout = seconds(interp, value)?;
@@ -170,25 +170,6 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
     let port = open_port(interp, number, &server)?;
     supervisor::create(interp, state, port, config)?;
     Ok(Obj::new_int(port.into()))
-}
-
-fn integer(interp: Interp, value: &Obj, min: i64, what: &str) -> TclResult<u64> {
-    let n = i64::from(value.get_int(interp)?);
-    if n < min {
-        return Err(TclError::new(
-            format!("expected {what} integer but got \"{}\"", value.to_string_lossy()),
-            &["TCL", "VALUE", "NUMBER"],
-        ));
-    }
-    Ok(n as u64)
-}
-
-fn positive(interp: Interp, value: &Obj) -> TclResult<u64> {
-    integer(interp, value, 1, "positive")
-}
-
-fn non_negative(interp: Interp, value: &Obj) -> TclResult<u64> {
-    integer(interp, value, 0, "non-negative")
 }
 
 fn worker_count(interp: Interp, value: &Obj) -> TclResult<usize> {

@@ -488,7 +488,7 @@ impl Supervisor {
         let pool = &mut self.pools[index];
         pool.reap(&mut entries);
         let now = Instant::now();
-        pool.kill_stuck(now, &mut entries);
+        pool.kill_stuck(&mut entries);
         match pool.phase {
             Phase::Running => {
                 pool.retire_surplus(&mut entries);
@@ -584,10 +584,10 @@ impl Supervisor {
         close.push(leave_write.as_raw_fd());
         let limit = (pool.config.max_connections > 0)
             .then(|| pool.config.max_connections + random_below(pool.config.jitter + 1));
-        // Output still buffered at the fork would be written twice.
-        // (A lambda, so that no global variable of the script is touched.)
+        // Output still buffered at the fork would be written twice: flush
+        // every channel, stdout and stderr included. (A lambda, so that no
+        // global variable of the script is touched.)
         let _ = pool.interp.eval_global(&Obj::new_string("apply {{} {foreach c [chan names] {catch {flush $c}}}}"));
-        tcl::flush_standard_channels();
         // SAFETY: the child runs only `worker::run`, which never returns into
         // the caller's frames; fork_safety has made our own locks safe.
         match unsafe { fork() } {
@@ -715,7 +715,7 @@ impl Pool {
     }
 
     /// Kills workers busy on one connection for longer than `-timeout`.
-    fn kill_stuck(&mut self, _now: Instant, entries: &mut Vec<LogEntry>) {
+    fn kill_stuck(&mut self, entries: &mut Vec<LogEntry>) {
         let Some(timeout) = self.config.timeout else { return };
         let now = now_millis();
         let limit = timeout.as_millis() as u64;

@@ -246,7 +246,7 @@ fn on_connection(interp: Interp, conn: Connection) {
         w.next_id += 1;
         let id = w.next_id;
         let (host, peer_port) = conn.peer_host_and_port();
-        let peer = conn.peer_text();
+        let peer = format!("{host} {peer_port}");
         let channel = interp.adopt_tcp_socket(conn.socket);
         channel.on_close(on_channel_closed, id as usize as *mut c_void);
         w.open.push(OpenChannel { id, since: now_millis(), peer });
