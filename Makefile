@@ -25,7 +25,7 @@ BUILD_PACKAGES := tcl8.6 tcl8.6-dev tcl-dev libclang-dev pkg-config
 TEST_PACKAGES  := tclx8.4 tcl-thread binutils apache2-utils systemd tcl-tls openssl curl haproxy
 BENCH_PACKAGES := apache2-utils gcc
 
-.PHONY: all build deps test test-rust test-tcl demo bench soak memcheck install uninstall clean tcl9 build-tcl9
+.PHONY: all build deps test test-rust test-tcl test-tcl9 demo bench soak memcheck install uninstall clean tcl9 build-tcl9
 
 all: build
 
@@ -59,6 +59,11 @@ test-rust:
 
 test-tcl:
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) tests/all.tcl $(TESTFLAGS)
+
+# The same suite under Tcl 9.0 (its library built beside the 8.6 one).
+test-tcl9: build-tcl9
+	@$(NEED) $(TEST_PACKAGES)
+	TCLLIBPATH=$(CURDIR)/build $(TCL9DIR)/tclsh9.0 tests/all.tcl $(TESTFLAGS)
 
 demo: build
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) examples/echo_server.tcl $(DEMOFLAGS)

@@ -44,6 +44,9 @@ struct Held {
     _forks: RwLockWriteGuard<'static, ()>,
     _exiting: RwLockWriteGuard<'static, bool>,
     table: MutexGuard<'static, PortTable>,
+    /// Tcl 9's notifiers as the fork finds them (`notifier_fork`).
+    #[cfg(tcl9)]
+    notifiers: Vec<crate::notifier_fork::Notifier>,
 }
 
 thread_local! {
@@ -66,6 +69,8 @@ extern "C" fn before_fork() {
         _forks: FORK_GUARD.write().unwrap_or_else(|poisoned| poisoned.into_inner()),
         _exiting: registration::lock_exit_flag(),
         table: port_table::lock(),
+        #[cfg(tcl9)]
+        notifiers: crate::notifier_fork::snapshot(),
     };
     let _ = HELD.try_with(|slot| *slot.borrow_mut() = Some(held));
 }
@@ -76,11 +81,13 @@ extern "C" fn in_parent() {
 }
 
 /// As `in_parent`, after closing the child's copies of what the port table
-/// owns.
+/// owns; under Tcl 9 the child then gets a notifier of its own.
 extern "C" fn in_child() {
     let _ = HELD.try_with(|slot| {
         if let Some(mut held) = slot.borrow_mut().take() {
             held.table.adopt_if_forked();
+            #[cfg(tcl9)]
+            crate::notifier_fork::renew(&held.notifiers);
         }
     });
 }

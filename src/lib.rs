@@ -7,8 +7,10 @@
 //! an ordinary Tcl TCP channel. `command` parses `::socketserver::socket`;
 //! `port_table` is the process-wide table of ports; `tcl` is the only code
 //! that touches the Tcl C API. `pool` runs worker processes for a port:
-//! it forks, watches and replaces them; `fork_safety` keeps our locks sound
-//! across any `fork`.
+//! it forks, watches and replaces them; `process` has `fork` and `wait`
+//! for scripts that fork by hand without TclX; `fork_safety` keeps our locks sound
+//! across any `fork`, and `notifier_fork` gives a child under Tcl 9 an
+//! event notifier of its own.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -20,10 +22,13 @@ pub mod counters;
 mod fork_safety;
 pub mod handoff;
 mod inherited;
+#[cfg_attr(not(tcl9), allow(dead_code))]
+mod notifier_fork;
 pub mod listener;
 mod proxy_header;
 pub mod proxy_protocol;
 mod pool;
+mod process;
 mod port_table;
 pub mod receiver;
 mod upgrade;
@@ -87,6 +92,8 @@ fn init(interp: Interp) -> tcl::TclResult<()> {
     }
     interp.create_command(c"::socketserver::socket", Some(socket_command), state);
     interp.create_command(c"::socketserver::pool", Some(pool_command), state);
+    interp.create_command(c"::socketserver::fork", Some(fork_command), state);
+    interp.create_command(c"::socketserver::wait", Some(wait_command), state);
     interp.export(c"::socketserver", c"socket");
     let version = std::ffi::CString::new(VERSION).expect("version has no NUL");
     if interp.provide_package(c"socketserver", &version) != tcl::TCL_OK {
@@ -115,6 +122,28 @@ unsafe extern "C" fn pool_command(
 ) -> c_int {
     // SAFETY: Tcl's contract for a command procedure, passed on.
     unsafe { run(state, interp, objc, objv, pool::dispatch) }
+}
+
+/// The `::socketserver::fork` command procedure.
+unsafe extern "C" fn fork_command(
+    state: *mut c_void,
+    interp: *mut Tcl_Interp,
+    objc: c_int,
+    objv: *const *mut Tcl_Obj,
+) -> c_int {
+    // SAFETY: Tcl's contract for a command procedure, passed on.
+    unsafe { run(state, interp, objc, objv, process::fork) }
+}
+
+/// The `::socketserver::wait` command procedure.
+unsafe extern "C" fn wait_command(
+    state: *mut c_void,
+    interp: *mut Tcl_Interp,
+    objc: c_int,
+    objv: *const *mut Tcl_Obj,
+) -> c_int {
+    // SAFETY: Tcl's contract for a command procedure, passed on.
+    unsafe { run(state, interp, objc, objv, process::wait) }
 }
 
 type Dispatch = fn(&InterpState, Interp, &[*mut Tcl_Obj]) -> tcl::TclResult<Obj>;

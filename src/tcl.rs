@@ -9,6 +9,7 @@
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::marker::PhantomData;
+use std::os::fd::RawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::{self, NonNull};
 
@@ -27,6 +28,7 @@ pub const TCL_OK: c_int = tcl_sys::TCL_OK as c_int;
 pub const TCL_ERROR: c_int = tcl_sys::TCL_ERROR as c_int;
 pub const TCL_FILE_EVENTS: c_int = tcl_sys::TCL_FILE_EVENTS as c_int;
 pub const TCL_READABLE: c_int = tcl_sys::TCL_READABLE as c_int;
+const TCL_WRITABLE: c_int = tcl_sys::TCL_WRITABLE as c_int;
 
 /// Looks up a function in Tcl's stubs table. Use only inside `unsafe`.
 macro_rules! stub {
@@ -276,10 +278,10 @@ impl Interp {
     /// `Tcl_WrongNumArgs`: the core's `wrong # args: should be "..."`.
     pub fn wrong_num_args(&self, objv: &[*mut Tcl_Obj], keep: usize, usage: &str) -> TclError {
         let usage = CString::new(usage).unwrap_or_default();
+        // No arguments at all: a null message, or Tcl ends the usage with a space.
+        let message = if usage.is_empty() { std::ptr::null() } else { usage.as_ptr() };
         // SAFETY: objv holds at least `keep` live objects (the caller's words).
-        unsafe {
-            stub!(tcl_WrongNumArgs)(self.as_ptr(), keep as Size, objv.as_ptr(), usage.as_ptr())
-        };
+        unsafe { stub!(tcl_WrongNumArgs)(self.as_ptr(), keep as Size, objv.as_ptr(), message) };
         TclError::AlreadySet
     }
 
@@ -373,22 +375,45 @@ impl Interp {
         }
     }
 
-    /// Evaluates `script` at global level; on error returns the message.
-    pub fn eval_global(&self, script: &Obj) -> Result<(), String> {
+    /// Evaluates `script` at global level: its result, or on error the
+    /// message.
+    pub fn eval_global(&self, script: &Obj) -> Result<Obj, String> {
         // SAFETY: interpreter and script are live; Tcl_Preserve keeps the
         // interpreter's memory valid even if the script deletes it.
         unsafe {
             stub!(tcl_Preserve)(self.as_ptr().cast());
             let code = stub!(tcl_EvalObjEx)(self.as_ptr(), script.as_ptr(), tcl_sys::TCL_EVAL_GLOBAL as c_int);
+            let result = Obj::from_raw(stub!(tcl_GetObjResult)(self.as_ptr()));
             let result = if code == TCL_OK || code == tcl_sys::TCL_RETURN as c_int {
-                Ok(())
+                Ok(result)
             } else {
-                let message = stub!(tcl_GetObjResult)(self.as_ptr());
-                Err(Obj::from_raw(message).to_string_lossy())
+                Err(result.to_string_lossy())
             };
             stub!(tcl_Release)(self.as_ptr().cast());
             result
         }
+    }
+
+    /// The descriptor under the channel `name` of this interpreter, for
+    /// channels that have one (`Tcl_GetChannelHandle`).
+    pub fn channel_fd(&self, name: &str) -> Option<RawFd> {
+        let name = CString::new(name).ok()?;
+        let mut mode: c_int = 0;
+        let mut handle: *mut c_void = std::ptr::null_mut();
+        // SAFETY: interpreter and name are live; Tcl writes the handle (for
+        // file and socket channels, the descriptor as a pointer-sized int).
+        unsafe {
+            let channel = stub!(tcl_GetChannel)(self.as_ptr(), name.as_ptr(), &mut mode);
+            if channel.is_null() {
+                stub!(tcl_ResetResult)(self.as_ptr());
+                return None;
+            }
+            let direction = if mode & TCL_READABLE != 0 { TCL_READABLE } else { TCL_WRITABLE };
+            if stub!(tcl_GetChannelHandle)(channel, direction, (&mut handle as *mut *mut c_void).cast()) != TCL_OK {
+                return None;
+            }
+        }
+        Some(handle as isize as RawFd)
     }
 
     /// Registers `command` under `name` with `client_data` passed to it.

@@ -1,13 +1,28 @@
 # helpers.tcl --
 #
 #	Shared by every test file: loads the package, forks real worker
-#	processes with TclX, talks to them over 127.0.0.1, and bounds every
-#	wait with a watchdog so that no test can hang.
+#	processes, talks to them over 127.0.0.1, and bounds every wait with a
+#	watchdog so that no test can hang.
 
 package require tcltest 2.5
 namespace import -force ::tcltest::*
 package require socketserver
-package require Tclx
+
+# fork, wait and kill are TclX's where TclX exists (Tcl 8.6: what scripts
+# written for 1.1.3 use). Tcl 9 has no TclX: the package's own fork and
+# wait, which give the same results, and the kill program. Tests of TclX
+# itself (its fork, its signal trap, the example that uses it) need the
+# constraint tclx. (Debian's TclX 8.4 would let Tcl 9 load its Tcl 8
+# library, which crashes: it is not even tried there.)
+testConstraint tclx [expr {[package vsatisfies [info tclversion] 8]
+                           && ![catch {package require Tclx}]}]
+if {![testConstraint tclx]} {
+    interp alias {} fork {} ::socketserver::fork
+    interp alias {} wait {} ::socketserver::wait
+    proc kill {signal pids} {
+        exec kill -[string map {SIG {}} $signal] {*}$pids
+    }
+}
 
 # Every wait in the suite is bounded by this many milliseconds.
 variable ::watchdogMs [expr {[info exists ::env(SOCKETSERVER_WATCHDOG_MS)] ? $::env(SOCKETSERVER_WATCHDOG_MS) : 8000}]

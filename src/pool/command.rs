@@ -91,7 +91,7 @@ pub fn dispatch(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj]) -> T
         }
         "upgrade" => {
             let command = match args.as_slice() {
-                [] => supervisor::default_command(),
+                [] => supervisor::default_command(interp),
                 [command] => command.list_elements(interp)?.iter().map(Obj::to_string_lossy).collect(),
                 _ => return Err(interp.wrong_num_args(objv, 2, "?command?")),
             };

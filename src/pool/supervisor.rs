@@ -391,8 +391,9 @@ impl Supervisor {
                 }
                 Signal::SIGHUP => ports.iter().for_each(|&port| self.reload(port)),
                 Signal::SIGUSR2 if !ports.is_empty() => {
-                    if let Err(TclError::Message { message, .. }) = self.upgrade(default_command()) {
-                        let index = self.index(ports[0]).unwrap_or(0);
+                    let index = self.index(ports[0]).unwrap_or(0);
+                    let command = default_command(self.pools[index].interp);
+                    if let Err(TclError::Message { message, .. }) = self.upgrade(command) {
                         let entry = self.pools[index].entry("upgrade-failed", vec![("message", Obj::new_string(&message))]);
                         self.log.push(entry);
                     }
@@ -874,14 +875,18 @@ impl Pool {
 }
 
 /// What `pool upgrade` runs by default: this program again, as it was
-/// started (`info nameofexecutable`, `argv0`, `argv`).
-pub fn default_command() -> Vec<String> {
-    let mut command: Vec<String> = std::env::args().take(1).collect();
-    if let Ok(exe) = std::env::current_exe() {
-        command = vec![exe.to_string_lossy().into_owned()];
-    }
-    command.extend(std::env::args().skip(1));
-    command
+/// started: the executable Tcl names (`info nameofexecutable`: for a tclsh
+/// run through a wrapper or a loader, the wrapper, not the loader the
+/// kernel ran) and this process's arguments.
+pub fn default_command(interp: Interp) -> Vec<String> {
+    let program = interp
+        .eval_global(&Obj::new_string("info nameofexecutable"))
+        .map(|name| name.to_string_lossy())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .or_else(|| std::env::current_exe().ok().map(|exe| exe.to_string_lossy().into_owned()))
+        .or_else(|| std::env::args().next());
+    program.into_iter().chain(std::env::args().skip(1)).collect()
 }
 
 /// The back-off before the next try after `failures` young deaths in a row.

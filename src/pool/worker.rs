@@ -30,15 +30,43 @@ use super::signals;
 /// from: its TCP sockets (a server socket would accept here too, and a
 /// client connection must have one owner, or its peer never sees it
 /// close) and its `after` timers. Procs, variables and files stay.
-/// (A lambda, so that no global variable of the script is touched.)
-const LEAVE_TO_SUPERVISOR: &str = "apply {{} {
-    foreach chan [chan names] {
-        if {$chan ni {stdin stdout stderr} && ![catch {chan configure $chan -sockname}]} {
-            catch {close $chan}
-        }
+/// (Lambdas, so that no global variable of the script is touched.)
+const SUPERVISOR_SOCKETS: &str = "apply {{} {
+    lmap chan [chan names] {
+        if {$chan in {stdin stdout stderr} || [catch {chan configure $chan -sockname}]} continue
+        set chan
     }
-    foreach id [after info] {after cancel $id}
 }}";
+const SUPERVISOR_TIMERS: &str = "apply {{} {foreach id [after info] {after cancel $id}}}";
+
+/// Closes this process's copies of the supervisor's socket channels.
+/// Tcl 9 shuts a socket's reading side down as it closes it, which would
+/// end the supervisor's own connection or stop its listener (the socket is
+/// shared, not copied): each descriptor is first replaced, under its
+/// number, by a new socket that is connected to nothing, and that is what
+/// Tcl shuts and closes. Tcl's file handler for the descriptor is removed
+/// before, while the number still names the socket it was made for (the
+/// notifier would fail to find the stand-in).
+fn leave_sockets_to_supervisor(interp: Interp) {
+    let Ok(names) = interp.eval_global(&Obj::new_string(SUPERVISOR_SOCKETS)) else { return };
+    let Ok(names) = names.list_elements(interp) else { return };
+    for name in names {
+        let name = name.to_string_lossy();
+        if let Some(fd) = interp.channel_fd(&name) {
+            tcl::delete_file_handler(fd);
+            if let Ok(stand_in) = nix::sys::socket::socket(
+                nix::sys::socket::AddressFamily::Inet,
+                nix::sys::socket::SockType::Stream,
+                nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+                None,
+            ) {
+                let _ = nix::unistd::dup3(stand_in.as_raw_fd(), fd, nix::fcntl::OFlag::O_CLOEXEC);
+            }
+        }
+        let close = Obj::new_list(&[Obj::new_string("close"), Obj::new_string(&name)]);
+        let _ = interp.eval_global(&Obj::new_list(&[Obj::new_string("catch"), close]));
+    }
+}
 
 /// What the supervisor hands to a worker it forks.
 pub struct Assignment {
@@ -119,7 +147,8 @@ pub fn run(assignment: Assignment) -> ! {
     // SAFETY: the pool keeps the interpreter's state alive while it lives,
     // and this process is a copy of it.
     unsafe { &*state }.reset_if_forked();
-    let _ = interp.eval_global(&Obj::new_string(LEAVE_TO_SUPERVISOR));
+    leave_sockets_to_supervisor(interp);
+    let _ = interp.eval_global(&Obj::new_string(SUPERVISOR_TIMERS));
     // After Tcl closed its socket channels: what is left on our ports is a
     // copy of a connection the accepting threads were handling.
     crate::fork_safety::close_copied_connections(&listening);

@@ -1,0 +1,204 @@
+//! A notifier of its own for a forked child under Tcl 9.
+//!
+//! Tcl 9's notifier on Linux is an epoll instance per thread, plus an
+//! eventfd that other threads write to wake that thread. `fork` copies
+//! descriptors, not the kernel objects behind them, and Tcl 9 does nothing
+//! about it (its select-based notifier on 8.6 has a fork handler; the epoll
+//! one has none). Parent and child would share one interest list and one
+//! wakeup counter: a child's `Tcl_DeleteFileHandler` removes the parent's
+//! registration (the next worker then panics in `epoll_ctl`), and a wakeup
+//! meant for the child is read by whichever process looks first, so a
+//! connection queued for a worker is never noticed.
+//!
+//! In the child, each such instance is therefore replaced under its own
+//! descriptor number by a new one holding the same registrations, after
+//! each eventfd registered in it has been replaced, under its number, by a
+//! new counter. Tcl keeps using the same numbers and never notices. The
+//! registrations are read (from `/proc/self/fdinfo`) before the fork, on
+//! the forking thread: after it, the parent goes on changing the shared
+//! list, and the child's copy of Tcl's handlers is as of the fork. Only
+//! instances that hold an eventfd, as every Tcl notifier does, are
+//! touched; this is done for Tcl 9 builds only.
+
+use std::os::fd::RawFd;
+
+/// One line of an epoll instance's fdinfo: a watched descriptor, the
+/// events asked for and the caller's 64-bit datum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Registration {
+    fd: RawFd,
+    events: u32,
+    data: u64,
+}
+
+/// An epoll instance of this process and what it watches.
+pub struct Notifier {
+    epoll_fd: RawFd,
+    registrations: Vec<Registration>,
+}
+
+/// The epoll instances that wake through an eventfd, as Tcl's do, with
+/// their registrations: to be taken just before a fork.
+pub fn snapshot() -> Vec<Notifier> {
+    descriptors_of_kind("anon_inode:[eventpoll]")
+        .into_iter()
+        .filter_map(|epoll_fd| {
+            let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{epoll_fd}")).ok()?;
+            let registrations = parse_fdinfo(&info);
+            registrations
+                .iter()
+                .any(|r| is_eventfd(r.fd))
+                .then_some(Notifier { epoll_fd, registrations })
+        })
+        .collect()
+}
+
+/// In the child of a fork: its own epoll instances and eventfds, under the
+/// same numbers, holding what `snapshot` saw before the fork.
+pub fn renew(notifiers: &[Notifier]) {
+    for notifier in notifiers {
+        for r in notifier.registrations.iter().filter(|r| is_eventfd(r.fd)) {
+            renew_eventfd(r.fd);
+        }
+        renew_epoll(notifier.epoll_fd, &notifier.registrations);
+    }
+}
+
+fn is_eventfd(fd: RawFd) -> bool {
+    kind_of(fd).as_deref() == Some("anon_inode:[eventfd]")
+}
+
+/// The open descriptors whose `/proc/self/fd` link reads `kind`.
+fn descriptors_of_kind(kind: &str) -> Vec<RawFd> {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| kind_of(fd).as_deref() == Some(kind))
+        .collect()
+}
+
+fn kind_of(fd: RawFd) -> Option<String> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+    Some(link.to_string_lossy().into_owned())
+}
+
+/// The `tfd:` lines of an epoll descriptor's fdinfo, e.g.
+/// `tfd:        5 events:       19 data:     55d0c0a1b2c3d4e5  pos:0 ...`
+/// (events and data in hexadecimal).
+fn parse_fdinfo(info: &str) -> Vec<Registration> {
+    info.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let mut field = |name: &str| -> Option<&str> {
+                (words.next()? == name).then_some(())?;
+                words.next()
+            };
+            let fd = field("tfd:")?.parse().ok()?;
+            let events = u32::from_str_radix(field("events:")?, 16).ok()?;
+            let data = u64::from_str_radix(field("data:")?, 16).ok()?;
+            Some(Registration { fd, events, data })
+        })
+        .collect()
+}
+
+/// Replaces the eventfd at `fd` by a new one with the same flags.
+fn renew_eventfd(fd: RawFd) {
+    // SAFETY: plain system calls on descriptors this process owns.
+    unsafe {
+        let status = libc::fcntl(fd, libc::F_GETFL);
+        let cloexec = libc::fcntl(fd, libc::F_GETFD) & libc::FD_CLOEXEC != 0;
+        let mut flags = 0;
+        if status >= 0 && status & libc::O_NONBLOCK != 0 {
+            flags |= libc::EFD_NONBLOCK;
+        }
+        let fresh = libc::eventfd(0, flags | libc::EFD_CLOEXEC);
+        if fresh < 0 {
+            return;
+        }
+        libc::dup3(fresh, fd, if cloexec { libc::O_CLOEXEC } else { 0 });
+        libc::close(fresh);
+    }
+}
+
+/// Replaces the epoll instance at `epoll_fd` by a new one holding
+/// `registrations` (those whose descriptor is no longer open are dropped).
+fn renew_epoll(epoll_fd: RawFd, registrations: &[Registration]) {
+    // SAFETY: plain system calls on descriptors this process owns; the
+    // event structures live on the stack for the length of each call.
+    unsafe {
+        let cloexec = libc::fcntl(epoll_fd, libc::F_GETFD) & libc::FD_CLOEXEC != 0;
+        let fresh = libc::epoll_create1(libc::EPOLL_CLOEXEC);
+        if fresh < 0 {
+            return;
+        }
+        for r in registrations {
+            let mut event = libc::epoll_event { events: r.events, u64: r.data };
+            libc::epoll_ctl(fresh, libc::EPOLL_CTL_ADD, r.fd, &mut event);
+        }
+        libc::dup3(fresh, epoll_fd, if cloexec { libc::O_CLOEXEC } else { 0 });
+        libc::close(fresh);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_registrations_of_an_fdinfo() {
+        let info = "pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t1057\n\
+                    tfd:        4 events:       19 data:     55d0c0a1b2c3d4e5  pos:0 ino:1057 sdev:f\n\
+                    tfd:       12 events: 8000001d data:                0  pos:0 ino:3 sdev:9\n";
+        assert_eq!(
+            parse_fdinfo(info),
+            vec![
+                Registration { fd: 4, events: 0x19, data: 0x55d0_c0a1_b2c3_d4e5 },
+                Registration { fd: 12, events: 0x8000_001d, data: 0 },
+            ]
+        );
+    }
+
+    /// A forked child that renews its instances no longer shares them: a
+    /// registration it removes stays in the parent's, and a wakeup it
+    /// writes is not seen by the parent.
+    #[test]
+    fn a_renewed_child_shares_neither_instance_nor_wakeup() {
+        // SAFETY: system calls on descriptors made here; the child only
+        // makes system calls and leaves with _exit.
+        unsafe {
+            let epoll = libc::epoll_create1(libc::EPOLL_CLOEXEC);
+            let wakeup = libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK);
+            let mut pipe = [0; 2];
+            assert_eq!(libc::pipe(pipe.as_mut_ptr()), 0);
+            for (fd, data) in [(wakeup, 1u64), (pipe[0], 2u64)] {
+                let mut event = libc::epoll_event { events: libc::EPOLLIN as u32, u64: data };
+                assert_eq!(libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, fd, &mut event), 0);
+            }
+            let notifiers = snapshot();
+            let pid = libc::fork();
+            if pid == 0 {
+                renew(&notifiers);
+                let mut ok = libc::epoll_ctl(epoll, libc::EPOLL_CTL_DEL, pipe[0], std::ptr::null_mut()) == 0;
+                let one = 1u64;
+                ok &= libc::write(wakeup, &one as *const u64 as *const _, 8) == 8;
+                let mut events = [libc::epoll_event { events: 0, u64: 0 }; 4];
+                // The child's own instance sees its own wakeup, datum kept.
+                ok &= libc::epoll_wait(epoll, events.as_mut_ptr(), 4, 1000) == 1;
+                ok &= { events[0].u64 } == 1;
+                libc::_exit(if ok { 0 } else { 1 });
+            }
+            let mut status = 0;
+            assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+            assert_eq!(libc::WEXITSTATUS(status), 0, "the child's checks failed");
+            // The parent still watches the pipe, and saw no wakeup.
+            let mut events = [libc::epoll_event { events: 0, u64: 0 }; 4];
+            assert_eq!(libc::epoll_wait(epoll, events.as_mut_ptr(), 4, 0), 0);
+            assert_eq!(libc::write(pipe[1], b"x".as_ptr() as *const _, 1), 1);
+            assert_eq!(libc::epoll_wait(epoll, events.as_mut_ptr(), 4, 1000), 1);
+            assert_eq!({ events[0].u64 }, 2);
+            for fd in [epoll, wakeup, pipe[0], pipe[1]] {
+                libc::close(fd);
+            }
+        }
+    }
+}
