@@ -2,6 +2,7 @@
 #
 #   make          build the package into build/socketserver<version>/
 #   make test     Rust tests and the tcltest suite (exits non-zero on failure)
+#   make test-tcl9  the same under Tcl 9.0 (fetched into build/tcl9 if absent)
 #   make demo     the echo server: a pool of forked workers
 #   make bench    benchmarks (bench/README.md)
 #   make install  install where tclsh finds packages (DESTDIR, PREFIX)
@@ -60,9 +61,11 @@ test-rust:
 test-tcl:
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) tests/all.tcl $(TESTFLAGS)
 
-# The same suite under Tcl 9.0 (its library built beside the 8.6 one).
+# The same suites under Tcl 9.0 (its library built beside the 8.6 one):
+# the Rust tests built against the Tcl 9 headers, then tcltest in tclsh9.0.
 test-tcl9: build-tcl9
 	@$(NEED) $(TEST_PACKAGES)
+	PKG_CONFIG_PATH=$(CURDIR)/$(TCL9DIR)/pkgconfig CARGO_TARGET_DIR=target/tcl9 $(CARGO) test --release
 	TCLLIBPATH=$(CURDIR)/build $(TCL9DIR)/tclsh9.0 tests/all.tcl $(TESTFLAGS)
 
 demo: build
