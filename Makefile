@@ -4,7 +4,7 @@
 #   make test     Rust tests and the tcltest suite (exits non-zero on failure)
 #   make test-tcl9  the same under Tcl 9.0 (fetched into build/tcl9 if absent)
 #   make demo     the echo server: a pool of forked workers
-#   make bench    benchmarks (bench/README.md)
+#   make bench    benchmarks (bench/README.md); make bench-tcl9: Tcl 9.0 vs 8.6
 #   make install  install where tclsh finds packages (DESTDIR, PREFIX)
 #
 # Missing Debian packages are installed with apt-get (scripts/need-packages).
@@ -26,7 +26,7 @@ BUILD_PACKAGES := tcl8.6 tcl8.6-dev tcl-dev libclang-dev pkg-config
 TEST_PACKAGES  := tclx8.4 tcl-thread binutils apache2-utils systemd tcl-tls openssl curl haproxy
 BENCH_PACKAGES := apache2-utils gcc
 
-.PHONY: all build deps test test-rust test-tcl test-tcl9 demo bench soak memcheck install uninstall clean tcl9 build-tcl9
+.PHONY: all build deps test test-rust test-tcl test-tcl9 demo bench bench-tcl9 soak memcheck install uninstall clean tcl9 build-tcl9
 
 all: build
 
@@ -76,6 +76,11 @@ bench: build
 	$(CARGO) bench --bench handoff -- $(HANDOFFFLAGS)
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/run.tcl $(BENCHFLAGS)
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/pool.tcl $(POOLBENCHFLAGS)
+
+# Tcl 9.0 against Tcl 8.6 in one run (bench/tcl9.tcl).
+bench-tcl9: build-tcl9
+	@$(NEED) $(TEST_PACKAGES) $(BENCH_PACKAGES)
+	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/tcl9.tcl $(TCL9DIR)/tclsh9.0 $(TCL9BENCHFLAGS)
 
 install: build
 	mkdir -p $(DESTDIR)$(TCLPKGDIR)/$(PKGNAME)

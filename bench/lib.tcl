@@ -15,6 +15,9 @@ if {![file exists $native] || [file mtime $native] < [file mtime [file join $her
 
 # --- servers ------------------------------------------------------------
 
+# The tclsh that runs the Tcl servers (bench/tcl9.tcl switches it).
+set ::serverTclsh [info nameofexecutable]
+
 # startServer kind workers slowPercent ?concurrency? --
 #	kind: socketserver (forked by hand), pool, poolevent (an event-driven
 #	handler, -concurrency), tcl, native (shared accept) or reuseport.
@@ -22,7 +25,7 @@ if {![file exists $native] || [file mtime $native] < [file mtime [file join $her
 proc startServer {kind workers slow {concurrency 1}} {
     switch -- $kind {
         socketserver - tcl - pool - poolevent - poolproxy {
-            set command [list [info nameofexecutable] [file join $::here server.tcl] $kind $workers $slow $concurrency]
+            set command [list $::serverTclsh [file join $::here server.tcl] $kind $workers $slow $concurrency]
         }
         native {set command [list $::native 0 $workers shared $slow]}
         reuseport {set command [list $::native 0 $workers reuseport $slow]}

@@ -11,7 +11,9 @@
 #	Prints "port P pids PID..." when ready; stops on SIGTERM.
 
 lassign $argv mode workerCount slowPercent concurrency maxConnections
-if {$mode ni {pool poolevent poolproxy}} {
+# Forking by hand takes TclX's fork and signal trap; the other servers
+# need nothing more than the Tcl at hand (8.6 or 9).
+if {$mode eq "socketserver"} {
     package require Tclx
 }
 
@@ -115,7 +117,10 @@ proc shutdown {} {
     }
     exit 0
 }
-signal trap {SIGTERM SIGINT} shutdown
+# Tcl's own server is one process: SIGTERM's default action is enough.
+if {$mode eq "socketserver"} {
+    signal trap {SIGTERM SIGINT} shutdown
+}
 # Never outlive a benchmark that died: stop by ourselves after 10 minutes.
 after 600000 shutdown
 

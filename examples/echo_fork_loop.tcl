@@ -12,7 +12,9 @@
 #
 #	The low-level way: fork the workers by hand (TclX) and register each
 #	one with "client" again after every connection. echo_server.tcl does
-#	the same with ::socketserver::pool, in a third of the code.
+#	the same with ::socketserver::pool, in a third of the code, and runs
+#	under Tcl 9 too (TclX, for fork and signal trap, is Tcl 8 only; a
+#	Tcl 9 script that forks by hand has ::socketserver::fork and wait).
 #
 #	Try it: tclsh examples/client.tcl 127.0.0.1 9901, type lines, then
 #	"quit". Stop with Ctrl-C.
