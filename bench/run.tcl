@@ -55,30 +55,6 @@ foreach {name value} $argv {
 
 source [file join $here lib.tcl]
 
-# measure kind workers --
-#	One measurement of one configuration.
-proc measure {kind workers {requests {}} {concurrency {}}} {
-    if {$requests eq {}} {set requests $::opt(-requests)}
-    if {$concurrency eq {}} {set concurrency $::opt(-concurrency)}
-    set server [startServer $kind $workers 0]
-    try {
-        set pids [dict get $server pids]
-        set accepting [pid [dict get $server pipe]]
-        set before [contextSwitches $pids]
-        set cpuBefore [cpuNs $accepting]
-        set load [runLoad [dict get $server port] $requests $concurrency]
-        set cpuAfter [cpuNs $accepting]
-        set after [contextSwitches $pids]
-        dict set load cs [expr {double($after - $before) / max(1, [dict get $load complete])}]
-        # The accepting process's CPU per connection, in microseconds (for
-        # native servers every process accepts: the figure is one of them).
-        dict set load acc [expr {($cpuAfter - $cpuBefore) / 1000.0 / max(1, [dict get $load complete])}]
-        return $load
-    } finally {
-        stopServer $server
-    }
-}
-
 # --- 1. throughput ------------------------------------------------------
 
 expr {srand([clock clicks])}

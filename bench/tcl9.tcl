@@ -43,22 +43,9 @@ foreach {name value} $argv {
 source [file join $here lib.tcl]
 set tclshs [dict create 8.6 [info nameofexecutable] 9.0 $tclsh9]
 
-proc measure {version kind workers} {
+proc measureUnder {version kind workers} {
     set ::serverTclsh [dict get $::tclshs $version]
-    set server [startServer $kind $workers 0]
-    try {
-        set pids [dict get $server pids]
-        set accepting [pid [dict get $server pipe]]
-        set before [contextSwitches $pids]
-        set cpuBefore [cpuNs $accepting]
-        set load [runLoad [dict get $server port] $::opt(-requests) $::opt(-concurrency)]
-        set complete [expr {max(1, [dict get $load complete])}]
-        dict set load cs [expr {double([contextSwitches $pids] - $before) / $complete}]
-        dict set load acc [expr {([cpuNs $accepting] - $cpuBefore) / 1000.0 / $complete}]
-        return $load
-    } finally {
-        stopServer $server
-    }
+    measure $kind $workers
 }
 
 expr {srand([clock clicks])}
@@ -79,7 +66,7 @@ puts ""
 for {set rep 1} {$rep <= $opt(-reps)} {incr rep} {
     foreach config [shuffle $configs] {
         lassign $config version kind n
-        set m [measure $version $kind $n]
+        set m [measureUnder $version $kind $n]
         foreach key {rps failed cs acc} {
             lappend results($version,$kind,$n,$key) [dict get $m $key]
         }
