@@ -18,7 +18,8 @@
 //! the forking thread: after it, the parent goes on changing the shared
 //! list, and the child's copy of Tcl's handlers is as of the fork. Only
 //! instances that hold an eventfd, as every Tcl notifier does, are
-//! touched; this is done for Tcl 9 builds only.
+//! touched (Tcl wakes through an eventfd wherever Linux has one); this is
+//! done for Tcl 9 builds only.
 
 use std::os::fd::RawFd;
 
