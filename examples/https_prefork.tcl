@@ -42,7 +42,10 @@ proc serve {chan} {
     tls::handshake $chan
     set request [gets $chan]
     while {[gets $chan header] > 0} {}
-    set body "ok from worker [pid] over [dict get [tls::status $chan] version]\n"
+    # The protocol in use: tcltls 1.7 calls it version, 1.8 protocol.
+    set status [tls::status $chan]
+    set protocol [expr {[dict exists $status protocol] ? [dict get $status protocol] : [dict get $status version]}]
+    set body "ok from worker [pid] over $protocol\n"
     puts $chan "HTTP/1.1 200 OK"
     puts $chan "Content-Type: text/plain"
     puts $chan "Content-Length: [string length $body]"
