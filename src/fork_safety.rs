@@ -27,8 +27,10 @@ use std::sync::{MutexGuard, Once, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use nix::sys::socket::{getpeername, getsockname, SockaddrStorage};
 
 use crate::listener;
+use crate::notifier_fork::{self, Notifier};
 use crate::port_table::{self, PortTable};
 use crate::registration;
+use crate::tcl;
 
 /// Taken for reading around short stretches that must not be split by a
 /// fork; for writing by `before_fork`.
@@ -44,9 +46,9 @@ struct Held {
     _forks: RwLockWriteGuard<'static, ()>,
     _exiting: RwLockWriteGuard<'static, bool>,
     table: MutexGuard<'static, PortTable>,
-    /// Tcl 9's notifiers as the fork finds them (`notifier_fork`).
-    #[cfg(tcl9)]
-    notifiers: Vec<crate::notifier_fork::Notifier>,
+    /// Tcl's notifiers as the fork finds them, where the child must be
+    /// given its own (`notifier_fork`); empty elsewhere.
+    notifiers: Vec<Notifier>,
 }
 
 thread_local! {
@@ -69,8 +71,7 @@ extern "C" fn before_fork() {
         _forks: FORK_GUARD.write().unwrap_or_else(|poisoned| poisoned.into_inner()),
         _exiting: registration::lock_exit_flag(),
         table: port_table::lock(),
-        #[cfg(tcl9)]
-        notifiers: crate::notifier_fork::snapshot(),
+        notifiers: if tcl::NOTIFIER_SHARED_ACROSS_FORK { notifier_fork::snapshot() } else { Vec::new() },
     };
     let _ = HELD.try_with(|slot| *slot.borrow_mut() = Some(held));
 }
@@ -81,13 +82,13 @@ extern "C" fn in_parent() {
 }
 
 /// As `in_parent`, after closing the child's copies of what the port table
-/// owns; under Tcl 9 the child then gets a notifier of its own.
+/// owns; where Tcl's notifier would be shared (Tcl 9), the child then
+/// gets one of its own.
 extern "C" fn in_child() {
     let _ = HELD.try_with(|slot| {
         if let Some(mut held) = slot.borrow_mut().take() {
             held.table.adopt_if_forked();
-            #[cfg(tcl9)]
-            crate::notifier_fork::renew(&held.notifiers);
+            notifier_fork::renew(&held.notifiers);
         }
     });
 }

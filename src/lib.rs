@@ -22,7 +22,6 @@ pub mod counters;
 mod fork_safety;
 pub mod handoff;
 mod inherited;
-#[cfg_attr(not(tcl9), allow(dead_code))]
 mod notifier_fork;
 pub mod listener;
 mod proxy_header;

@@ -19,9 +19,14 @@
 //! list, and the child's copy of Tcl's handlers is as of the fork. Only
 //! instances that hold an eventfd, as every Tcl notifier does, are
 //! touched (Tcl wakes through an eventfd wherever Linux has one); this is
-//! done for Tcl 9 builds only.
+//! done only where `tcl::NOTIFIER_SHARED_ACROSS_FORK` says so.
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+
+use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::unistd::dup3;
 
 /// One line of an epoll instance's fdinfo: a watched descriptor, the
 /// events asked for and the caller's 64-bit datum.
@@ -104,40 +109,34 @@ fn parse_fdinfo(info: &str) -> Vec<Registration> {
 
 /// Replaces the eventfd at `fd` by a new one with the same flags.
 fn renew_eventfd(fd: RawFd) {
-    // SAFETY: plain system calls on descriptors this process owns.
-    unsafe {
-        let status = libc::fcntl(fd, libc::F_GETFL);
-        let cloexec = libc::fcntl(fd, libc::F_GETFD) & libc::FD_CLOEXEC != 0;
-        let mut flags = 0;
-        if status >= 0 && status & libc::O_NONBLOCK != 0 {
-            flags |= libc::EFD_NONBLOCK;
-        }
-        let fresh = libc::eventfd(0, flags | libc::EFD_CLOEXEC);
-        if fresh < 0 {
-            return;
-        }
-        libc::dup3(fresh, fd, if cloexec { libc::O_CLOEXEC } else { 0 });
-        libc::close(fresh);
+    let status = fcntl(fd, FcntlArg::F_GETFL).map(OFlag::from_bits_retain).unwrap_or(OFlag::empty());
+    let mut flags = EfdFlags::EFD_CLOEXEC;
+    if status.contains(OFlag::O_NONBLOCK) {
+        flags |= EfdFlags::EFD_NONBLOCK;
+    }
+    if let Ok(fresh) = EventFd::from_flags(flags) {
+        let _ = dup3(fresh.as_fd().as_raw_fd(), fd, descriptor_flags(fd));
     }
 }
 
 /// Replaces the epoll instance at `epoll_fd` by a new one holding
 /// `registrations` (those whose descriptor is no longer open are dropped).
 fn renew_epoll(epoll_fd: RawFd, registrations: &[Registration]) {
-    // SAFETY: plain system calls on descriptors this process owns; the
-    // event structures live on the stack for the length of each call.
-    unsafe {
-        let cloexec = libc::fcntl(epoll_fd, libc::F_GETFD) & libc::FD_CLOEXEC != 0;
-        let fresh = libc::epoll_create1(libc::EPOLL_CLOEXEC);
-        if fresh < 0 {
-            return;
-        }
-        for r in registrations {
-            let mut event = libc::epoll_event { events: r.events, u64: r.data };
-            libc::epoll_ctl(fresh, libc::EPOLL_CTL_ADD, r.fd, &mut event);
-        }
-        libc::dup3(fresh, epoll_fd, if cloexec { libc::O_CLOEXEC } else { 0 });
-        libc::close(fresh);
+    let Ok(fresh) = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC) else { return };
+    for r in registrations {
+        // SAFETY: the number is only read by epoll_ctl for this call; a
+        // descriptor closed since is refused there (EBADF) and dropped.
+        let watched = unsafe { BorrowedFd::borrow_raw(r.fd) };
+        let _ = fresh.add(watched, EpollEvent::new(EpollFlags::from_bits_retain(r.events as _), r.data));
+    }
+    let _ = dup3(fresh.0.as_raw_fd(), epoll_fd, descriptor_flags(epoll_fd));
+}
+
+/// `O_CLOEXEC` if `fd` is close-on-exec, for `dup3` to keep it so.
+fn descriptor_flags(fd: RawFd) -> OFlag {
+    match fcntl(fd, FcntlArg::F_GETFD) {
+        Ok(flags) if FdFlag::from_bits_retain(flags).contains(FdFlag::FD_CLOEXEC) => OFlag::O_CLOEXEC,
+        _ => OFlag::empty(),
     }
 }
 

@@ -24,6 +24,12 @@ pub type Size = tcl_sys::Tcl_Size;
 #[cfg(not(tcl9))]
 pub type Size = c_int;
 
+/// Whether a forked child would share its parent's event notifier unless
+/// it is given one of its own (`notifier_fork`): Tcl 9's on Linux is an
+/// epoll instance per thread, with no fork handler; Tcl 8.6's (select and
+/// a notifier thread) renews itself in the child.
+pub const NOTIFIER_SHARED_ACROSS_FORK: bool = cfg!(tcl9);
+
 pub const TCL_OK: c_int = tcl_sys::TCL_OK as c_int;
 pub const TCL_ERROR: c_int = tcl_sys::TCL_ERROR as c_int;
 pub const TCL_FILE_EVENTS: c_int = tcl_sys::TCL_FILE_EVENTS as c_int;
