@@ -2,8 +2,36 @@
 #
 #	What the benchmark scripts share: the native baseline's build, starting
 #	and stopping the servers of bench/server.tcl, running ab, and reading
-#	/proc. Sourced by run.tcl and pool.tcl, which set ::here, ::top and the
-#	::opt array (-abs: ab processes side by side) first.
+#	/proc, and their options. Sourced by run.tcl, pool.tcl and tcl9.tcl,
+#	which set ::here and ::top first, then call parseOptions (-abs: ab
+#	processes side by side).
+
+# parseOptions defaults quick --
+#	Fills the ::opt array: the load every benchmark shares, then the
+#	script's $defaults, then (when ::argv has -quick) fewer repetitions
+#	and requests and the script's $quick, then the -option value pairs of
+#	::argv; exits with a usage message on anything else.
+proc parseOptions {defaults quick} {
+    array set ::opt {-reps 5 -requests 20000 -concurrency 16 -abs 2}
+    array set ::opt $defaults
+    set args $::argv
+    if {"-quick" in $args} {
+        array set ::opt {-reps 3 -requests 6000}
+        array set ::opt $quick
+        set args [lsearch -all -inline -not -exact $args -quick]
+    }
+    if {[llength $args] % 2} {
+        puts stderr "usage: tclsh [file tail $::argv0] ?-quick? ?-option value ...?"
+        exit 2
+    }
+    foreach {name value} $args {
+        if {![info exists ::opt($name)]} {
+            puts stderr "unknown option $name: must be one of [lsort [array names ::opt]] or -quick"
+            exit 2
+        }
+        set ::opt($name) $value
+    }
+}
 
 # --- the native baseline ------------------------------------------------
 

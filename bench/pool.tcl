@@ -26,28 +26,12 @@ package require Tclx
 set here [file dirname [file normalize [info script]]]
 set top [file dirname $here]
 
-array set opt {
-    -reps 5
-    -requests 20000
-    -concurrency 16
-    -abs 2
+source [file join $here lib.tcl]
+parseOptions {
     -workers {1 4 16}
     -reloads 10
     -reloadRequests 40000
-}
-if {"-quick" in $argv} {
-    array set opt {-reps 3 -requests 6000 -reloadRequests 20000}
-    set argv [lsearch -all -inline -not -exact $argv -quick]
-}
-foreach {name value} $argv {
-    if {![info exists opt($name)]} {
-        puts stderr "unknown option $name: must be one of [lsort [array names opt]] or -quick"
-        exit 2
-    }
-    set opt($name) $value
-}
-
-source [file join $here lib.tcl]
+} {-reloadRequests 20000}
 
 proc fmt {value {digits 0}} {format %.${digits}f $value}
 

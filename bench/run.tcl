@@ -26,34 +26,14 @@ package require Tclx
 set here [file dirname [file normalize [info script]]]
 set top [file dirname $here]
 
-array set opt {
-    -reps 5
-    -requests 20000
-    -concurrency 16
-    -abs 2
+source [file join $here lib.tcl]
+parseOptions {
     -workers {1 2 4 8 16 32}
     -memory 100000
     -mixedWorkers 8
     -mixedRequests 4000
     -sequential 3000
-}
-if {"-quick" in $argv} {
-    array set opt {-reps 3 -requests 6000 -workers {1 4 16} -memory 20000 -mixedRequests 2000 -sequential 1000}
-    set argv [lsearch -all -inline -not -exact $argv -quick]
-}
-if {[llength $argv] % 2} {
-    puts stderr "usage: tclsh bench/run.tcl ?-quick? ?-option value ...?"
-    exit 2
-}
-foreach {name value} $argv {
-    if {![info exists opt($name)]} {
-        puts stderr "unknown option $name: must be one of [lsort [array names opt]] or -quick"
-        exit 2
-    }
-    set opt($name) $value
-}
-
-source [file join $here lib.tcl]
+} {-workers {1 4 16} -memory 20000 -mixedRequests 2000 -sequential 1000}
 
 # --- 1. throughput ------------------------------------------------------
 

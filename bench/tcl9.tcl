@@ -21,26 +21,10 @@ if {$tclsh9 eq "" || ![file executable $tclsh9]} {
     puts stderr "usage: tclsh8.6 bench/tcl9.tcl TCLSH9 ?-quick? ?-option value ...? (make tcl9 provides build/tcl9/tclsh9.0)"
     exit 2
 }
-array set opt {
-    -reps 5
-    -requests 20000
-    -concurrency 16
-    -abs 2
-    -workers {1 4}
-}
-if {"-quick" in $argv} {
-    array set opt {-reps 3 -requests 6000}
-    set argv [lsearch -all -inline -not -exact $argv -quick]
-}
-foreach {name value} $argv {
-    if {![info exists opt($name)] || $value eq ""} {
-        puts stderr "unknown option $name: must be one of [lsort [array names opt]] or -quick"
-        exit 2
-    }
-    set opt($name) $value
-}
-
 source [file join $here lib.tcl]
+parseOptions {
+    -workers {1 4}
+} {}
 set tclshs [dict create 8.6 [info nameofexecutable] 9.0 $tclsh9]
 
 proc measureUnder {version kind workers} {

@@ -101,49 +101,26 @@ fn init(interp: Interp) -> tcl::TclResult<()> {
     Ok(())
 }
 
-/// The `::socketserver::socket` command procedure.
-unsafe extern "C" fn socket_command(
-    state: *mut c_void,
-    interp: *mut Tcl_Interp,
-    objc: c_int,
-    objv: *const *mut Tcl_Obj,
-) -> c_int {
-    // SAFETY: Tcl's contract for a command procedure, passed on.
-    unsafe { run(state, interp, objc, objv, command::dispatch) }
+/// Defines the command procedure `$name`, which runs `$dispatch` under
+/// `run`.
+macro_rules! command_procedure {
+    ($name:ident, $dispatch:path) => {
+        unsafe extern "C" fn $name(
+            state: *mut c_void,
+            interp: *mut Tcl_Interp,
+            objc: c_int,
+            objv: *const *mut Tcl_Obj,
+        ) -> c_int {
+            // SAFETY: Tcl's contract for a command procedure, passed on.
+            unsafe { run(state, interp, objc, objv, $dispatch) }
+        }
+    };
 }
 
-/// The `::socketserver::pool` command procedure.
-unsafe extern "C" fn pool_command(
-    state: *mut c_void,
-    interp: *mut Tcl_Interp,
-    objc: c_int,
-    objv: *const *mut Tcl_Obj,
-) -> c_int {
-    // SAFETY: Tcl's contract for a command procedure, passed on.
-    unsafe { run(state, interp, objc, objv, pool::dispatch) }
-}
-
-/// The `::socketserver::fork` command procedure.
-unsafe extern "C" fn fork_command(
-    state: *mut c_void,
-    interp: *mut Tcl_Interp,
-    objc: c_int,
-    objv: *const *mut Tcl_Obj,
-) -> c_int {
-    // SAFETY: Tcl's contract for a command procedure, passed on.
-    unsafe { run(state, interp, objc, objv, process::fork) }
-}
-
-/// The `::socketserver::wait` command procedure.
-unsafe extern "C" fn wait_command(
-    state: *mut c_void,
-    interp: *mut Tcl_Interp,
-    objc: c_int,
-    objv: *const *mut Tcl_Obj,
-) -> c_int {
-    // SAFETY: Tcl's contract for a command procedure, passed on.
-    unsafe { run(state, interp, objc, objv, process::wait) }
-}
+command_procedure!(socket_command, command::dispatch);
+command_procedure!(pool_command, pool::dispatch);
+command_procedure!(fork_command, process::fork);
+command_procedure!(wait_command, process::wait);
 
 type Dispatch = fn(&InterpState, Interp, &[*mut Tcl_Obj]) -> tcl::TclResult<Obj>;
 

@@ -37,10 +37,12 @@ struct Registration {
     data: u64,
 }
 
-/// An epoll instance of this process and what it watches.
+/// An epoll instance of this process, what it watches, and which of those
+/// are its wakeup eventfds.
 pub struct Notifier {
     epoll_fd: RawFd,
     registrations: Vec<Registration>,
+    wakeups: Vec<RawFd>,
 }
 
 /// The epoll instances that wake through an eventfd, as Tcl's do, with
@@ -51,10 +53,12 @@ pub fn snapshot() -> Vec<Notifier> {
         .filter_map(|epoll_fd| {
             let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{epoll_fd}")).ok()?;
             let registrations = parse_fdinfo(&info);
-            registrations
+            let wakeups: Vec<RawFd> = registrations
                 .iter()
-                .any(|r| is_eventfd(r.fd))
-                .then_some(Notifier { epoll_fd, registrations })
+                .map(|r| r.fd)
+                .filter(|&fd| kind_of(fd).as_deref() == Some("anon_inode:[eventfd]"))
+                .collect();
+            (!wakeups.is_empty()).then_some(Notifier { epoll_fd, registrations, wakeups })
         })
         .collect()
 }
@@ -63,15 +67,9 @@ pub fn snapshot() -> Vec<Notifier> {
 /// same numbers, holding what `snapshot` saw before the fork.
 pub fn renew(notifiers: &[Notifier]) {
     for notifier in notifiers {
-        for r in notifier.registrations.iter().filter(|r| is_eventfd(r.fd)) {
-            renew_eventfd(r.fd);
-        }
+        notifier.wakeups.iter().for_each(|&fd| renew_eventfd(fd));
         renew_epoll(notifier.epoll_fd, &notifier.registrations);
     }
-}
-
-fn is_eventfd(fd: RawFd) -> bool {
-    kind_of(fd).as_deref() == Some("anon_inode:[eventfd]")
 }
 
 /// The open descriptors whose `/proc/self/fd` link reads `kind`.

@@ -12,17 +12,31 @@ use crate::tcl::{Interp, NameTable, Obj, TclError, TclResult, Tcl_Obj};
 
 static WAIT_OPTIONS: NameTable<2> = NameTable([c"-nohang".as_ptr(), std::ptr::null()]);
 
-/// `fork`: the child's pid in the parent, 0 in the child. Output buffered
-/// in any channel is flushed first, or both processes would write it.
+/// Forks, after flushing every channel of `interp` (stdout and stderr
+/// included): output still buffered at the fork would be written by both
+/// processes. (A lambda, so that no global variable of the script is
+/// touched.) Every fork of the library whose child goes on in Tcl goes
+/// through here (an upgrade's child execs at once).
+///
+/// # Safety
+/// As for `nix::unistd::fork`: what the child runs must be sound in a copy
+/// of this process with only the calling thread. Our own locks are made
+/// safe by `fork_safety`, which also gives the child its own notifier
+/// where Tcl's would be shared.
+pub unsafe fn fork_flushed(interp: Interp) -> nix::Result<ForkResult> {
+    let _ = interp.eval_global(&Obj::new_string("apply {{} {foreach c [chan names] {catch {flush $c}}}}"));
+    // SAFETY: the caller's promise.
+    unsafe { fork_process() }
+}
+
+/// `fork`: the child's pid in the parent, 0 in the child.
 pub fn fork(_state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj]) -> TclResult<Obj> {
     if objv.len() != 1 {
         return Err(interp.wrong_num_args(objv, 1, ""));
     }
-    let _ = interp.eval_global(&Obj::new_string("apply {{} {foreach c [chan names] {catch {flush $c}}}}"));
     // SAFETY: the child goes on in the same interpreter, as after TclX's
-    // fork; fork_safety has made our own locks safe, and under Tcl 9 gives
-    // the child a notifier of its own.
-    match unsafe { fork_process() } {
+    // fork.
+    match unsafe { fork_flushed(interp) } {
         Ok(ForkResult::Child) => Ok(Obj::new_int(0)),
         Ok(ForkResult::Parent { child }) => Ok(Obj::new_int(child.as_raw().into())),
         Err(errno) => Err(TclError::posix("can't fork", errno as i32)),

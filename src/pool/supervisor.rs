@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::{fork, ForkResult, Pid};
+use nix::unistd::{ForkResult, Pid};
 
 use crate::port_table;
 use crate::registration::InterpState;
@@ -585,13 +585,9 @@ impl Supervisor {
         close.push(leave_write.as_raw_fd());
         let limit = (pool.config.max_connections > 0)
             .then(|| pool.config.max_connections + random_below(pool.config.jitter + 1));
-        // Output still buffered at the fork would be written twice: flush
-        // every channel, stdout and stderr included. (A lambda, so that no
-        // global variable of the script is touched.)
-        let _ = pool.interp.eval_global(&Obj::new_string("apply {{} {foreach c [chan names] {catch {flush $c}}}}"));
         // SAFETY: the child runs only `worker::run`, which never returns into
-        // the caller's frames; fork_safety has made our own locks safe.
-        match unsafe { fork() } {
+        // the caller's frames.
+        match unsafe { crate::process::fork_flushed(pool.interp) } {
             Ok(ForkResult::Child) => worker::run(Assignment {
                 port: pool.port,
                 interp: pool.interp,
