@@ -3,7 +3,8 @@
 #   make          build the package into build/socketserver<version>/
 #   make test     Rust tests and the tcltest suite (exits non-zero on failure)
 #   make test-tcl9  the same under Tcl 9.0 (fetched into build/tcl9 if absent)
-#   make demo     the echo server: a pool of forked workers
+#   make demo     the echo server: a pool of forked workers on port 9901
+#                 (DEMOFLAGS="PORT WORKERS" to change them, e.g. "9902 8")
 #   make bench    benchmarks (bench/README.md); make bench-tcl9: Tcl 9.0 vs 8.6
 #   make install  install where tclsh finds packages (DESTDIR, PREFIX)
 #
@@ -42,8 +43,8 @@ build: deps
 	    pkgIndex.tcl.in > $(PKGDIR)/pkgIndex.tcl
 
 # Tcl 9.0 from Debian 13 into build/tcl9 (the system is left as it was), and
-# the library built against its headers beside the 8.6 one. Work in
-# progress: see README, "Tcl versions".
+# the library built against its headers beside the 8.6 one (README, "Tcl
+# versions").
 tcl9:
 	scripts/get-tcl9 $(TCL9DIR)
 
@@ -84,8 +85,8 @@ bench-tcl9: build-tcl9
 
 install: build
 	mkdir -p $(DESTDIR)$(TCLPKGDIR)/$(PKGNAME)
-	install -m 0755 $(PKGDIR)/$(LIBFILE) $(DESTDIR)$(TCLPKGDIR)/$(PKGNAME)/
-	if [ -f $(PKGDIR)/$(TCL9LIBFILE) ]; then install -m 0755 $(PKGDIR)/$(TCL9LIBFILE) $(DESTDIR)$(TCLPKGDIR)/$(PKGNAME)/; fi
+	install -m 0755 -s $(PKGDIR)/$(LIBFILE) $(DESTDIR)$(TCLPKGDIR)/$(PKGNAME)/
+	if [ -f $(PKGDIR)/$(TCL9LIBFILE) ]; then install -m 0755 -s $(PKGDIR)/$(TCL9LIBFILE) $(DESTDIR)$(TCLPKGDIR)/$(PKGNAME)/; fi
 	install -m 0644 $(PKGDIR)/pkgIndex.tcl $(PKGDIR)/socketserver.tcl $(DESTDIR)$(TCLPKGDIR)/$(PKGNAME)/
 	mkdir -p $(DESTDIR)$(PREFIX)/share/man/mann
 	install -m 0644 doc/socketserver.n $(DESTDIR)$(PREFIX)/share/man/mann/socketserver.n

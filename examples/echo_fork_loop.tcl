@@ -10,17 +10,26 @@
 #	    port     the TCP port (default 9901; 0 picks a free one)
 #	    workers  how many worker processes to fork (default 4)
 #
-#	The low-level way: fork the workers by hand (TclX) and register each
-#	one with "client" again after every connection. echo_server.tcl does
-#	the same with ::socketserver::pool, in a third of the code, and runs
-#	under Tcl 9 too (TclX, for fork and signal trap, is Tcl 8 only; a
-#	Tcl 9 script that forks by hand has ::socketserver::fork and wait).
+#	The low-level way: fork the workers by hand and register each one with
+#	"client" again after every connection, as 1.1.3 scripts do with TclX.
+#	echo_server.tcl does the same with ::socketserver::pool, in a third of
+#	the code. TclX (fork, wait, kill, signal trap) exists for Tcl 8 only:
+#	under Tcl 9 this script uses ::socketserver::fork and wait instead, and
+#	has no signal trap (Ctrl-C reaches the workers too; a SIGTERM to the
+#	parent alone closes the queue, and each worker leaves).
 #
 #	Try it: tclsh examples/client.tcl 127.0.0.1 9901, type lines, then
 #	"quit". Stop with Ctrl-C.
 
 package require socketserver
-package require Tclx
+if {[package vsatisfies [package provide Tcl] 9]} {
+    # Never "package require Tclx" under Tcl 9: Debian's TclX 8.4 is built
+    # for Tcl 8 and would crash it.
+    interp alias {} fork {} ::socketserver::fork
+    interp alias {} wait {} ::socketserver::wait
+} else {
+    package require Tclx
+}
 
 set port [expr {$argc > 0 ? [lindex $argv 0] : 9901}]
 set workerCount [expr {$argc > 1 ? [lindex $argv 1] : 4}]
@@ -81,7 +90,9 @@ set workers {}
 for {set i 0} {$i < $workerCount} {incr i} {
     lappend workers [make_worker]
 }
-signal trap {SIGINT SIGTERM} shutdown
+if {[llength [info commands signal]]} {
+    signal trap {SIGINT SIGTERM} shutdown
+}
 
 puts "echo server on port $port with [llength $workers] workers: $workers"
 puts "connect with: tclsh [file join [file dirname [info script]] client.tcl] 127.0.0.1 $port; each line comes back with the pid of the worker that serves you, \"quit\" ends"

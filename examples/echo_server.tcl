@@ -26,7 +26,15 @@ proc echo {chan addr port} {
     close $chan
 }
 
-set port [::socketserver::pool create -workers $workers $port echo]
+if {[catch {::socketserver::pool create -workers $workers $port echo} result options]} {
+    if {[lrange [dict get $options -errorcode] 0 1] eq {POSIX EADDRINUSE}} {
+        puts stderr "port $port is taken: name another, or 0 for a free one\
+            (tclsh [info script] PORT ?WORKERS?, or make demo DEMOFLAGS=\"PORT ?WORKERS?\")"
+        exit 1
+    }
+    return -options $options $result
+}
+set port $result
 
 set pids [dict keys [dict get [::socketserver::pool info $port] workers]]
 puts "echo server on port $port with $workers workers: $pids"

@@ -8,17 +8,20 @@
 #	that stalls the handshake is cut off after 10 seconds.
 #
 #	Usage: tclsh https_prefork.tcl ?port? ?workers? ?certdir?
-#	    defaults: 8443 4 ./https-cert; 0 picks a free port.
+#	    defaults: 8443 4 $TMPDIR/socketserver-https-cert (/tmp when TMPDIR
+#	    is unset); 0 picks a free port.
 #	    certdir holds cert.pem and key.pem; when they are missing, a
 #	    self-signed certificate for localhost and 127.0.0.1 is made there
 #	    with openssl.
 #
-#	Try it: curl --cacert https-cert/cert.pem https://127.0.0.1:8443/
+#	Try it: curl --cacert /tmp/socketserver-https-cert/cert.pem https://127.0.0.1:8443/
+#	(the server prints the command with its certificate's path).
 
 package require socketserver
 package require tls
 
-lassign [concat $argv [lrange [list 8443 4 [file join [pwd] https-cert]] $argc end]] port workers certdir
+set tmp [expr {[info exists ::env(TMPDIR)] ? $::env(TMPDIR) : "/tmp"}]
+lassign [concat $argv [lrange [list 8443 4 [file join $tmp socketserver-https-cert]] $argc end]] port workers certdir
 
 set cert [file join $certdir cert.pem]
 set key [file join $certdir key.pem]
