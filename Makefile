@@ -24,7 +24,7 @@ TCLPKGDIR ?= $(PREFIX)/lib/tcltk
 NEED      := scripts/need-packages
 
 BUILD_PACKAGES := tcl8.6 tcl8.6-dev tcl-dev libclang-dev pkg-config
-TEST_PACKAGES  := tclx8.4 tcl-thread binutils apache2-utils systemd tcl-tls openssl curl haproxy
+TEST_PACKAGES  := tclx8.4 tcl-thread tcllib binutils apache2-utils systemd tcl-tls openssl curl haproxy
 BENCH_PACKAGES := apache2-utils gcc
 
 .PHONY: all build deps test test-rust test-tcl test-tcl9 demo bench bench-tcl9 soak memcheck install uninstall clean tcl9 build-tcl9
@@ -77,6 +77,7 @@ bench: build
 	$(CARGO) bench --bench handoff -- $(HANDOFFFLAGS)
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/run.tcl $(BENCHFLAGS)
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/pool.tcl $(POOLBENCHFLAGS)
+	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/httpd.tcl $(HTTPDBENCHFLAGS)
 
 # Tcl 9.0 against Tcl 8.6 in one run (bench/tcl9.tcl).
 bench-tcl9: build-tcl9

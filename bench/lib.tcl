@@ -136,10 +136,12 @@ proc rssKb {pid} {
     return 0
 }
 
-# runLoad port requests concurrency --
+# runLoad port requests concurrency ?perRequest? ?path? --
 #	Runs -abs ab processes side by side, each with its share of the
-#	requests and of the concurrency. Returns a dict of the totals.
-proc runLoad {port requests concurrency {perRequest 0}} {
+#	requests and of the concurrency, against http://127.0.0.1:PORT/PATH.
+#	Returns a dict of the totals; with perRequest, exact percentiles and
+#	the share of requests of 50 ms or more (late) from every request's time.
+proc runLoad {port requests concurrency {perRequest 0} {path /}} {
     set count $::opt(-abs)
     set pipes {}
     set files {}
@@ -152,7 +154,7 @@ proc runLoad {port requests concurrency {perRequest 0}} {
             set extra [list -g $file]
         }
         lappend pipes [open |[list ab -r {*}$extra -n [expr {$requests / $count}] \
-            -c [expr {max(1, $concurrency / $count)}] http://127.0.0.1:$port/ 2>@1] r]
+            -c [expr {max(1, $concurrency / $count)}] http://127.0.0.1:$port$path 2>@1] r]
     }
     # Read in the event loop, so that timers set by the caller (signals to
     # the server during the load) fire while it runs.
