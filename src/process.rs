@@ -56,13 +56,15 @@ pub fn wait(_state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj]) -> TclR
         }
         _ => return Err(interp.wrong_num_args(objv, 1, "?-nohang? pid")),
     };
-    let pid = pid_word.get_int(interp)?;
-    if pid <= 0 {
+    // pid_t's range: Tcl 8.6 would wrap a value up to 2^32 in magnitude
+    // into it (-4294967295 is 1).
+    let pid = pid_word.get_wide(interp)?;
+    let Some(pid) = i32::try_from(pid).ok().filter(|&pid| pid > 0) else {
         return Err(TclError::new(
             format!("expected a process id but got \"{}\"", pid_word.to_string_lossy()),
             &["TCL", "VALUE", "PID"],
         ));
-    }
+    };
     let flags = nohang.then_some(WaitPidFlag::WNOHANG);
     let status = loop {
         match waitpid(Pid::from_raw(pid), flags) {

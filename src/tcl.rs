@@ -193,6 +193,20 @@ impl Obj {
         }
     }
 
+    /// The value as a wide integer, with Tcl's own error message when it
+    /// is not one (for ranges that `get_int` would wrap, as Tcl 8.6 does
+    /// with values up to 2^32 in magnitude).
+    pub fn get_wide(&self, interp: Interp) -> TclResult<i64> {
+        let mut value: tcl_sys::Tcl_WideInt = 0;
+        // SAFETY: interpreter and object are live on this thread.
+        let code = unsafe { stub!(tcl_GetWideIntFromObj)(interp.as_ptr(), self.as_ptr(), &mut value) };
+        if code == TCL_OK {
+            Ok(value)
+        } else {
+            Err(TclError::AlreadySet)
+        }
+    }
+
     /// The elements of the value as a list, with Tcl's own error message
     /// when it is not a well-formed list.
     pub fn list_elements(&self, interp: Interp) -> TclResult<Vec<Obj>> {
@@ -420,6 +434,63 @@ impl Interp {
             }
         }
         Some(handle as isize as RawFd)
+    }
+
+    /// The interpreter whose child this one is, if any.
+    pub fn parent(&self) -> Option<Interp> {
+        #[cfg(tcl9)]
+        // SAFETY: the interpreter is live on this thread.
+        let parent = unsafe { stub!(tcl_GetParent)(self.as_ptr()) };
+        #[cfg(not(tcl9))]
+        // SAFETY: as above (Tcl 8.6's name for it).
+        let parent = unsafe { stub!(tcl_GetMaster)(self.as_ptr()) };
+        // SAFETY: Tcl returned a live interpreter of this thread.
+        (!parent.is_null()).then(|| unsafe { Interp::from_raw(parent) })
+    }
+
+    /// This interpreter's children (`interp slaves`, which Tcl 9 still
+    /// has, safe interpreters too).
+    pub fn children(&self) -> Vec<Interp> {
+        let Ok(names) = self.eval_global(&Obj::new_string("interp slaves")) else { return Vec::new() };
+        let Ok(names) = names.list_elements(*self) else { return Vec::new() };
+        names
+            .iter()
+            .filter_map(|name| {
+                let name = CString::new(name.to_string_lossy()).ok()?;
+                #[cfg(tcl9)]
+                // SAFETY: the interpreter and the name are live on this thread.
+                let child = unsafe { stub!(tcl_GetChild)(self.as_ptr(), name.as_ptr()) };
+                #[cfg(not(tcl9))]
+                // SAFETY: as above (Tcl 8.6's name for it).
+                let child = unsafe { stub!(tcl_GetSlave)(self.as_ptr(), name.as_ptr()) };
+                // SAFETY: Tcl returned a live interpreter of this thread.
+                (!child.is_null()).then(|| unsafe { Interp::from_raw(child) })
+            })
+            .collect()
+    }
+
+    /// Whether the channel `name` of this interpreter is a TCP socket of
+    /// Tcl's, or a channel stacked on one (TLS).
+    pub fn is_tcp_channel(&self, name: &str) -> bool {
+        let Ok(name) = CString::new(name) else { return false };
+        // SAFETY: interpreter and name are live; channel types are static
+        // structures with a NUL-terminated name.
+        unsafe {
+            let mut channel = stub!(tcl_GetChannel)(self.as_ptr(), name.as_ptr(), ptr::null_mut());
+            if channel.is_null() {
+                stub!(tcl_ResetResult)(self.as_ptr());
+                return false;
+            }
+            loop {
+                let below = stub!(tcl_GetStackedChannel)(channel);
+                if below.is_null() {
+                    break;
+                }
+                channel = below;
+            }
+            let kind = stub!(tcl_GetChannelType)(channel);
+            !kind.is_null() && !(*kind).typeName.is_null() && CStr::from_ptr((*kind).typeName) == c"tcp"
+        }
     }
 
     /// Registers `command` under `name` with `client_data` passed to it.

@@ -7,6 +7,7 @@ use crate::registration::InterpState;
 use crate::tcl::{Interp, NameTable, Obj, TclError, TclResult, Tcl_Obj};
 
 use super::supervisor::{self, Config, MAX_WORKERS};
+use super::worker;
 
 static SUBCOMMANDS: NameTable<8> = NameTable([
     c"create".as_ptr(),
@@ -167,6 +168,10 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
         }
     }
     let number = parse_port(interp, port_word)?;
+    // Before the port is opened: a worker would keep it, unserved.
+    if worker::is_worker() {
+        return Err(supervisor::not_here());
+    }
     let port = open_port(interp, number, &server)?;
     supervisor::create(interp, state, port, config)?;
     Ok(Obj::new_int(port.into()))

@@ -158,7 +158,7 @@ fn with_supervisor<R>(f: impl FnOnce(&mut Supervisor) -> R) -> R {
     result
 }
 
-fn not_here() -> TclError {
+pub(super) fn not_here() -> TclError {
     TclError::new(
         "pools are run by the process that created them, not by its workers",
         &["SOCKETSERVER", "POOL", "WORKER"],
