@@ -161,6 +161,8 @@ impl InterpState {
         queue: Arc<OwnedFd>,
         counters: Arc<Counters>,
     ) -> TclResult<()> {
+        // Registrations copied from the parent have no receiver here.
+        self.reset_if_forked();
         let mut registrations = self.registrations.borrow_mut();
         // A port closed and opened again has a new queue: start over.
         registrations.retain(|r| r.port != port || Arc::ptr_eq(&r.mailbox.queue, &queue));

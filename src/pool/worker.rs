@@ -26,32 +26,69 @@ use crate::tcl::{self, Interp, Obj};
 use super::scoreboard::{now_millis, Slot, State};
 use super::signals;
 
-/// What a worker does not take over from the supervisor it was forked
-/// from: its TCP sockets (a server socket would accept here too, and a
-/// client connection must have one owner, or its peer never sees it
-/// close) and its `after` timers. Procs, variables and files stay.
-/// (Lambdas, so that no global variable of the script is touched.)
-const SUPERVISOR_SOCKETS: &str = "apply {{} {
-    lmap chan [chan names] {
-        if {$chan in {stdin stdout stderr} || [catch {chan configure $chan -sockname}]} continue
-        set chan
+/// Scripts run in each interpreter of the worker's thread (lambdas, so
+/// that no global variable of the script is touched).
+const CHANNEL_NAMES: &str = "chan names";
+const SUPERVISOR_FILE_EVENTS: &str = "apply {{} {
+    foreach chan [chan names] {
+        catch {chan event $chan readable {}}
+        catch {chan event $chan writable {}}
     }
 }}";
 const SUPERVISOR_TIMERS: &str = "apply {{} {foreach id [after info] {after cancel $id}}}";
 
-/// Closes this process's copies of the supervisor's socket channels.
+/// Every interpreter of the tree `interp` belongs to, root first.
+fn interpreter_tree(interp: Interp) -> Vec<Interp> {
+    let mut root = interp;
+    while let Some(parent) = root.parent() {
+        root = parent;
+    }
+    let mut tree = vec![root];
+    let mut next = 0;
+    while next < tree.len() {
+        let children = tree[next].children();
+        tree.extend(children);
+        next += 1;
+    }
+    tree
+}
+
+/// What a worker takes over from the process it was forked from, stated
+/// once and enforced here: every interpreter of the forking thread (the
+/// pool's interpreter, the one it is a child of, and so on up to the
+/// root, and every descendant of that root) keeps its
+/// procs, variables and channels, but none of the supervisor's event
+/// sources. Its TCP sockets, and channels stacked on them, are closed (a
+/// server socket would accept here too; a connection must have one owner,
+/// or its peer never sees it close); its other channels lose their
+/// `fileevent` scripts (stdin read by a console is the supervisor's); its
+/// `after` timers are cancelled. Other threads do not exist in a forked
+/// process: their interpreters never run there.
+fn leave_events_to_supervisor(interp: Interp) {
+    for member in interpreter_tree(interp) {
+        leave_sockets_to_supervisor(member);
+        let _ = member.eval_global(&Obj::new_string(SUPERVISOR_FILE_EVENTS));
+        let _ = member.eval_global(&Obj::new_string(SUPERVISOR_TIMERS));
+    }
+}
+
+/// Closes this interpreter's copies of the supervisor's socket channels.
 /// Tcl 9 shuts a socket's reading side down as it closes it, which would
 /// end the supervisor's own connection or stop its listener (the socket is
 /// shared, not copied): each descriptor is first replaced, under its
 /// number, by a new socket that is connected to nothing, and that is what
 /// Tcl shuts and closes. Tcl's file handler for the descriptor is removed
 /// before, while the number still names the socket it was made for (the
-/// notifier would fail to find the stand-in).
+/// notifier would fail to find the stand-in). A channel shared with
+/// another interpreter is closed once each has let it go.
 fn leave_sockets_to_supervisor(interp: Interp) {
-    let Ok(names) = interp.eval_global(&Obj::new_string(SUPERVISOR_SOCKETS)) else { return };
+    let Ok(names) = interp.eval_global(&Obj::new_string(CHANNEL_NAMES)) else { return };
     let Ok(names) = names.list_elements(interp) else { return };
     for name in names {
         let name = name.to_string_lossy();
+        if matches!(name.as_str(), "stdin" | "stdout" | "stderr") || !interp.is_tcp_channel(&name) {
+            continue;
+        }
         if let Some(fd) = interp.channel_fd(&name) {
             tcl::delete_file_handler(fd);
             if let Ok(stand_in) = nix::sys::socket::socket(
@@ -94,6 +131,10 @@ struct OpenChannel {
 }
 
 struct Worker {
+    /// The worker process. A child forked inside it (by a handler) has a
+    /// copy of this state but is an ordinary process, not the worker: it
+    /// neither registers, nor serves, nor writes to the scoreboard.
+    pid: nix::unistd::Pid,
     port: u16,
     interp: Interp,
     state: *const InterpState,
@@ -119,9 +160,9 @@ thread_local! {
 const NATIVE: NativeHandler =
     NativeHandler { connection: on_connection, queue_closed: on_queue_closed, proxy_rejected: on_proxy_rejected };
 
-/// Whether this process is a pool's worker.
+/// Whether this process is a pool's worker (not a child forked in one).
 pub fn is_worker() -> bool {
-    WORKER.with(|w| w.borrow().is_some())
+    with_worker(|_| ()).is_some()
 }
 
 /// Runs in the child right after `fork`; never returns.
@@ -147,8 +188,7 @@ pub fn run(assignment: Assignment) -> ! {
     // SAFETY: the pool keeps the interpreter's state alive while it lives,
     // and this process is a copy of it.
     unsafe { &*state }.reset_if_forked();
-    leave_sockets_to_supervisor(interp);
-    let _ = interp.eval_global(&Obj::new_string(SUPERVISOR_TIMERS));
+    leave_events_to_supervisor(interp);
     // After Tcl closed its socket channels: what is left on our ports is a
     // copy of a connection the accepting threads were handling.
     crate::fork_safety::close_copied_connections(&listening);
@@ -165,6 +205,7 @@ pub fn run(assignment: Assignment) -> ! {
     let leave_fd = leave.as_raw_fd();
     WORKER.with(|w| {
         *w.borrow_mut() = Some(Worker {
+            pid: nix::unistd::getpid(),
             port,
             interp,
             state,
@@ -189,7 +230,9 @@ pub fn run(assignment: Assignment) -> ! {
     with_worker(|w| w.register());
     signals::notify_supervisor();
     loop {
-        if WORKER.with(|w| w.borrow().as_ref().is_none_or(|w| w.done)) {
+        // In a child forked by a handler this is never true: it serves its
+        // events until it exits by itself, as after TclX's fork.
+        if with_worker(|w| w.done) == Some(true) {
             // A connection taken just before we stopped waiting may still be
             // on its way: it goes back to the queue, not down with us.
             // SAFETY: see `Worker::interp_state`.
@@ -200,8 +243,10 @@ pub fn run(assignment: Assignment) -> ! {
     }
 }
 
+/// Runs `f` on the worker's state, in the worker process only.
 fn with_worker<R>(f: impl FnOnce(&mut Worker) -> R) -> Option<R> {
-    WORKER.with(|w| w.borrow_mut().as_mut().map(f))
+    let pid = nix::unistd::getpid();
+    WORKER.with(|w| w.borrow_mut().as_mut().filter(|w| w.pid == pid).map(f))
 }
 
 impl Worker {
