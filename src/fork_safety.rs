@@ -3,10 +3,17 @@
 //! `fork` copies only the calling thread. A lock that another thread holds
 //! at that moment stays held forever in the child, so the child would hang
 //! the first time it takes it. The process-wide locks of this library (the
-//! port table, and the exit flag that receivers read while queueing events)
-//! are therefore taken before every `fork` in the process, whoever calls it
-//! (our pool, TclX's `fork`, C code), and released on both sides after it:
-//! `pthread_atfork`. No other thread can then be inside them at the fork.
+//! port table, the exit flag that receivers read while queueing events, the
+//! pool's process-wide state) are therefore taken before every `fork` in
+//! the process, whoever calls it (our pool, TclX's `fork`, C code), and
+//! released on both sides after it: `pthread_atfork`. No other thread can
+//! then be inside them at the fork.
+//!
+//! This room is a registry and imports nobody: each room that owns such a
+//! lock, or state that a child must not keep, registers its steps with
+//! `on_fork` (before the fork, then in the parent or in the child), as
+//! `pthread_atfork` itself does. They run in the order they were
+//! registered, on the forking thread.
 //!
 //! Descriptors are the other hazard: a child gets a copy of every one,
 //! including a connection the accepting thread holds at that moment, and a
@@ -22,15 +29,11 @@
 use std::cell::RefCell;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
-use std::sync::{MutexGuard, Once, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Mutex, MutexGuard, Once, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use nix::sys::socket::{getpeername, getsockname, SockaddrStorage};
 
 use crate::listener;
-use crate::notifier_fork::{self, Notifier};
-use crate::port_table::{self, PortTable};
-use crate::registration;
-use crate::tcl;
 
 /// Taken for reading around short stretches that must not be split by a
 /// fork; for writing by `before_fork`.
@@ -41,22 +44,37 @@ pub fn hold_off_forks() -> RwLockReadGuard<'static, ()> {
     FORK_GUARD.read().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// What a room does around every fork of the process.
+struct Steps {
+    prepare: fn(),
+    parent: fn(),
+    child: fn(),
+}
+
+/// The registered steps; locked across each fork, so that a registration
+/// cannot come between a room's `prepare` and its `child`.
+static STEPS: Mutex<Vec<Steps>> = Mutex::new(Vec::new());
+
 /// The locks held across a `fork`, on the forking thread.
 struct Held {
     _forks: RwLockWriteGuard<'static, ()>,
-    _exiting: RwLockWriteGuard<'static, bool>,
-    table: MutexGuard<'static, PortTable>,
-    /// Tcl's notifiers as the fork finds them, where the child must be
-    /// given its own (`notifier_fork`); empty elsewhere.
-    notifiers: Vec<Notifier>,
+    steps: MutexGuard<'static, Vec<Steps>>,
 }
 
 thread_local! {
     static HELD: RefCell<Option<Held>> = const { RefCell::new(None) };
 }
 
+/// Runs `prepare` before every fork of the process, on the forking thread,
+/// and `parent` or `child` after it, on each side. Plain functions: they
+/// live as long as the process, and may take no lock a step runs under.
+pub fn on_fork(prepare: fn(), parent: fn(), child: fn()) {
+    install();
+    STEPS.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(Steps { prepare, parent, child });
+}
+
 /// Installs the fork handlers once per process.
-pub fn install() {
+fn install() {
     static INSTALLED: Once = Once::new();
     INSTALLED.call_once(|| {
         // SAFETY: the handlers are plain functions that live as long as the
@@ -66,29 +84,25 @@ pub fn install() {
 }
 
 extern "C" fn before_fork() {
-    // Always in the same order: forks, the exit flag, the table.
-    let held = Held {
-        _forks: FORK_GUARD.write().unwrap_or_else(|poisoned| poisoned.into_inner()),
-        _exiting: registration::lock_exit_flag(),
-        table: port_table::lock(),
-        notifiers: if tcl::NOTIFIER_SHARED_ACROSS_FORK { notifier_fork::snapshot() } else { Vec::new() },
-    };
+    let forks = FORK_GUARD.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let steps = STEPS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    steps.iter().for_each(|step| (step.prepare)());
+    let held = Held { _forks: forks, steps };
     let _ = HELD.try_with(|slot| *slot.borrow_mut() = Some(held));
 }
 
-/// Releases what `before_fork` took.
 extern "C" fn in_parent() {
-    let _ = HELD.try_with(|slot| slot.borrow_mut().take());
+    let _ = HELD.try_with(|slot| {
+        if let Some(held) = slot.borrow_mut().take() {
+            held.steps.iter().for_each(|step| (step.parent)());
+        }
+    });
 }
 
-/// As `in_parent`, after closing the child's copies of what the port table
-/// owns; where Tcl's notifier would be shared (Tcl 9), the child then
-/// gets one of its own.
 extern "C" fn in_child() {
     let _ = HELD.try_with(|slot| {
-        if let Some(mut held) = slot.borrow_mut().take() {
-            held.table.adopt_if_forked();
-            notifier_fork::renew(&held.notifiers);
+        if let Some(held) = slot.borrow_mut().take() {
+            held.steps.iter().for_each(|step| (step.child)());
         }
     });
 }

@@ -8,9 +8,10 @@
 //! `port_table` is the process-wide table of ports; `tcl` is the only code
 //! that touches the Tcl C API. `pool` runs worker processes for a port:
 //! it forks, watches and replaces them; `process` has `fork` and `wait`
-//! for scripts that fork by hand without TclX; `fork_safety` keeps our locks sound
-//! across any `fork`, and `notifier_fork` gives a child under Tcl 9 an
-//! event notifier of its own.
+//! for scripts that fork by hand without TclX; `fork_safety` runs the steps
+//! that the rooms register for every `fork` (our locks stay sound, a child
+//! under Tcl 9 gets an event notifier of its own from `notifier_fork`, and
+//! keeps nothing of the supervisor's but what `pool::after_fork` allows).
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -82,8 +83,16 @@ pub unsafe extern "C" fn Socketserver_SafeInit(interp: *mut Tcl_Interp) -> c_int
 }
 
 fn init(interp: Interp) -> tcl::TclResult<()> {
+    // Each room that a fork concerns registers its steps, in this order:
+    // the locks first (the exit flag, then the port table), then what the
+    // child is given (a notifier of its own, then what it keeps of the
+    // supervisor's: nothing but a worker's notify end).
     registration::watch_for_exit();
-    fork_safety::install();
+    port_table::watch_forks();
+    if tcl::NOTIFIER_SHARED_ACROSS_FORK {
+        notifier_fork::watch_forks();
+    }
+    pool::watch_forks();
     let mut state = interp.get_assoc_data(ASSOC_KEY);
     if state.is_null() {
         state = Box::into_raw(Box::new(InterpState::new(interp))).cast::<c_void>();

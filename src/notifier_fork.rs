@@ -21,7 +21,9 @@
 //! touched (Tcl wakes through an eventfd wherever Linux has one); this is
 //! done only where `tcl::NOTIFIER_SHARED_ACROSS_FORK` says so.
 
+use std::cell::RefCell;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::sync::Once;
 
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
@@ -43,6 +45,30 @@ pub struct Notifier {
     epoll_fd: RawFd,
     registrations: Vec<Registration>,
     wakeups: Vec<RawFd>,
+}
+
+thread_local! {
+    /// The forking thread's snapshot, from before a fork to after it.
+    static SNAPSHOT: RefCell<Vec<Notifier>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Gives the child of every fork of the process notifiers of its own.
+pub fn watch_forks() {
+    static REGISTERED: Once = Once::new();
+    REGISTERED.call_once(|| {
+        crate::fork_safety::on_fork(
+            || {
+                let notifiers = snapshot();
+                let _ = SNAPSHOT.try_with(|s| *s.borrow_mut() = notifiers);
+            },
+            || {
+                let _ = SNAPSHOT.try_with(|s| s.borrow_mut().clear());
+            },
+            || {
+                let _ = SNAPSHOT.try_with(|s| renew(&std::mem::take(&mut *s.borrow_mut())));
+            },
+        )
+    });
 }
 
 /// The epoll instances that wake through an eventfd, as Tcl's do, with

@@ -8,14 +8,16 @@
 //! is freed when the accepting process exits, and workers see the queue
 //! close) and starts its own counters.
 
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Once};
 
 use nix::unistd::{getpid, Pid};
 
 use crate::accept_loop::AcceptLoop;
 use crate::counters::Counters;
+use crate::fork_safety;
 
 pub struct Port {
     pub number: u16,
@@ -38,9 +40,38 @@ pub struct PortTable {
 
 static TABLE: Mutex<PortTable> = Mutex::new(PortTable { pid: Pid::from_raw(0), ports: Vec::new() });
 
-/// Locks the table as it is, for `fork_safety`.
+/// Locks the table as it is.
 pub(crate) fn lock() -> MutexGuard<'static, PortTable> {
     TABLE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+thread_local! {
+    /// The table, locked by the forking thread from before a fork to after it.
+    static HELD_ACROSS_FORK: RefCell<Option<MutexGuard<'static, PortTable>>> = const { RefCell::new(None) };
+}
+
+/// Locks the table across every fork of the process; the child adopts it
+/// at once.
+pub fn watch_forks() {
+    static REGISTERED: Once = Once::new();
+    REGISTERED.call_once(|| fork_safety::on_fork(hold_for_fork, release_after_fork, adopt_after_fork));
+}
+
+fn hold_for_fork() {
+    let table = lock();
+    let _ = HELD_ACROSS_FORK.try_with(|held| *held.borrow_mut() = Some(table));
+}
+
+fn release_after_fork() {
+    let _ = HELD_ACROSS_FORK.try_with(|held| held.borrow_mut().take());
+}
+
+fn adopt_after_fork() {
+    let _ = HELD_ACROSS_FORK.try_with(|held| {
+        if let Some(mut table) = held.borrow_mut().take() {
+            table.adopt_if_forked();
+        }
+    });
 }
 
 /// Locks the table, first adopting it if this is a forked child.

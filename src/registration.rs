@@ -103,10 +103,23 @@ impl Mailbox {
 /// event is queued on a notifier that Tcl is finalizing.
 static EXITING: RwLock<bool> = RwLock::new(false);
 
-/// Takes the exit flag for writing, for `fork_safety`: no receiver is then
-/// queueing an event.
-pub(crate) fn lock_exit_flag() -> std::sync::RwLockWriteGuard<'static, bool> {
+/// Takes the exit flag for writing: no receiver is then queueing an event.
+fn lock_exit_flag() -> std::sync::RwLockWriteGuard<'static, bool> {
     EXITING.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+thread_local! {
+    /// The exit flag, taken by the forking thread from before a fork to after it.
+    static EXIT_FLAG_HELD: RefCell<Option<std::sync::RwLockWriteGuard<'static, bool>>> = const { RefCell::new(None) };
+}
+
+fn hold_exit_flag_for_fork() {
+    let flag = lock_exit_flag();
+    let _ = EXIT_FLAG_HELD.try_with(|held| *held.borrow_mut() = Some(flag));
+}
+
+fn release_exit_flag_after_fork() {
+    let _ = EXIT_FLAG_HELD.try_with(|held| held.borrow_mut().take());
 }
 
 /// Whether the process is exiting (Tcl's exit handlers have run).
@@ -114,10 +127,19 @@ pub fn exiting() -> bool {
     *EXITING.read().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Registers the exit handler once per process.
+/// Registers the exit handler once per process, and holds the exit flag
+/// across every fork (no receiver of another thread may be queueing an
+/// event on a notifier that the child copies).
 pub fn watch_for_exit() {
     static REGISTERED: Once = Once::new();
-    REGISTERED.call_once(|| tcl::create_exit_handler(on_exit));
+    REGISTERED.call_once(|| {
+        tcl::create_exit_handler(on_exit);
+        crate::fork_safety::on_fork(
+            hold_exit_flag_for_fork,
+            release_exit_flag_after_fork,
+            release_exit_flag_after_fork,
+        );
+    });
 }
 
 unsafe extern "C" fn on_exit(_: *mut c_void) {

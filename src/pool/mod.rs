@@ -3,8 +3,11 @@
 //!
 //! `command` parses the Tcl command; `supervisor` runs in the accepting
 //! process; `worker` is what a forked worker runs; `scoreboard` is the
-//! memory they share; `signals` turns signals into events of Tcl's loop.
+//! memory they share; `signals` turns signals into events of Tcl's loop;
+//! `after_fork` says what each process keeps of the supervisor's after a
+//! fork, and makes every fork of the process enforce it.
 
+mod after_fork;
 mod command;
 mod scoreboard;
 mod signals;
@@ -12,4 +15,5 @@ mod supervisor;
 mod worker;
 
 pub use command::dispatch;
+pub use after_fork::watch_forks;
 pub use supervisor::{all_ready, interp_deleted};

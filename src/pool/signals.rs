@@ -8,16 +8,26 @@
 //! worker is ready, or leaves by itself): a message per worker life, not per
 //! connection.
 //!
+//! The pipe and the signal dispositions belong to the process, not to a
+//! thread or an interpreter: the handler runs on whichever thread the
+//! kernel picks, and writes wherever `WRITE_END` points. They are taken
+//! with the first pool (`pipe_read_end`, `watch`) and given back with the
+//! last (`release_all`): the pipe closed, each disposition restored to the
+//! one it replaced. A forked child never keeps them (`in_child`): it gets
+//! the dispositions of before the pool, and no pipe; a pool's worker keeps
+//! only its copy of the write end, to notify the supervisor.
+//!
 //! A worker has a pipe of its own for the signals it handles (a stop signal
 //! sent to the whole process group, as Ctrl-C and systemd do, must not cut
 //! its connections short): see `worker`.
 
-use std::cell::RefCell;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::cell::{Cell, RefCell};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use nix::fcntl::OFlag;
-use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+use nix::sys::signal::{pthread_sigmask, sigaction, SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal};
 
 /// The byte a worker writes to wake the supervisor.
 pub const NOTIFY: u8 = 0;
@@ -28,35 +38,48 @@ static WRITE_END: AtomicI32 = AtomicI32::new(-1);
 /// supervisor itself, the same as `WRITE_END`).
 static SUPERVISOR_END: AtomicI32 = AtomicI32::new(-1);
 
-struct Pipe {
+/// The signals this process handles through its pipe.
+struct Handling {
     read_end: OwnedFd,
-    _write_end: OwnedFd,
+    write_end: OwnedFd,
+    /// The actions in force before ours, restored when we let go.
+    previous: Vec<(Signal, SigAction)>,
+}
+
+static HANDLING: Mutex<Option<Handling>> = Mutex::new(None);
+
+fn handling() -> MutexGuard<'static, Option<Handling>> {
+    HANDLING.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 thread_local! {
-    static PIPE: RefCell<Option<Pipe>> = const { RefCell::new(None) };
-    /// The actions in force before ours, restored when we let go.
-    static PREVIOUS: RefCell<Vec<(Signal, SigAction)>> = const { RefCell::new(Vec::new()) };
+    /// On the forking thread, from before a fork to after it: `HANDLING`
+    /// locked, and the signal mask to restore.
+    static HELD_ACROSS_FORK: RefCell<Option<(MutexGuard<'static, Option<Handling>>, SigSet)>> =
+        const { RefCell::new(None) };
+    /// Set while the supervisor forks one of its workers.
+    static FORKING_WORKER: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Makes the pipe (once) and returns its read end.
+/// Makes the process's pipe (once) and returns its read end.
 pub fn pipe_read_end() -> nix::Result<RawFd> {
-    PIPE.with(|pipe| {
-        let mut pipe = pipe.borrow_mut();
-        if pipe.is_none() {
-            let (read_end, write_end) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
-            WRITE_END.store(write_end.as_raw_fd(), Ordering::SeqCst);
-            // A worker keeps the supervisor's; only the supervisor's own is new.
-            let _ = SUPERVISOR_END.compare_exchange(-1, write_end.as_raw_fd(), Ordering::SeqCst, Ordering::SeqCst);
-            *pipe = Some(Pipe { read_end, _write_end: write_end });
-        }
-        Ok(pipe.as_ref().map(|p| p.read_end.as_raw_fd()).unwrap_or(-1))
-    })
+    let mut handling = handling();
+    if handling.is_none() {
+        let (read_end, write_end) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+        WRITE_END.store(write_end.as_raw_fd(), Ordering::SeqCst);
+        // A worker keeps the supervisor's; only the supervisor's own is new.
+        let _ = SUPERVISOR_END.compare_exchange(-1, write_end.as_raw_fd(), Ordering::SeqCst, Ordering::SeqCst);
+        *handling = Some(Handling { read_end, write_end, previous: Vec::new() });
+    }
+    Ok(handling.as_ref().map(|h| h.read_end.as_raw_fd()).unwrap_or(-1))
 }
 
-/// Handles `signal` from now on, unless it is handled already.
+/// Handles `signal` from now on, unless it is handled already; the pipe
+/// must exist (`pipe_read_end`).
 pub fn watch(signal: Signal) -> nix::Result<()> {
-    if PREVIOUS.with(|p| p.borrow().iter().any(|(s, _)| *s == signal)) {
+    let mut handling = handling();
+    let Some(handling) = handling.as_mut() else { return Err(nix::errno::Errno::EBADF) };
+    if handling.previous.iter().any(|(s, _)| *s == signal) {
         return Ok(());
     }
     let flags = if signal == Signal::SIGCHLD { SaFlags::SA_RESTART | SaFlags::SA_NOCLDSTOP } else { SaFlags::SA_RESTART };
@@ -64,31 +87,87 @@ pub fn watch(signal: Signal) -> nix::Result<()> {
     // SAFETY: `on_signal` is async-signal-safe: it only calls write(2) and
     // touches errno.
     let previous = unsafe { sigaction(signal, &action) }?;
-    PREVIOUS.with(|p| p.borrow_mut().push((signal, previous)));
+    handling.previous.push((signal, previous));
     Ok(())
 }
 
-/// Gives every signal back to what handled it before.
+/// Gives every signal back to what handled it before, then closes the pipe.
 pub fn release_all() {
-    for (signal, previous) in PREVIOUS.with(|p| std::mem::take(&mut *p.borrow_mut())) {
+    let Some(handling) = handling().take() else { return };
+    let write_end = handling.write_end.as_raw_fd();
+    restore(&handling.previous);
+    WRITE_END.store(-1, Ordering::SeqCst);
+    let _ = SUPERVISOR_END.compare_exchange(write_end, -1, Ordering::SeqCst, Ordering::SeqCst);
+}
+
+fn restore(previous: &[(Signal, SigAction)]) {
+    for (signal, previous) in previous {
         // SAFETY: restores an action the process had before.
-        let _ = unsafe { sigaction(signal, &previous) };
+        let _ = unsafe { sigaction(*signal, previous) };
     }
 }
 
-/// In a forked worker: signals act as they did before the pool existed,
-/// and the pipe belongs to the supervisor alone; its write end stays open
-/// for `notify_supervisor`.
+/// In a forked worker: what `in_child` left is all the worker keeps of the
+/// supervisor's signals; nothing more to give back.
 pub fn reset_in_worker() {
     release_all();
-    PIPE.with(|pipe| {
-        if let Some(pipe) = pipe.borrow_mut().take() {
-            crate::tcl::delete_file_handler(pipe.read_end.as_raw_fd());
-            drop(pipe.read_end);
-            std::mem::forget(pipe._write_end);
-        }
-    });
+}
+
+/// Runs `fork` as the fork of one of the supervisor's workers: its child
+/// keeps a copy of the pipe's write end to notify the supervisor.
+pub fn fork_worker<R>(fork: impl FnOnce() -> R) -> R {
+    FORKING_WORKER.with(|forking| forking.set(true));
+    let result = fork();
+    FORKING_WORKER.with(|forking| forking.set(false));
+    result
+}
+
+/// Before any fork: no other thread may be changing what the child copies,
+/// and no signal may reach the child's copy of our handler (it would write
+/// into the supervisor's pipe) until `in_child` has restored the
+/// dispositions.
+pub fn before_fork() {
+    let mut saved = SigSet::empty();
+    let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), Some(&mut saved));
+    let guard = handling();
+    let _ = HELD_ACROSS_FORK.try_with(|held| *held.borrow_mut() = Some((guard, saved)));
+}
+
+pub fn in_parent() {
+    let held = HELD_ACROSS_FORK.try_with(|held| held.borrow_mut().take()).ok().flatten();
+    if let Some((guard, mask)) = held {
+        drop(guard);
+        let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&mask), None);
+    }
+}
+
+/// In any child: the dispositions of before the first pool, and no pipe.
+/// A worker's child keeps its copy of the write end (as `SUPERVISOR_END`);
+/// any other child closes it too.
+pub fn in_child() {
+    let held = HELD_ACROSS_FORK.try_with(|held| held.borrow_mut().take()).ok().flatten();
+    let Some((mut guard, mask)) = held else { return };
+    let worker = FORKING_WORKER.try_with(|forking| forking.replace(false)).unwrap_or(false);
     WRITE_END.store(-1, Ordering::SeqCst);
+    let mut own_write_end = -1;
+    if let Some(handling) = guard.take() {
+        restore(&handling.previous);
+        own_write_end = handling.write_end.as_raw_fd();
+        if worker {
+            // Now the worker's, for `notify_supervisor`, until it exits.
+            let _ = handling.write_end.into_raw_fd();
+        }
+    }
+    if !worker {
+        // A worker's child (a fork in a handler) closes the worker's copy of
+        // the supervisor's write end; the supervisor's own closed above.
+        let notify_end = SUPERVISOR_END.swap(-1, Ordering::SeqCst);
+        if notify_end >= 0 && notify_end != own_write_end {
+            let _ = nix::unistd::close(notify_end);
+        }
+    }
+    drop(guard);
+    let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&mask), None);
 }
 
 /// Wakes the supervisor to look at the scoreboard.

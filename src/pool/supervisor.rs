@@ -11,7 +11,8 @@
 
 use std::cell::RefCell;
 use std::ffi::c_void;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::AsRawFd;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -22,6 +23,7 @@ use crate::port_table;
 use crate::registration::InterpState;
 use crate::tcl::{self, Interp, Obj, TclError, TclResult};
 
+use super::after_fork::{self, EventSources, LeaveEnd};
 use super::scoreboard::{now_millis, Scoreboard, State};
 use super::signals;
 use super::worker::{self, Assignment};
@@ -64,7 +66,7 @@ struct Child {
     generation: u32,
     forked: Instant,
     /// Our end of its leave pipe; closing it asks the worker to leave.
-    leave: Option<OwnedFd>,
+    leave: Option<LeaveEnd>,
     retired: Option<Retired>,
     /// Set once we have sent it SIGKILL, with the reason.
     killed: Option<&'static str>,
@@ -115,12 +117,14 @@ struct LogEntry {
     fields: Vec<(&'static str, Obj)>,
 }
 
+/// The pools of a process, on the one thread that runs them. Its signal
+/// dispositions and pipe belong to the process (`signals`), its file
+/// handler and timer to this thread (`after_fork::EventSources`); what a
+/// forked child keeps of it is stated in `after_fork`.
 struct Supervisor {
     /// The process the pools belong to; a forked child has none.
     pid: Pid,
     pools: Vec<Pool>,
-    tick: Option<tcl::Timer>,
-    pipe: RawFd,
     /// A signal asked for the stop: exit once every pool is gone.
     exit_when_stopped: bool,
     /// Nesting depth of `pool wait`.
@@ -136,14 +140,43 @@ thread_local! {
     static SUPERVISOR: RefCell<Supervisor> = const { RefCell::new(Supervisor {
         pid: Pid::from_raw(0),
         pools: Vec::new(),
-        tick: None,
-        pipe: -1,
         exit_when_stopped: false,
         waiting: 0,
         exit_requested: false,
         upgrading: None,
         log: Vec::new(),
     }) };
+}
+
+/// The thread that runs the pools of this process, while it has any: a
+/// pool made in another thread would share the process's signals and
+/// pipe with it, and the signals act on one thread's pools only.
+static SUPERVISOR_THREAD: Mutex<Option<(Pid, std::thread::ThreadId)>> = Mutex::new(None);
+
+/// Whether this thread may run pools: no other thread of this process does.
+fn claim_supervisor_thread() -> TclResult<()> {
+    let mut owner = SUPERVISOR_THREAD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let here = (nix::unistd::getpid(), std::thread::current().id());
+    match *owner {
+        Some((pid, thread)) if pid == here.0 && thread != here.1 => Err(TclError::new(
+            "pools of this process are run by another thread",
+            &["SOCKETSERVER", "POOL", "THREAD"],
+        )),
+        _ => {
+            *owner = Some(here);
+            Ok(())
+        }
+    }
+}
+
+/// Lets another thread run pools; returns whether this one did.
+fn release_supervisor_thread() -> bool {
+    let mut owner = SUPERVISOR_THREAD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let ours = *owner == Some((nix::unistd::getpid(), std::thread::current().id()));
+    if ours {
+        *owner = None;
+    }
+    ours
 }
 
 /// Runs `f` on the supervisor's state, then hands out the log entries it
@@ -182,9 +215,20 @@ pub fn create(interp: Interp, state: *const InterpState, port: u16, config: Conf
                 &["SOCKETSERVER", "POOL", "EXISTS", &port.to_string()],
             ));
         }
-        let scoreboard = Scoreboard::new(MAX_WORKERS * 2)
-            .map_err(|e| TclError::posix("couldn't create the scoreboard", e as i32))?;
-        sup.start_watching(config.signals)?;
+        claim_supervisor_thread()?;
+        let started = Scoreboard::new(MAX_WORKERS * 2)
+            .map_err(|e| TclError::posix("couldn't create the scoreboard", e as i32))
+            .and_then(|scoreboard| sup.start_watching(config.signals).map(|()| scoreboard));
+        let scoreboard = match started {
+            Ok(scoreboard) => scoreboard,
+            Err(error) => {
+                // A pool that could not start leaves nothing taken behind.
+                if sup.pools.is_empty() {
+                    sup.after_pool_gone();
+                }
+                return Err(error);
+            }
+        };
         let target = config.workers;
         sup.pools.push(Pool {
             port,
@@ -281,18 +325,42 @@ pub fn interp_deleted(interp: Interp) {
             sup.pools.iter().filter(|p| p.interp.as_ptr() == interp.as_ptr()).map(|p| p.port).collect();
         for port in ports {
             sup.stop(port);
+            // The pool outlives its interpreter until its last worker is
+            // gone, and must not call into it again: no log command, no
+            // `-init`, and no signal (SIGUSR2 would ask it for the
+            // executable to upgrade to).
             if let Some(pool) = sup.pools.iter_mut().find(|p| p.port == port) {
                 pool.config.log = Some(Vec::new());
                 pool.config.init = None;
+                pool.config.signals = false;
             }
         }
         sup.log.clear();
     });
 }
 
+impl Drop for Supervisor {
+    /// The thread ends (a Thread-package thread released) while its pools
+    /// stop: Tcl has finalized its notifier already, and the process's
+    /// signals and pipe must not outlive the thread's pools (the pipe's
+    /// numbers would be reused by files the signal handler then writes to).
+    /// Dropping the pools closes their leave pipes: the workers leave.
+    fn drop(&mut self) {
+        if self.pid != nix::unistd::getpid() {
+            self.pools.drain(..).for_each(std::mem::forget);
+            return;
+        }
+        if release_supervisor_thread() {
+            signals::release_all();
+        }
+    }
+}
+
 impl Supervisor {
     /// In a process forked by other means (TclX `fork`) the pools are the
-    /// parent's: forget them without touching their workers.
+    /// parent's: forget them without touching their workers. Their signals,
+    /// pipe, handler, timer and leave pipes were let go at the fork
+    /// (`after_fork`).
     fn adopt_if_forked(&mut self) {
         let pid = nix::unistd::getpid();
         if self.pid == pid {
@@ -302,15 +370,18 @@ impl Supervisor {
         for pool in self.pools.drain(..) {
             std::mem::forget(pool);
         }
-        self.tick = None;
-        self.pipe = -1;
+        self.exit_when_stopped = false;
+        self.upgrading = None;
     }
 
     fn start_watching(&mut self, handle_signals: bool) -> TclResult<()> {
         let posix = |e: nix::Error| TclError::posix("couldn't handle signals", e as i32);
-        if self.pipe < 0 {
-            self.pipe = signals::pipe_read_end().map_err(posix)?;
-            tcl::create_file_handler(self.pipe, on_pipe, std::ptr::null_mut());
+        let mut sources = after_fork::event_sources();
+        if sources.pipe.is_none() {
+            let pipe = signals::pipe_read_end().map_err(posix)?;
+            tcl::create_file_handler(pipe, on_pipe, std::ptr::null_mut());
+            sources.pipe = Some(pipe);
+            after_fork::set_event_sources(sources);
         }
         signals::watch(Signal::SIGCHLD).map_err(posix)?;
         if handle_signals {
@@ -320,8 +391,9 @@ impl Supervisor {
                 signals::watch(signal).map_err(posix)?;
             }
         }
-        if self.tick.is_none() {
-            self.tick = Some(tcl::create_timer(TICK_MS, on_tick, std::ptr::null_mut()));
+        if sources.tick.is_none() {
+            sources.tick = Some(tcl::create_timer(TICK_MS, on_tick, std::ptr::null_mut()));
+            after_fork::set_event_sources(sources);
         }
         Ok(())
     }
@@ -543,14 +615,22 @@ impl Supervisor {
         }
     }
 
+    /// With the last pool go the process's signals and pipe, and this
+    /// thread's hold on running pools.
     fn after_pool_gone(&mut self) {
         if !self.pools.is_empty() {
             return;
         }
-        signals::release_all();
-        if let Some(tick) = self.tick.take() {
+        let EventSources { pipe, tick } = after_fork::event_sources();
+        after_fork::set_event_sources(EventSources { pipe: None, tick: None });
+        if let Some(pipe) = pipe {
+            tcl::delete_file_handler(pipe);
+        }
+        if let Some(tick) = tick {
             tcl::delete_timer(tick);
         }
+        signals::release_all();
+        let _ = release_supervisor_thread();
         if self.exit_when_stopped && self.waiting == 0 {
             self.exit_requested = true;
         }
@@ -558,22 +638,16 @@ impl Supervisor {
 
     /// Forks one worker of the current generation for pool `index`.
     fn spawn(&mut self, index: usize) {
-        // Descriptors every worker must not keep: other workers' leave
-        // pipes and the signal pipe's read end.
-        let mut close: Vec<RawFd> = self
-            .pools
-            .iter()
-            .flat_map(|p| p.children.iter().filter_map(|c| c.leave.as_ref().map(|l| l.as_raw_fd())))
-            .collect();
-        close.push(self.pipe);
-        let tick = self.tick;
+        // What a worker must not keep of the supervisor's (the leave pipes,
+        // the signal pipe and its handler, the tick) it lets go at the fork
+        // itself (`after_fork`).
         let pool = &mut self.pools[index];
         let Some(slot) = pool.scoreboard.assign(pool.generation) else {
             let entry = pool.entry("error", vec![("message", Obj::new_string("no free scoreboard slot"))]);
             self.log.push(entry);
             return;
         };
-        let (leave_read, leave_write) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+        let (leave_read, leave_write) = match LeaveEnd::pipe() {
             Ok(ends) => ends,
             Err(errno) => {
                 pool.scoreboard.slot(slot).free();
@@ -582,12 +656,11 @@ impl Supervisor {
                 return;
             }
         };
-        close.push(leave_write.as_raw_fd());
         let limit = (pool.config.max_connections > 0)
             .then(|| pool.config.max_connections + random_below(pool.config.jitter + 1));
         // SAFETY: the child runs only `worker::run`, which never returns into
         // the caller's frames.
-        match unsafe { crate::process::fork_flushed(pool.interp) } {
+        match signals::fork_worker(|| unsafe { crate::process::fork_flushed(pool.interp) }) {
             Ok(ForkResult::Child) => worker::run(Assignment {
                 port: pool.port,
                 interp: pool.interp,
@@ -599,8 +672,8 @@ impl Supervisor {
                 slot: pool.scoreboard.leak_slot(slot),
                 leave: leave_read,
                 signals: pool.config.signals,
-                close,
-                tick,
+                close: Vec::new(),
+                tick: None,
             }),
             Ok(ForkResult::Parent { child }) => {
                 drop(leave_read);
@@ -954,10 +1027,9 @@ fn flush_entries(entries: Vec<LogEntry>) {
 unsafe extern "C" fn on_pipe(_: *mut c_void, _mask: std::ffi::c_int) {
     let _ = std::panic::catch_unwind(|| {
         with_supervisor(|sup| {
-            if sup.pid != nix::unistd::getpid() {
-                return;
-            }
-            let (received, _notified) = signals::drain(sup.pipe);
+            // Only the supervisor thread of the supervisor has this handler.
+            let Some(pipe) = after_fork::event_sources().pipe else { return };
+            let (received, _notified) = signals::drain(pipe);
             sup.on_signals(&received);
             sup.reconcile_all();
         })
@@ -971,7 +1043,9 @@ unsafe extern "C" fn on_tick(_: *mut c_void) {
                 return;
             }
             // The next tick first: nothing below can stop the ticking.
-            sup.tick = Some(tcl::create_timer(TICK_MS, on_tick, std::ptr::null_mut()));
+            let mut sources = after_fork::event_sources();
+            sources.tick = Some(tcl::create_timer(TICK_MS, on_tick, std::ptr::null_mut()));
+            after_fork::set_event_sources(sources);
             sup.reconcile_all();
         })
     });
