@@ -24,8 +24,6 @@ use nix::unistd::Pid;
 
 use crate::inherited::READY_VARIABLE;
 
-/// Copies of the descriptors wait above this while they are rearranged.
-const SCRATCH_FDS: RawFd = 1000;
 /// Digits reserved for the child's pid in `LISTEN_PID=`.
 const PID_DIGITS: usize = 10;
 
@@ -60,10 +58,12 @@ pub fn spawn_next_generation(command: &[String], listeners: &[RawFd]) -> Result<
     let (ready_read, ready_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     // Copies above every number the child will use: the fork closes the
     // originals in the child (see `fork_safety`), and a target number may
-    // be one of the originals.
+    // be one of the originals. The lowest free numbers above the targets,
+    // so that a low descriptor limit (systemd services often run with 1024
+    // or less) is no obstacle.
     let mut scratch: Vec<OwnedFd> = Vec::new();
     for fd in listeners.iter().copied().chain(std::iter::once(ready_write.as_raw_fd())) {
-        let copy = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(SCRATCH_FDS.max(ready_fd + 1)))?;
+        let copy = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(ready_fd + 1))?;
         // SAFETY: fcntl just made this descriptor.
         scratch.push(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(copy) });
     }
