@@ -51,6 +51,26 @@ const SIGNAL_ROUNDS: u32 = 500;
 /// whether the port is being closed.
 const SEND_TIMEOUT: Duration = Duration::from_millis(200);
 
+/// Set while this process must not take connections off its listeners: a
+/// next generation started by `pool upgrade` shares them with the running
+/// one, and a connection it took before it can serve it would go down with
+/// it if it failed. The threads wait (polling, a few times a second, for
+/// the short while of a start) until it is cleared.
+static HELD: AtomicBool = AtomicBool::new(false);
+/// How often a held accepting thread looks again.
+const HELD_POLL_MS: u16 = 20;
+
+/// Holds every accepting thread of this process back until
+/// `release_accepting`.
+pub fn hold_accepting() {
+    HELD.store(true, Ordering::SeqCst);
+}
+
+/// Lets the accepting threads take connections.
+pub fn release_accepting() {
+    HELD.store(false, Ordering::SeqCst);
+}
+
 /// The accepting threads to start per listener when `server` is not told:
 /// one thread takes well over 100k connections a second, so more are
 /// worth it only on machines with many cores.
@@ -252,6 +272,15 @@ impl Shared {
         self.stopping.load(Ordering::Relaxed)
     }
 
+    /// Waits while accepting is held; false when stopping.
+    fn wait_until_released(&self) -> bool {
+        while HELD.load(Ordering::SeqCst) && !self.stopping() {
+            let mut fds = [PollFd::new(self.stop.as_fd(), PollFlags::POLLIN)];
+            let _ = poll(&mut fds, PollTimeout::from(HELD_POLL_MS));
+        }
+        !self.stopping()
+    }
+
     /// Sleeps for the back-off interval, in slices short enough to notice a
     /// stop; false when stopping.
     fn pause(&self) -> bool {
@@ -298,6 +327,9 @@ struct Accepter {
 impl Accepter {
     fn run(&self) {
         let listener = &self.shared.listeners[self.index];
+        if !self.shared.wait_until_released() {
+            return;
+        }
         loop {
             // Not under `hold_off_forks`: a fork must not wait for a client.
             // A child forked between the accept and `hold` has a copy that

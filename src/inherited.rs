@@ -14,7 +14,8 @@
 //! ... PORT` adopts a passed socket that listens on PORT instead of binding
 //! a new one: the same script serves the first generation and the next.
 //! The next generation also gets a pipe (`SOCKETSERVER_READY_FD`) on which
-//! it says "ready" once it serves, so that the old one stops then.
+//! it says "ready" once it serves, so that the old one stops then; until
+//! then it takes no connection off the shared listeners.
 //!
 //! A descriptor is checked before it is adopted (an open socket, TCP, IPv4
 //! or IPv6, listening); a check that fails is an error and leaves the
@@ -88,6 +89,9 @@ fn read_environment(unset: &mut dyn FnMut(&str)) -> Result<Vec<Passed>, String> 
         if fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).is_ok() {
             // SAFETY: the previous generation passed this pipe to us alone.
             *READY.lock().unwrap_or_else(|p| p.into_inner()) = Some(unsafe { OwnedFd::from_raw_fd(fd) });
+            // The previous generation serves until we say ready: we take
+            // no connection before then, so none is lost if we fail.
+            crate::accept_loop::hold_accepting();
         }
     }
     let Some(count) = count else {
@@ -158,6 +162,7 @@ pub fn announce_ready_if_done(pools_ready: bool) {
         return;
     }
     if let Some(pipe) = READY.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        crate::accept_loop::release_accepting();
         let _ = nix::unistd::write(&pipe, b"ready");
     }
 }
