@@ -54,6 +54,8 @@ impl State {
 
 /// Room for the longest peer text, "IPv6 address port".
 const PEER_BYTES: usize = 56;
+/// Room for why a worker gave up (an `-init` error), for the supervisor's log.
+const FAILURE_BYTES: usize = 240;
 
 /// One worker's slot. Written by that worker (and by the supervisor when it
 /// assigns or frees the slot); `pid` identifies whose it is.
@@ -76,6 +78,11 @@ pub struct Slot {
     /// The peer of that oldest channel, for the timeout's log entry.
     peer_len: AtomicU8,
     peer: [AtomicU8; PEER_BYTES],
+    /// Why the worker is about to exit without serving, written once by it
+    /// and read by the supervisor when it reaps the worker: a worker's own
+    /// messages go to the pool's log, not to a stderr that may be closed.
+    failure_len: AtomicU8,
+    failure: [AtomicU8; FAILURE_BYTES],
 }
 
 impl Slot {
@@ -131,6 +138,25 @@ impl Slot {
         self.served.fetch_add(1, Relaxed);
     }
 
+    /// Records why the worker gives up (cut at a character boundary).
+    pub fn set_failure(&self, message: &str) {
+        let mut len = message.len().min(FAILURE_BYTES);
+        while !message.is_char_boundary(len) {
+            len -= 1;
+        }
+        for (cell, byte) in self.failure.iter().zip(&message.as_bytes()[..len]) {
+            cell.store(*byte, Relaxed);
+        }
+        self.failure_len.store(len as u8, Relaxed);
+    }
+
+    /// What the worker recorded with `set_failure`, empty if nothing.
+    pub fn failure(&self) -> String {
+        let len = usize::from(self.failure_len.load(Relaxed)).min(FAILURE_BYTES);
+        let bytes: Vec<u8> = self.failure[..len].iter().map(|b| b.load(Relaxed)).collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
     /// The peer of the oldest open channel ("host port").
     pub fn peer(&self) -> String {
         let len = usize::from(self.peer_len.load(Relaxed)).min(PEER_BYTES);
@@ -147,6 +173,7 @@ impl Slot {
         self.served.store(0, Relaxed);
         self.proxy_errors.store(0, Relaxed);
         self.busy_since.store(0, Relaxed);
+        self.failure_len.store(0, Relaxed);
         self.peer_len.store(0, Relaxed);
         self.set_state(State::Starting);
     }

@@ -11,14 +11,16 @@
 
 use std::cell::RefCell;
 use std::ffi::c_void;
-use std::os::fd::AsRawFd;
-use std::sync::Mutex;
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{ForkResult, Pid};
 
+use crate::counters::Counters;
 use crate::port_table;
 use crate::registration::InterpState;
 use crate::tcl::{self, Interp, Obj, TclError, TclResult};
@@ -30,9 +32,12 @@ use super::worker::{self, Assignment};
 
 /// How often the supervisor looks at its workers without being woken.
 const TICK_MS: u32 = 100;
-/// A worker that dies sooner than this after its fork, unasked, died young.
+/// A worker that lives this long after the last failure ends a run of
+/// failures.
 const YOUNG: Duration = Duration::from_secs(1);
-/// Back-off after the first young death, doubled for each further one...
+/// Failures in a row after which a reload is abandoned.
+const RELOAD_FAILURES: u32 = 5;
+/// Back-off after the first failure, doubled for each further one...
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 /// ...up to this.
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
@@ -88,6 +93,16 @@ enum Phase {
     Stopping { deadline: Instant },
 }
 
+/// Where the last reload stands, for `pool info`.
+enum Reload {
+    None,
+    /// Its workers are starting; `previous` is the generation serving
+    /// before it, which serves on if it is abandoned.
+    Running { previous: u32 },
+    Done,
+    Failed { reason: String },
+}
+
 pub struct Pool {
     port: u16,
     interp: Interp,
@@ -95,12 +110,27 @@ pub struct Pool {
     config: Config,
     scoreboard: Scoreboard,
     generation: u32,
+    /// The highest generation number given so far: an abandoned reload's
+    /// number is not given again.
+    newest_generation: u32,
     target: usize,
     children: Vec<Child>,
     totals: Totals,
-    /// Young deaths in a row; while non-zero, one worker at a time is tried.
+    /// Failures in a row (see `reap`); while non-zero, one worker at a time
+    /// is tried.
     failures: u32,
     retry_at: Option<Instant>,
+    /// When the last failure was: a worker forked after it that lives past
+    /// `YOUNG` ends the run.
+    failed_at: Option<Instant>,
+    /// Why the last worker failed, as the log says it.
+    last_failure: String,
+    reload: Reload,
+    /// The port's queue, kept while the pool lives: the port leaves the
+    /// port table when the pool stops, and workers started then serve
+    /// what is still queued.
+    queue: Arc<OwnedFd>,
+    counters: Arc<Counters>,
     /// Workers lost unasked, still to be replaced (counted as respawns).
     to_respawn: u64,
     phase: Phase,
@@ -133,6 +163,8 @@ struct Supervisor {
     exit_requested: bool,
     /// The pid of a new generation that has not said "ready" yet.
     upgrading: Option<Pid>,
+    /// Next generations started and not reaped yet.
+    next_generations: Vec<Pid>,
     log: Vec<LogEntry>,
 }
 
@@ -144,6 +176,7 @@ thread_local! {
         waiting: 0,
         exit_requested: false,
         upgrading: None,
+        next_generations: Vec::new(),
         log: Vec::new(),
     }) };
 }
@@ -215,6 +248,10 @@ pub fn create(interp: Interp, state: *const InterpState, port: u16, config: Conf
                 &["SOCKETSERVER", "POOL", "EXISTS", &port.to_string()],
             ));
         }
+        let (queue, counters) = port_table::table()
+            .get(port)
+            .map(|p| (Arc::clone(&p.worker_end), Arc::clone(&p.counters)))
+            .ok_or_else(|| unknown_pool(port))?;
         claim_supervisor_thread()?;
         let started = Scoreboard::new(MAX_WORKERS * 2)
             .map_err(|e| TclError::posix("couldn't create the scoreboard", e as i32))
@@ -237,11 +274,17 @@ pub fn create(interp: Interp, state: *const InterpState, port: u16, config: Conf
             config,
             scoreboard,
             generation: 1,
+            newest_generation: 1,
             target,
             children: Vec::new(),
             totals: Totals::default(),
             failures: 0,
             retry_at: None,
+            failed_at: None,
+            last_failure: String::new(),
+            reload: Reload::None,
+            queue,
+            counters,
             to_respawn: 0,
             phase: Phase::Running,
             ready_once: false,
@@ -408,7 +451,18 @@ impl Supervisor {
         if !matches!(pool.phase, Phase::Running) {
             return;
         }
-        pool.generation += 1;
+        // A reload during a reload keeps the generation that served before
+        // both, to fall back on.
+        let previous = match pool.reload {
+            Reload::Running { previous } => previous,
+            _ => pool.generation,
+        };
+        pool.reload = Reload::Running { previous };
+        pool.newest_generation += 1;
+        pool.generation = pool.newest_generation;
+        // Whatever failed before, the new generation gets its own tries.
+        pool.failures = 0;
+        pool.retry_at = None;
         let entry = pool.entry("reload", vec![("generation", Obj::new_int(pool.generation.into()))]);
         self.log.push(entry);
         self.reconcile(index);
@@ -518,6 +572,7 @@ impl Supervisor {
             return Err(TclError::posix("couldn't watch the new generation", error.raw_os_error().unwrap_or(0)));
         }
         self.upgrading = Some(pid);
+        self.next_generations.push(pid);
         let command_text = Obj::new_list(&command.iter().map(|a| Obj::new_string(a)).collect::<Vec<_>>());
         for index in 0..self.pools.len() {
             let entry = self.pools[index].entry("upgrade", vec![
@@ -543,13 +598,19 @@ impl Supervisor {
             for port in ports {
                 self.stop(port);
             }
-        } else {
-            // Collect it if it is gone; the listeners stay with us.
-            let _ = waitpid(outcome.pid, Some(WaitPidFlag::WNOHANG));
         }
+        // A failed one may close the pipe before it exits: it is reaped
+        // with the next SIGCHLD or tick, as every child of ours.
+        self.reap_next_generations();
+    }
+
+    /// Collects the next generations that have exited.
+    fn reap_next_generations(&mut self) {
+        self.next_generations.retain(|&pid| matches!(waitpid(pid, Some(WaitPidFlag::WNOHANG)), Ok(WaitStatus::StillAlive)));
     }
 
     fn reconcile_all(&mut self) {
+        self.reap_next_generations();
         for index in (0..self.pools.len()).rev() {
             self.reconcile(index);
         }
@@ -560,21 +621,14 @@ impl Supervisor {
         let mut entries = Vec::new();
         let pool = &mut self.pools[index];
         pool.reap(&mut entries);
+        pool.settle_reload(&mut entries);
         let now = Instant::now();
         pool.kill_stuck(&mut entries);
         match pool.phase {
             Phase::Running => {
                 pool.retire_surplus(&mut entries);
                 let wanted = pool.missing();
-                let fork_now = if pool.failures == 0 {
-                    wanted
-                } else if pool.retry_at.is_none_or(|at| now >= at) {
-                    // Backing off: one worker tries, the others wait for it.
-                    pool.retry_at = Some(now + backoff(pool.failures));
-                    wanted.min(1)
-                } else {
-                    0
-                };
+                let fork_now = pool.forks_allowed(now, wanted);
                 self.log.append(&mut entries);
                 for _ in 0..fork_now {
                     self.spawn(index);
@@ -602,11 +656,23 @@ impl Supervisor {
                         ]));
                     }
                 }
-                let gone = pool.children.is_empty();
+                // Every accepted connection is served: when the workers
+                // that will still take one are gone (recycled, or dead)
+                // and some are queued, one more worker serves them.
+                let queued = now < deadline && pool.queue_pending();
+                let fork_now = if queued && !pool.children.iter().any(|c| pool.takes_connections(c)) {
+                    pool.forks_allowed(now, 1)
+                } else {
+                    0
+                };
+                let gone = pool.children.is_empty() && !queued;
                 if gone {
                     entries.push(pool.entry("stopped", vec![]));
                 }
                 self.log.append(&mut entries);
+                for _ in 0..fork_now {
+                    self.spawn(index);
+                }
                 if gone {
                     self.pools.remove(index);
                     self.after_pool_gone();
@@ -651,6 +717,8 @@ impl Supervisor {
             Ok(ends) => ends,
             Err(errno) => {
                 pool.scoreboard.slot(slot).free();
+                // Out of descriptors is a failed start, backed off as one.
+                pool.count_failure(format!("pipe: {}", errno.desc()));
                 let entry = pool.entry("error", vec![("message", Obj::new_string(&format!("pipe: {}", errno.desc())))]);
                 self.log.push(entry);
                 return;
@@ -674,6 +742,8 @@ impl Supervisor {
                 signals: pool.config.signals,
                 close: Vec::new(),
                 tick: None,
+                queue: Arc::clone(&pool.queue),
+                counters: Arc::clone(&pool.counters),
             }),
             Ok(ForkResult::Parent { child }) => {
                 drop(leave_read);
@@ -702,8 +772,7 @@ impl Supervisor {
             }
             Err(errno) => {
                 pool.scoreboard.slot(slot).free();
-                pool.failures += 1;
-                pool.retry_at = Some(Instant::now() + backoff(pool.failures));
+                pool.count_failure(format!("fork: {}", errno.desc()));
                 let entry = pool.entry("error", vec![("message", Obj::new_string(&format!("fork: {}", errno.desc())))]);
                 self.log.push(entry);
             }
@@ -718,7 +787,13 @@ impl Pool {
         LogEntry { log: self.config.log.clone(), interp: self.interp, port: self.port, fields: all }
     }
 
-    /// Collects the workers that have exited.
+    /// Collects the workers that have exited, and counts the failures
+    /// among them. A failure is a worker that ends unasked before it
+    /// received a connection (its `-init` failed, it exited, it crashed) or
+    /// by a signal nobody sent it on the pool's behalf. A worker that
+    /// exits after it received one (a handler that calls `exit`), that
+    /// recycles, or that the supervisor retired or killed, did not fail:
+    /// it is replaced at once.
     fn reap(&mut self, entries: &mut Vec<LogEntry>) {
         let mut index = 0;
         while index < self.children.len() {
@@ -736,12 +811,14 @@ impl Pool {
             let slot = self.scoreboard.slot(child.slot);
             let left_by_itself = slot.state() == State::Stopping && child.retired.is_none();
             let served = slot.served();
+            let received = served + u64::from(slot.open()) > 0;
+            let message = slot.failure();
             self.totals.proxy_errors += slot.proxy_errors();
             slot.free();
-            let (status_text, clean) = match status {
-                WaitStatus::Exited(_, code) => (format!("exit {code}"), code == 0),
-                WaitStatus::Signaled(_, signal, _) => (format!("signal {}", signal.as_str()), false),
-                other => (format!("{other:?}"), false),
+            let (status_text, clean, signaled) = match status {
+                WaitStatus::Exited(_, code) => (format!("exit {code}"), code == 0, false),
+                WaitStatus::Signaled(_, signal, _) => (format!("signal {}", signal.as_str()), false, true),
+                other => (format!("{other:?}"), false, false),
             };
             let mut fields = vec![
                 ("pid", Obj::new_int(pid.as_raw().into())),
@@ -749,6 +826,9 @@ impl Pool {
                 ("status", Obj::new_string(&status_text)),
                 ("served", Obj::new_int(served as i64)),
             ];
+            if !message.is_empty() {
+                fields.push(("error", Obj::new_string(&message)));
+            }
             let stopping = matches!(self.phase, Phase::Stopping { .. });
             let mut backoff_entry = None;
             if child.retired.is_some() || stopping {
@@ -758,17 +838,18 @@ impl Pool {
                 fields.push(("recycled", Obj::new_int(1)));
             } else {
                 self.to_respawn += 1;
-                if child.forked.elapsed() < YOUNG && child.killed.is_none() {
-                    self.failures += 1;
-                    let delay = backoff(self.failures);
-                    self.retry_at = Some(Instant::now() + delay);
+                let failed = child.killed.is_none() && (signaled || !received);
+                if failed {
+                    let reason = if message.is_empty() { status_text.clone() } else { message.clone() };
+                    let delay = self.count_failure(reason);
                     self.totals.backoffs += 1;
                     backoff_entry = Some(self.entry("backoff", vec![
                         ("failures", Obj::new_int(self.failures.into())),
                         ("delay", Obj::new_double(delay.as_secs_f64())),
                     ]));
-                } else {
-                    self.failures = 0;
+                } else if received && child.generation == self.generation {
+                    // It served: the code works.
+                    self.end_failures();
                 }
             }
             if let Some(reason) = child.killed {
@@ -777,11 +858,95 @@ impl Pool {
             entries.push(self.entry("exit", fields));
             entries.extend(backoff_entry);
         }
-        // A worker that has outlived its youth ends a run of young deaths.
-        if self.failures > 0 && self.children.iter().any(|c| c.retired.is_none() && c.forked.elapsed() >= YOUNG) {
-            self.failures = 0;
-            self.retry_at = None;
+        // A worker of the current generation forked after the last failure
+        // that outlives its youth ends the run. Older workers say nothing
+        // about the code that fails now (a reload's new `-init`).
+        if let Some(failed_at) = self.failed_at {
+            let generation = self.generation;
+            if self.children.iter().any(|c| {
+                c.generation == generation && c.retired.is_none() && c.forked > failed_at && c.forked.elapsed() >= YOUNG
+            }) {
+                self.end_failures();
+            }
         }
+    }
+
+    /// Counts a failed start; returns the back-off before the next try.
+    fn count_failure(&mut self, reason: String) -> Duration {
+        self.failures += 1;
+        let now = Instant::now();
+        self.failed_at = Some(now);
+        self.last_failure = reason;
+        let delay = backoff(self.failures);
+        self.retry_at = Some(now + delay);
+        delay
+    }
+
+    fn end_failures(&mut self) {
+        self.failures = 0;
+        self.retry_at = None;
+        self.failed_at = None;
+    }
+
+    /// How many of `wanted` workers may be forked now: all of them, or,
+    /// while failures back off, one when its turn has come.
+    fn forks_allowed(&mut self, now: Instant, wanted: usize) -> usize {
+        if self.failures == 0 {
+            wanted
+        } else if self.retry_at.is_none_or(|at| now >= at) {
+            // Backing off: one worker tries, the others wait for it.
+            self.retry_at = Some(now + backoff(self.failures));
+            wanted.min(1)
+        } else {
+            0
+        }
+    }
+
+    /// A reload is done once its generation is ready, and abandoned after
+    /// `RELOAD_FAILURES` failures in a row: the generation that served
+    /// before serves on, and the next reload tries again.
+    fn settle_reload(&mut self, entries: &mut Vec<LogEntry>) {
+        let Reload::Running { previous } = self.reload else { return };
+        if self.ready_count() >= self.target {
+            self.reload = Reload::Done;
+            return;
+        }
+        if self.failures < RELOAD_FAILURES {
+            return;
+        }
+        let abandoned = self.generation;
+        // The newest generation with a worker that serves, if a reload
+        // during this one got that far; else the one before them.
+        let ready = |c: &Child| {
+            c.retired.is_none()
+                && c.killed.is_none()
+                && matches!(self.scoreboard.slot(c.slot).state(), State::Idle | State::Busy)
+        };
+        self.generation =
+            self.children.iter().filter(|c| ready(c)).map(|c| c.generation).max().unwrap_or(previous);
+        let reason = std::mem::take(&mut self.last_failure);
+        entries.push(self.entry("reload-failed", vec![
+            ("generation", Obj::new_int(abandoned.into())),
+            ("failures", Obj::new_int(self.failures.into())),
+            ("reason", Obj::new_string(&reason)),
+        ]));
+        self.reload = Reload::Failed { reason };
+        self.end_failures();
+        self.to_respawn = 0;
+    }
+
+    /// Whether a worker will still take connections from the queue.
+    fn takes_connections(&self, child: &Child) -> bool {
+        child.retired.is_none()
+            && child.killed.is_none()
+            && matches!(self.scoreboard.slot(child.slot).state(), State::Starting | State::Idle | State::Busy)
+    }
+
+    /// Whether a connection waits in the queue (peeked, not taken).
+    fn queue_pending(&self) -> bool {
+        let mut byte = [0u8; 1];
+        let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+        matches!(nix::sys::socket::recv(self.queue.as_raw_fd(), &mut byte, flags), Ok(1..))
     }
 
     /// Kills workers busy on one connection for longer than `-timeout`.
@@ -934,6 +1099,16 @@ impl Pool {
             ("recycled", Obj::new_int(self.totals.recycled as i64)),
             ("timedout", Obj::new_int(self.totals.timed_out as i64)),
             ("backoffs", Obj::new_int(self.totals.backoffs as i64)),
+            ("reload", Obj::new_string(match self.reload {
+                Reload::None => "none",
+                Reload::Running { .. } => "running",
+                Reload::Done => "done",
+                Reload::Failed { .. } => "failed",
+            })),
+            ("reloaderror", Obj::new_string(match &self.reload {
+                Reload::Failed { reason } => reason,
+                _ => "",
+            })),
             ("proxyerrors", Obj::new_int(
                 (self.totals.proxy_errors
                     + self.children.iter().map(|c| self.scoreboard.slot(c.slot).proxy_errors()).sum::<u64>())
@@ -1007,7 +1182,8 @@ fn flush_entries(entries: Vec<LogEntry>) {
             let mut fields = entry.fields.iter();
             let event = fields.next().map(|(_, v)| v.to_string_lossy()).unwrap_or_default();
             let rest = Obj::new_dict(fields.skip(1).map(|(k, v)| (*k, v.clone())).collect());
-            eprintln!("socketserver pool {}: {event} {}", entry.port, rest.to_string_lossy());
+            // A closed or full stderr loses the line; it never stops the pool.
+            let _ = writeln!(std::io::stderr(), "socketserver pool {}: {event} {}", entry.port, rest.to_string_lossy());
             continue;
         }
         let dict = Obj::new_dict(entry.fields);

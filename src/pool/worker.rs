@@ -15,6 +15,7 @@
 use std::cell::RefCell;
 use std::ffi::c_void;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
 use crate::handoff::Connection;
@@ -122,7 +123,16 @@ pub struct Assignment {
     /// Descriptors of the supervisor's that this process must not keep.
     pub close: Vec<RawFd>,
     pub tick: Option<tcl::Timer>,
+    /// The port's queue and counters, kept by the pool: a worker started
+    /// while the pool stops serves what is queued after the port closed.
+    pub queue: Arc<OwnedFd>,
+    pub counters: Arc<Counters>,
 }
+
+/// The exit status of a worker that could not start (`-init` failed).
+pub const EXIT_FAILED: i32 = 1;
+/// The exit status of a worker whose Rust code panicked.
+pub const EXIT_INTERNAL: i32 = 70;
 
 struct OpenChannel {
     id: u64,
@@ -157,18 +167,66 @@ thread_local! {
     static WORKER: RefCell<Option<Worker>> = const { RefCell::new(None) };
 }
 
+/// The worker's pid, set from its first instruction on: `-init` runs
+/// before the worker's state exists, and a `pool` command in it must get
+/// the worker's error, not reach the supervisor's state, which the fork
+/// copied in the middle of a borrow. (A child forked inside the worker has
+/// another pid: it is not the worker.)
+static WORKER_PID: AtomicI32 = AtomicI32::new(0);
+
 const NATIVE: NativeHandler =
     NativeHandler { connection: on_connection, queue_closed: on_queue_closed, proxy_rejected: on_proxy_rejected };
 
 /// Whether this process is a pool's worker (not a child forked in one).
 pub fn is_worker() -> bool {
-    with_worker(|_| ()).is_some()
+    WORKER_PID.load(Ordering::Relaxed) == nix::unistd::getpid().as_raw()
 }
 
-/// Runs in the child right after `fork`; never returns.
+/// Runs in the child right after `fork`; never returns. Whatever happens
+/// in it ends in this process's exit, never in the frames of the script
+/// the supervisor was running: a panic is caught here and ends the worker
+/// with `EXIT_INTERNAL`.
 pub fn run(assignment: Assignment) -> ! {
-    let Assignment { port, interp, state, handler, init, concurrency, limit, slot, leave, signals, close, tick } =
-        assignment;
+    WORKER_PID.store(nix::unistd::getpid().as_raw(), Ordering::Relaxed);
+    let slot = assignment.slot;
+    let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve(assignment)));
+    let message = panic.err().map(|payload| {
+        payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default()
+    });
+    let _ = std::panic::catch_unwind(|| slot.set_failure(&format!("internal error: {}", message.unwrap_or_default())));
+    // SAFETY: _exit ends the process without running anything more of a
+    // program whose state a panic may have left half-changed.
+    unsafe { libc::_exit(EXIT_INTERNAL) }
+}
+
+/// Ends a worker that cannot serve: the reason goes to the supervisor's log
+/// (through the scoreboard), never straight to stderr.
+fn give_up(slot: &Slot, message: &str) -> ! {
+    slot.set_failure(message);
+    tcl::exit(EXIT_FAILED);
+}
+
+fn serve(assignment: Assignment) -> ! {
+    let Assignment {
+        port,
+        interp,
+        state,
+        handler,
+        init,
+        concurrency,
+        limit,
+        slot,
+        leave,
+        signals,
+        close,
+        tick,
+        queue,
+        counters,
+    } = assignment;
     signals::reset_in_worker();
     let signal_pipe = if signals { watch_signals() } else { None };
     if let Some(tick) = tick {
@@ -180,11 +238,7 @@ pub fn run(assignment: Assignment) -> ! {
     slot.set_pid(nix::unistd::getpid().as_raw());
     // Adopt the port table now: this closes our copies of every listener and
     // accept end, so a stopped port is free at once and its queue can close.
-    let (entry, listening) = {
-        let table = port_table::table();
-        let entry = table.get(port).map(|p| (Arc::clone(&p.worker_end), Arc::clone(&p.counters)));
-        (entry, table.listening_addresses())
-    };
+    let listening = port_table::table().listening_addresses();
     // SAFETY: the pool keeps the interpreter's state alive while it lives,
     // and this process is a copy of it.
     unsafe { &*state }.reset_if_forked();
@@ -192,14 +246,9 @@ pub fn run(assignment: Assignment) -> ! {
     // After Tcl closed its socket channels: what is left on our ports is a
     // copy of a connection the accepting threads were handling.
     crate::fork_safety::close_copied_connections(&listening);
-    let Some((queue, counters)) = entry else {
-        eprintln!("socketserver pool {port}: worker {}: the port is closed", std::process::id());
-        tcl::exit(1);
-    };
     if let Some(script) = init {
         if let Err(message) = interp.eval_global(&script) {
-            eprintln!("socketserver pool {port}: worker {}: -init failed: {message}", std::process::id());
-            tcl::exit(1);
+            give_up(slot, &format!("-init failed: {message}"));
         }
     }
     let leave_fd = leave.as_raw_fd();
@@ -223,9 +272,12 @@ pub fn run(assignment: Assignment) -> ! {
             done: false,
         })
     });
+    // A handler that calls `exit` leaves through Tcl's exit handlers, not
+    // through the loop below: the connections on their way to it go back
+    // to the queue there.
+    tcl::create_exit_handler(on_exit);
     if let Err(error) = spawn_control(leave_fd, signal_pipe) {
-        eprintln!("socketserver pool {port}: worker {}: {error}", std::process::id());
-        tcl::exit(1);
+        give_up(slot, &format!("couldn't start: {error}"));
     }
     with_worker(|w| w.register());
     signals::notify_supervisor();
@@ -433,6 +485,20 @@ fn on_proxy_rejected() {
 
 fn on_queue_closed(_port: u16) {
     with_worker(|w| w.leave());
+}
+
+unsafe extern "C" fn on_exit(_: *mut c_void) {
+    if !is_worker() {
+        return;
+    }
+    let _ = std::panic::catch_unwind(|| {
+        let state = WORKER.try_with(|w| w.try_borrow().ok().and_then(|w| w.as_ref().map(|w| w.state)));
+        if let Ok(Some(state)) = state {
+            // SAFETY: see `Worker::interp_state`; exit handlers run before
+            // Tcl deletes the interpreter.
+            unsafe { &*state }.give_back_all();
+        }
+    });
 }
 
 unsafe extern "C" fn on_leave(event: *mut tcl::Tcl_Event, _flags: std::ffi::c_int) -> std::ffi::c_int {
