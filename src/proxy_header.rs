@@ -10,11 +10,26 @@
 //! deadline. A malformed, oversized, truncated or late header closes the
 //! connection before any handler sees it, is counted (`proxyerrors`), and
 //! the registration waits for the next connection as if nothing happened.
+//!
+//! A read that waits (a `PendingRead`) has an owner, the interpreter's
+//! state that received the connection, and lives on its owner's thread, in
+//! its process. It ends at the first of: the header read, a failure, the
+//! deadline, its owner going (`cancel_owned_by`), its thread ending (Tcl's
+//! thread exit handlers, which also run when the process exits). However
+//! it ends, its file handler and timer are removed first; when its owner
+//! or thread went first, the connection, of which nothing was consumed
+//! yet, goes to `Next::cancelled` and never to a handler. The Tcl
+//! callbacks carry the read's key, not a pointer: a read that has ended is
+//! not found, and nothing is left to point at freed memory.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::ffi::{c_int, c_void};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
+
+use nix::unistd::{getpid, Pid};
 
 use crate::handoff::Connection;
 use crate::proxy_protocol::{self, Mode, Parsed, V2_MAX};
@@ -37,10 +52,19 @@ pub trait Next {
     fn accepted(self: Box<Self>, conn: Connection);
     /// The connection was closed: wait for another.
     fn rejected(self: Box<Self>, why: &str);
+    /// The read's owner or thread went before the header was whole: `conn`
+    /// is as it was received (nothing of it read), for another process or
+    /// thread to serve. Called while the owner is going: it must not use it.
+    fn cancelled(self: Box<Self>, conn: Connection);
 }
 
-/// Reads the header of `conn`, then calls `next`.
-pub fn read(conn: Connection, setting: Setting, next: Box<dyn Next>) {
+/// Who owns a pending read: the address of an interpreter's state, as a
+/// key only (never dereferenced here).
+pub type Owner = usize;
+
+/// Reads the header of `conn`, then calls `next`. Should the read have to
+/// wait, `owner` owns it (see the module's documentation).
+pub fn read(conn: Connection, setting: Setting, owner: Owner, next: Box<dyn Next>) {
     let mut outcome = attempt(&conn, setting.mode);
     if matches!(outcome, Attempt::Wait) {
         // A proxy writes the header right after connecting, often an
@@ -55,23 +79,94 @@ pub fn read(conn: Connection, setting: Setting, next: Box<dyn Next>) {
     match outcome {
         Attempt::Done(source) => finish_ok(conn, source, next),
         Attempt::Failed(why) => fail(conn, next, why),
-        Attempt::Wait => {
-            let fd = conn.socket.as_raw_fd();
-            let pending = Box::into_raw(Box::new(Pending { conn, setting, next, timer: None }));
-            let millis = u32::try_from(setting.deadline.as_millis()).unwrap_or(u32::MAX);
-            // SAFETY: `pending` stays valid until `take` frees it, which
-            // removes the handler and the timer first.
-            unsafe { (*pending).timer = Some(tcl::create_timer(millis, on_deadline, pending.cast())) };
-            tcl::create_file_handler(fd, on_readable, pending.cast());
-        }
+        Attempt::Wait => wait(conn, setting, owner, next),
     }
 }
 
-struct Pending {
+struct PendingRead {
     conn: Connection,
     setting: Setting,
     next: Box<dyn Next>,
+    /// `None` once it has fired.
     timer: Option<tcl::Timer>,
+    owner: Owner,
+    /// The process that started the read: a forked child has a copy of it
+    /// (and of its Tcl handlers), not the read.
+    pid: Pid,
+}
+
+/// This thread's pending reads, by key.
+#[derive(Default)]
+struct PendingReads {
+    last_key: usize,
+    reads: HashMap<usize, PendingRead>,
+    /// Whether `on_thread_exit` is registered for this thread.
+    watching_exit: bool,
+}
+
+thread_local! {
+    static PENDING: RefCell<PendingReads> = RefCell::new(PendingReads::default());
+}
+
+fn wait(conn: Connection, setting: Setting, owner: Owner, next: Box<dyn Next>) {
+    let key = PENDING.with(|pending| {
+        let mut pending = pending.borrow_mut();
+        if !pending.watching_exit {
+            tcl::create_thread_exit_handler(on_thread_exit);
+            pending.watching_exit = true;
+        }
+        pending.last_key = pending.last_key.wrapping_add(1);
+        pending.last_key
+    });
+    let millis = u32::try_from(setting.deadline.as_millis()).unwrap_or(u32::MAX);
+    let timer = tcl::create_timer(millis, on_deadline, key as *mut c_void);
+    tcl::create_file_handler(conn.socket.as_raw_fd(), on_readable, key as *mut c_void);
+    let read = PendingRead { conn, setting, next, timer: Some(timer), owner, pid: getpid() };
+    PENDING.with(|pending| pending.borrow_mut().reads.insert(key, read));
+}
+
+/// Ends the pending reads that `which` selects, removing their handlers
+/// and timers, and returns them.
+fn end(which: impl Fn(usize, &PendingRead) -> bool) -> Vec<PendingRead> {
+    let ended: Vec<PendingRead> = PENDING
+        .try_with(|pending| {
+            let mut pending = pending.borrow_mut();
+            let keys: Vec<usize> = pending.reads.iter().filter(|(k, r)| which(**k, r)).map(|(k, _)| *k).collect();
+            keys.iter().filter_map(|key| pending.reads.remove(key)).collect()
+        })
+        .unwrap_or_default();
+    for read in &ended {
+        tcl::delete_file_handler(read.conn.socket.as_raw_fd());
+        if let Some(timer) = read.timer {
+            tcl::delete_timer(timer);
+        }
+    }
+    ended
+}
+
+/// Cancels the pending reads of `owner` (which is going): each connection
+/// goes to its `Next::cancelled`.
+pub fn cancel_owned_by(owner: Owner) {
+    cancel(end(|_, read| read.owner == owner));
+}
+
+fn cancel(reads: Vec<PendingRead>) {
+    let here = getpid();
+    for read in reads {
+        if read.pid != here {
+            // The parent's read: our copy of the descriptor closes.
+            continue;
+        }
+        // Whoever reads the header next starts from its first byte.
+        set_receive_low_water(read.conn.socket.as_raw_fd(), 1);
+        read.next.cancelled(read.conn);
+    }
+}
+
+/// Tcl's thread exit handler (process exit included): the thread's
+/// notifier, which holds the reads' handlers, is about to go.
+unsafe extern "C" fn on_thread_exit(_: *mut c_void) {
+    let _ = std::panic::catch_unwind(|| cancel(end(|_, _| true)));
 }
 
 enum Attempt {
@@ -157,49 +252,51 @@ fn fail(conn: Connection, next: Box<dyn Next>, why: &'static str) {
     next.rejected(why);
 }
 
-/// Takes back the pending read, removing its handler and timer.
-///
-/// # Safety
-/// `data` comes from `read` and is taken once.
-unsafe fn take(data: *mut c_void) -> Box<Pending> {
-    // SAFETY: see the contract.
-    let pending = unsafe { Box::from_raw(data.cast::<Pending>()) };
-    tcl::delete_file_handler(pending.conn.socket.as_raw_fd());
-    if let Some(timer) = pending.timer {
-        tcl::delete_timer(timer);
+/// The pending read `key` is done (or was copied into a forked child):
+/// ends it and passes its connection on.
+fn finish(key: usize, outcome: Attempt) {
+    let Some(read) = end(|k, _| k == key).pop() else { return };
+    if read.pid != getpid() {
+        return;
     }
-    pending
+    match outcome {
+        Attempt::Done(source) => finish_ok(read.conn, source, read.next),
+        Attempt::Failed(why) => fail(read.conn, read.next, why),
+        Attempt::Wait => unreachable!("a read that waits is not finished"),
+    }
 }
 
 unsafe extern "C" fn on_readable(data: *mut c_void, _mask: c_int) {
-    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        // SAFETY: `data` is a live Pending (its handler is still set).
-        let mode = unsafe { (*data.cast::<Pending>()).setting.mode };
-        // SAFETY: as above.
-        let outcome = attempt(unsafe { &(*data.cast::<Pending>()).conn }, mode);
-        if matches!(outcome, Attempt::Wait) {
-            return;
-        }
-        // SAFETY: taken once, here or in on_deadline (which cannot run
-        // after the timer is deleted).
-        let pending = unsafe { take(data) };
+    let key = data as usize;
+    let _ = std::panic::catch_unwind(|| {
+        let outcome = PENDING.with(|pending| {
+            let pending = pending.borrow();
+            let read = pending.reads.get(&key)?;
+            if read.pid != getpid() {
+                // The parent's read, copied by fork: `finish` drops it
+                // without peeking at the parent's header.
+                return Some(Attempt::Failed("forked"));
+            }
+            Some(attempt(&read.conn, read.setting.mode))
+        });
         match outcome {
-            Attempt::Done(source) => finish_ok(pending.conn, source, pending.next),
-            Attempt::Failed(why) => fail(pending.conn, pending.next, why),
-            Attempt::Wait => unreachable!("handled above"),
+            None | Some(Attempt::Wait) => {}
+            Some(outcome) => finish(key, outcome),
         }
-    }));
+    });
 }
 
 unsafe extern "C" fn on_deadline(data: *mut c_void) {
-    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        // SAFETY: the timer fired, so the read is still pending; the timer
-        // is spent, so `take` must not delete it.
-        let mut pending = unsafe { Box::from_raw(data.cast::<Pending>()) };
-        pending.timer = None;
-        let pending = unsafe { take(Box::into_raw(pending).cast()) };
-        fail(pending.conn, pending.next, "no header before the deadline");
-    }));
+    let key = data as usize;
+    let _ = std::panic::catch_unwind(|| {
+        // The timer is spent: `end` must not delete it again.
+        PENDING.with(|pending| {
+            if let Some(read) = pending.borrow_mut().reads.get_mut(&key) {
+                read.timer = None;
+            }
+        });
+        finish(key, Attempt::Failed("no header before the deadline"));
+    });
 }
 
 /// Counts a rejected connection in `counters`.

@@ -65,8 +65,10 @@ pub struct InterpState {
 
 /// A pointer to an `InterpState` that a receiver thread carries to the
 /// interpreter's own thread. It is only dereferenced there, by
-/// `on_delivery`, and the state outlives every event pointing to it
-/// (`on_interp_deleted` stops the receivers, then purges their events).
+/// `on_delivery` and `AfterHeader`, and the state outlives every event and
+/// every header read pointing to it: the state owns them, and its end
+/// (`give_back_all`) stops the receivers, then purges their events and
+/// cancels its header reads.
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct StatePtr(*const InterpState);
 // SAFETY: see the type's documentation.
@@ -243,13 +245,21 @@ impl InterpState {
         }
     }
 
-    /// Before the process exits: stops every receiver, then gives back the
-    /// connections that are still on their way to a handler (in this
-    /// thread's event queue), so another process serves them.
+    /// When the interpreter goes or the process exits: stops every
+    /// receiver, then gives back the connections that are still on their
+    /// way to a handler (in this thread's event queue, or waiting for their
+    /// PROXY header), so another interpreter or process serves them.
     pub fn give_back_all(&self) {
         self.registrations.borrow_mut().clear();
         let pointer: *const InterpState = self;
         tcl::delete_events(purge_delivery, pointer.cast_mut().cast());
+        proxy_header::cancel_owned_by(self.header_reads_owner());
+    }
+
+    /// The owner of the PROXY header reads this state started.
+    fn header_reads_owner(&self) -> proxy_header::Owner {
+        let pointer: *const InterpState = self;
+        pointer as usize
     }
 
     pub fn is_waiting(&self, port: u16) -> bool {
@@ -301,9 +311,12 @@ impl InterpState {
                 drop(registrations);
                 let Some(handler) = handler else { return };
                 match proxy {
-                    Some(setting) => {
-                        proxy_header::read(conn, setting, Box::new(AfterHeader { handler: Some(handler), ..after }))
-                    }
+                    Some(setting) => proxy_header::read(
+                        conn,
+                        setting,
+                        self.header_reads_owner(),
+                        Box::new(AfterHeader { handler: Some(handler), ..after }),
+                    ),
                     None => self.hand_over(interp, handler, conn, &after.counters),
                 }
             }
@@ -377,6 +390,10 @@ impl proxy_header::Next for AfterHeader {
                 state.interp.background_error(error);
             }
         }
+    }
+
+    fn cancelled(self: Box<Self>, conn: crate::handoff::Connection) {
+        receiver::give_back(&self.queue, conn);
     }
 }
 

@@ -642,6 +642,13 @@ pub fn create_exit_handler(handler: unsafe extern "C" fn(*mut c_void)) {
     unsafe { stub!(tcl_CreateExitHandler)(Some(handler), ptr::null_mut()) }
 }
 
+/// Asks Tcl to call `handler` when the current thread ends, and when the
+/// process exits on it (`Tcl_CreateThreadExitHandler`).
+pub fn create_thread_exit_handler(handler: unsafe extern "C" fn(*mut c_void)) {
+    // SAFETY: registering a plain function with no client data.
+    unsafe { stub!(tcl_CreateThreadExitHandler)(Some(handler), ptr::null_mut()) }
+}
+
 /// Removes from the current thread's queue every event for which `filter`
 /// returns true (Tcl frees their memory; `filter` must take their payloads).
 pub fn delete_events(filter: unsafe extern "C" fn(*mut Tcl_Event, *mut c_void) -> c_int, data: *mut c_void) {
