@@ -11,7 +11,7 @@ use std::cell::{Cell, RefCell};
 use std::ffi::{c_int, c_void};
 use std::os::fd::OwnedFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once, RwLock};
 
 use nix::unistd::{getpid, Pid};
@@ -276,10 +276,21 @@ impl InterpState {
             Handler::Script(mut words) => {
                 let (host, peer_port) = conn.peer_host_and_port();
                 let channel = interp.adopt_tcp_socket(conn.socket);
-                words.push(Obj::new_string(&channel.name()));
+                let closed = Arc::new(AtomicBool::new(false));
+                channel.on_close(mark_closed, Arc::into_raw(Arc::clone(&closed)).cast_mut().cast());
+                let name = channel.name();
+                words.push(Obj::new_string(&name));
                 words.push(Obj::new_string(&host));
                 words.push(Obj::new_string(&peer_port));
-                let _ = interp.eval_global_in_background(&words);
+                // A handler that fails leaves nobody to close its channel:
+                // close it, as Tcl's own `socket -server` does. Unless it was
+                // closed (its name may be another channel's by now) or moved.
+                if !interp.eval_global_in_background(&words)
+                    && !closed.load(Ordering::Acquire)
+                    && interp.holds_channel(&name, channel)
+                {
+                    interp.unregister_channel(channel);
+                }
             }
             Handler::Native(native) => (native.connection)(interp, conn),
         }
@@ -395,6 +406,14 @@ impl proxy_header::Next for AfterHeader {
     fn cancelled(self: Box<Self>, conn: crate::handoff::Connection) {
         receiver::give_back(&self.queue, conn);
     }
+}
+
+/// A channel's close handler: `data` is an `Arc<AtomicBool>` of its own.
+unsafe extern "C" fn mark_closed(data: *mut c_void) {
+    // SAFETY: `hand_over` made `data` with `Arc::into_raw` for this handler,
+    // which Tcl calls once, on whichever thread closes the channel.
+    let closed = unsafe { Arc::from_raw(data.cast_const().cast::<AtomicBool>()) };
+    closed.store(true, Ordering::Release);
 }
 
 /// The Tcl event procedure for a delivery.

@@ -395,6 +395,31 @@ impl Interp {
         }
     }
 
+    /// Whether `channel` is still registered in this interpreter under
+    /// `name` (the name it was made with). Only the pointer is compared:
+    /// `channel` may have been closed, or moved to another thread.
+    pub fn holds_channel(&self, name: &str, channel: Channel) -> bool {
+        let Ok(name) = CString::new(name) else { return false };
+        // SAFETY: interpreter and name are live; Tcl only looks the name up
+        // in this interpreter's table of channels.
+        unsafe {
+            let found = stub!(tcl_GetChannel)(self.as_ptr(), name.as_ptr(), ptr::null_mut());
+            stub!(tcl_ResetResult)(self.as_ptr());
+            !found.is_null() && found == channel.0
+        }
+    }
+
+    /// Drops this interpreter's reference to `channel`, which closes it
+    /// when no other interpreter holds it (`Tcl_UnregisterChannel`).
+    pub fn unregister_channel(&self, channel: Channel) {
+        // SAFETY: the caller has just found `channel` registered here
+        // (`holds_channel`), so it is open.
+        unsafe {
+            stub!(tcl_UnregisterChannel)(self.as_ptr(), channel.0);
+            stub!(tcl_ResetResult)(self.as_ptr());
+        }
+    }
+
     /// Evaluates `script` at global level: its result, or on error the
     /// message.
     pub fn eval_global(&self, script: &Obj) -> Result<Obj, String> {
