@@ -474,9 +474,12 @@ impl Interp {
     }
 
     /// This interpreter's children (`interp slaves`, which Tcl 9 still
-    /// has, safe interpreters too).
+    /// has, safe interpreters too), listed by Tcl's own `interp` command
+    /// whatever the script made of the command of that name (renamed,
+    /// hidden, replaced by a proc): Tcl's C API has no call that lists
+    /// them.
     pub fn children(&self) -> Vec<Interp> {
-        let Ok(names) = self.eval_global(&Obj::new_string("interp slaves")) else { return Vec::new() };
+        let Ok(names) = self.interp_slaves() else { return Vec::new() };
         let Ok(names) = names.list_elements(*self) else { return Vec::new() };
         names
             .iter()
@@ -492,6 +495,34 @@ impl Interp {
                 (!child.is_null()).then(|| unsafe { Interp::from_raw(child) })
             })
             .collect()
+    }
+
+    /// Runs `interp slaves` in this interpreter through the procedure of
+    /// Tcl's `interp` command (`tcl_interp_command`), not through the
+    /// command table the script may have changed.
+    fn interp_slaves(&self) -> Result<Obj, String> {
+        let Some(command) = tcl_interp_command() else {
+            return self.eval_global(&Obj::new_string("interp slaves"));
+        };
+        let words = [Obj::new_string("interp"), Obj::new_string("slaves")];
+        let objv: Vec<*mut Tcl_Obj> = words.iter().map(Obj::as_ptr).collect();
+        // SAFETY: the procedure is Tcl's own, which takes no client data
+        // (checked in `tcl_interp_command`), called as Tcl calls a command:
+        // a live interpreter of this thread, and `objv` holding two live
+        // objects that `words` keeps referenced for the call. Tcl_Preserve
+        // keeps the interpreter's memory valid whatever the call does.
+        unsafe {
+            stub!(tcl_Preserve)(self.as_ptr().cast());
+            let code = command(std::ptr::null_mut(), self.as_ptr(), objv.len() as c_int, objv.as_ptr());
+            let result = Obj::from_raw(stub!(tcl_GetObjResult)(self.as_ptr()));
+            stub!(tcl_ResetResult)(self.as_ptr());
+            stub!(tcl_Release)(self.as_ptr().cast());
+            if code == TCL_OK {
+                Ok(result)
+            } else {
+                Err(result.to_string_lossy())
+            }
+        }
     }
 
     /// Whether the channel `name` of this interpreter is a TCP socket of
@@ -770,4 +801,30 @@ pub fn exit(status: i32) -> ! {
     // SAFETY: Tcl_Exit never returns.
     unsafe { stub!(tcl_Exit)(status) };
     unreachable!("Tcl_Exit returned")
+}
+
+/// The procedure of Tcl's `interp` command, as a new interpreter (where no
+/// script has run) has it; the same in every interpreter of the process.
+/// `None` where it needs client data of its own (then it belongs to the
+/// interpreter it was taken from) or no interpreter can be made.
+fn tcl_interp_command() -> Option<unsafe extern "C" fn(*mut c_void, *mut Tcl_Interp, c_int, *const *mut Tcl_Obj) -> c_int> {
+    static COMMAND: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let address = (*COMMAND.get_or_init(|| {
+        // SAFETY: a new interpreter, queried and deleted on this thread;
+        // Tcl fills in `info` when it returns 1.
+        unsafe {
+            let fresh = stub!(tcl_CreateInterp)();
+            if fresh.is_null() {
+                return None;
+            }
+            let mut info: tcl_sys::Tcl_CmdInfo = std::mem::zeroed();
+            let found = stub!(tcl_GetCommandInfo)(fresh, c"interp".as_ptr(), &mut info) == 1;
+            stub!(tcl_DeleteInterp)(fresh);
+            let command = info.objProc.filter(|_| found && info.objClientData.is_null())?;
+            Some(command as usize)
+        }
+    }))?;
+    // SAFETY: the address of a Tcl_ObjCmdProc, taken above, in a library
+    // that stays loaded as long as the process.
+    Some(unsafe { std::mem::transmute::<usize, _>(address) })
 }

@@ -105,7 +105,7 @@ pub fn dispatch(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj]) -> T
             Ok(Obj::new_int(supervisor::upgrade(command)?.into()))
         }
         _ => {
-            let ports = supervisor::ports(optional_port("?port?")?)?;
+            let ports = supervisor::ports_to_wait(optional_port("?port?")?)?;
             supervisor::wait(&ports);
             empty()
         }

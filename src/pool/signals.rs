@@ -10,12 +10,16 @@
 //!
 //! The pipe and the signal dispositions belong to the process, not to a
 //! thread or an interpreter: the handler runs on whichever thread the
-//! kernel picks, and writes wherever `WRITE_END` points. They are taken
-//! with the first pool (`pipe_read_end`, `watch`) and given back with the
-//! last (`release_all`): the pipe closed, each disposition restored to the
-//! one it replaced. A forked child never keeps them (`in_child`): it gets
-//! the dispositions of before the pool, and no pipe; a pool's worker keeps
-//! only its copy of the write end, to notify the supervisor.
+//! kernel picks, and writes wherever `WRITE_END` points. The pipe is made
+//! with the first pool (`pipe_read_end`) and closed with the last
+//! (`release_all`). Each signal is held only while something acts on it
+//! (`hold_exactly`): a signal no pool acts on does what it did before.
+//! Giving a signal back restores the disposition it replaced, but only if
+//! ours is still in force: a handler the script set since (TclX's `signal
+//! trap`) is the script's, and stays. A forked child never keeps them
+//! (`in_child`): it gets the dispositions of before the pool, by the same
+//! rule, and no pipe; a pool's worker keeps only its copy of the write
+//! end, to notify the supervisor.
 //!
 //! A worker has a pipe of its own for the signals it handles (a stop signal
 //! sent to the whole process group, as Ctrl-C and systemd do, must not cut
@@ -91,19 +95,48 @@ pub fn watch(signal: Signal) -> nix::Result<()> {
     Ok(())
 }
 
+/// Handles exactly `wanted` from now on: the signals not handled yet are
+/// taken, the others given back (`give_back`). The pipe must exist.
+pub fn hold_exactly(wanted: &[Signal]) -> nix::Result<()> {
+    {
+        let mut handling = handling();
+        let Some(handling) = handling.as_mut() else { return Err(nix::errno::Errno::EBADF) };
+        let (kept, released): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut handling.previous).into_iter().partition(|(s, _)| wanted.contains(s));
+        handling.previous = kept;
+        give_back(&released);
+    }
+    wanted.iter().try_for_each(|&signal| watch(signal))
+}
+
 /// Gives every signal back to what handled it before, then closes the pipe.
 pub fn release_all() {
     let Some(handling) = handling().take() else { return };
     let write_end = handling.write_end.as_raw_fd();
-    restore(&handling.previous);
+    give_back(&handling.previous);
     WRITE_END.store(-1, Ordering::SeqCst);
     let _ = SUPERVISOR_END.compare_exchange(write_end, -1, Ordering::SeqCst, Ordering::SeqCst);
 }
 
-fn restore(previous: &[(Signal, SigAction)]) {
+/// Restores each signal's previous action where our handler is still the
+/// one in force; one set since is not ours to undo. Async-signal-safe (it
+/// runs in a forked child): sigaction(2) only.
+fn give_back(previous: &[(Signal, SigAction)]) {
     for (signal, previous) in previous {
-        // SAFETY: restores an action the process had before.
-        let _ = unsafe { sigaction(*signal, previous) };
+        if handler_in_force(*signal) == Some(on_signal as extern "C" fn(libc::c_int) as usize) {
+            // SAFETY: restores an action the process had before.
+            let _ = unsafe { sigaction(*signal, previous) };
+        }
+    }
+}
+
+/// The handler address (or SIG_DFL, SIG_IGN) now in force for `signal`.
+fn handler_in_force(signal: Signal) -> Option<usize> {
+    // SAFETY: a null new action only reads the current one into `current`,
+    // which sigaction(2) fills in on success.
+    unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        (libc::sigaction(signal as libc::c_int, std::ptr::null(), &mut current) == 0).then_some(current.sa_sigaction)
     }
 }
 
@@ -151,7 +184,7 @@ pub fn in_child() {
     WRITE_END.store(-1, Ordering::SeqCst);
     let mut own_write_end = -1;
     if let Some(handling) = guard.take() {
-        restore(&handling.previous);
+        give_back(&handling.previous);
         own_write_end = handling.write_end.as_raw_fd();
         if worker {
             // Now the worker's, for `notify_supervisor`, until it exits.

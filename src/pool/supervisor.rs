@@ -43,6 +43,9 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// Scoreboard slots per pool: room for a full generation beside another.
 pub const MAX_WORKERS: usize = 512;
+/// The signals a pool with `-signals 1` acts on.
+const ACTED_ON: [Signal; 6] =
+    [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGTTIN, Signal::SIGTTOU, Signal::SIGUSR2];
 
 pub struct Config {
     pub workers: usize,
@@ -165,6 +168,9 @@ struct Supervisor {
     upgrading: Option<Pid>,
     /// Next generations started and not reaped yet.
     next_generations: Vec<Pid>,
+    /// Every port this process has had a pool on: `pool wait` on one whose
+    /// pool is gone has nothing left to wait for.
+    had: Vec<u16>,
     log: Vec<LogEntry>,
 }
 
@@ -177,6 +183,7 @@ thread_local! {
         exit_requested: false,
         upgrading: None,
         next_generations: Vec::new(),
+        had: Vec::new(),
         log: Vec::new(),
     }) };
 }
@@ -260,13 +267,14 @@ pub fn create(interp: Interp, state: *const InterpState, port: u16, config: Conf
             Ok(scoreboard) => scoreboard,
             Err(error) => {
                 // A pool that could not start leaves nothing taken behind.
-                if sup.pools.is_empty() {
-                    sup.after_pool_gone();
-                }
+                sup.after_pool_gone();
                 return Err(error);
             }
         };
         let target = config.workers;
+        if !sup.had.contains(&port) {
+            sup.had.push(port);
+        }
         sup.pools.push(Pool {
             port,
             interp,
@@ -309,6 +317,19 @@ pub fn ports(port: Option<u16>) -> TclResult<Vec<u16>> {
             Some(port) => Err(unknown_pool(port)),
         }
     })
+}
+
+/// The ports `pool wait` waits for: those of every pool, or `port`'s,
+/// none if its pool is gone already (stopped, its workers reaped); a port
+/// that never had a pool is an error.
+pub fn ports_to_wait(port: Option<u16>) -> TclResult<Vec<u16>> {
+    let all = ports(None)?;
+    match port {
+        None => Ok(all),
+        Some(port) if all.contains(&port) => Ok(vec![port]),
+        Some(port) if with_supervisor(|sup| sup.had.contains(&port)) => Ok(Vec::new()),
+        Some(port) => Err(unknown_pool(port)),
+    }
 }
 
 /// A rolling reload: a new generation, then the old one leaves.
@@ -378,6 +399,9 @@ pub fn interp_deleted(interp: Interp) {
                 pool.config.signals = false;
             }
         }
+        // What no pool acts on any more is given back now, not when the
+        // pool is gone.
+        let _ = sup.hold_signals(false);
         sup.log.clear();
     });
 }
@@ -387,16 +411,67 @@ impl Drop for Supervisor {
     /// stop: Tcl has finalized its notifier already, and the process's
     /// signals and pipe must not outlive the thread's pools (the pipe's
     /// numbers would be reused by files the signal handler then writes to).
-    /// Dropping the pools closes their leave pipes: the workers leave.
+    /// Dropping the pools closes their leave pipes: the workers leave, and
+    /// a reaper thread collects them (`reap_in_background`).
     fn drop(&mut self) {
         if self.pid != nix::unistd::getpid() {
             self.pools.drain(..).for_each(std::mem::forget);
             return;
         }
+        if !crate::registration::exiting() {
+            let now = Instant::now();
+            let mut children: Vec<(Pid, Option<Instant>)> = Vec::new();
+            for pool in &self.pools {
+                let deadline = match pool.phase {
+                    Phase::Stopping { deadline } => deadline,
+                    Phase::Running => now + pool.config.graceful,
+                };
+                children.extend(pool.children.iter().map(|c| (c.pid, Some(deadline))));
+            }
+            // A next generation may be the server now: reaped, never killed.
+            children.extend(self.next_generations.iter().map(|&pid| (pid, None)));
+            reap_in_background(children);
+        }
+        self.pools.clear();
         if release_supervisor_thread() {
             signals::release_all();
         }
     }
+}
+
+/// Reaps `children` of a supervisor whose thread has ended, from a thread
+/// of its own that ends with the last of them: exactly these pids, so no
+/// child of the script is taken from it. One still running at its
+/// deadline (the pool's `-graceful` period) is killed, as the pool would
+/// have done.
+fn reap_in_background(mut children: Vec<(Pid, Option<Instant>)>) {
+    if children.is_empty() {
+        return;
+    }
+    let reaper = move || {
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let now = Instant::now();
+            children.retain(|&(pid, deadline)| {
+                if deadline.is_some_and(|deadline| now >= deadline) {
+                    let _ = kill(pid, Signal::SIGKILL);
+                }
+                // Reaped, or no longer ours to reap (a script's own `wait`).
+                matches!(waitpid(pid, Some(WaitPidFlag::WNOHANG)), Ok(WaitStatus::StillAlive))
+            });
+            if children.is_empty() {
+                return;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    };
+    // Spawning while thread-locals are destroyed: a failure or a panic
+    // leaves the children to init once this process exits, and must not
+    // abort it.
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        std::thread::Builder::new().name("socketserver-rip".into()).stack_size(crate::THREAD_STACK_SIZE).spawn(reaper)
+    }));
 }
 
 impl Supervisor {
@@ -415,6 +490,7 @@ impl Supervisor {
         }
         self.exit_when_stopped = false;
         self.upgrading = None;
+        self.had.clear();
     }
 
     fn start_watching(&mut self, handle_signals: bool) -> TclResult<()> {
@@ -426,19 +502,25 @@ impl Supervisor {
             sources.pipe = Some(pipe);
             after_fork::set_event_sources(sources);
         }
-        signals::watch(Signal::SIGCHLD).map_err(posix)?;
-        if handle_signals {
-            for signal in
-                [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGTTIN, Signal::SIGTTOU, Signal::SIGUSR2]
-            {
-                signals::watch(signal).map_err(posix)?;
-            }
-        }
+        self.hold_signals(handle_signals).map_err(posix)?;
         if sources.tick.is_none() {
             sources.tick = Some(tcl::create_timer(TICK_MS, on_tick, std::ptr::null_mut()));
             after_fork::set_event_sources(sources);
         }
         Ok(())
+    }
+
+    /// Holds the signals the pools act on, and those only: SIGCHLD while
+    /// the process has a pool, the others while at least one live pool
+    /// handles signals (`-signals 1`, its interpreter not deleted), or the
+    /// pool being created (`new_pool_acts`) will. Any other signal does
+    /// what it did before the pools.
+    fn hold_signals(&self, new_pool_acts: bool) -> nix::Result<()> {
+        let mut wanted = vec![Signal::SIGCHLD];
+        if new_pool_acts || self.pools.iter().any(|p| p.config.signals) {
+            wanted.extend(ACTED_ON);
+        }
+        signals::hold_exactly(&wanted)
     }
 
     fn index(&self, port: u16) -> Option<usize> {
@@ -502,6 +584,9 @@ impl Supervisor {
         let ports: Vec<u16> = self.pools.iter().filter(|p| p.config.signals).map(|p| p.port).collect();
         for signal in received {
             match signal {
+                // Read from the pipe just after the last pool that acted on
+                // it went: nobody's any more, nothing is held over.
+                Signal::SIGTERM | Signal::SIGINT if ports.is_empty() => {}
                 Signal::SIGTERM | Signal::SIGINT => {
                     let again = self.exit_when_stopped;
                     self.exit_when_stopped = true;
@@ -685,6 +770,8 @@ impl Supervisor {
     /// thread's hold on running pools.
     fn after_pool_gone(&mut self) {
         if !self.pools.is_empty() {
+            // The one gone may have been the last to act on signals.
+            let _ = self.hold_signals(false);
             return;
         }
         let EventSources { pipe, tick } = after_fork::event_sources();
