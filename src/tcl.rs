@@ -803,11 +803,14 @@ pub fn exit(status: i32) -> ! {
     unreachable!("Tcl_Exit returned")
 }
 
+/// A command procedure, as `Tcl_CreateObjCommand` takes it.
+type ObjCmdProc = unsafe extern "C" fn(*mut c_void, *mut Tcl_Interp, c_int, *const *mut Tcl_Obj) -> c_int;
+
 /// The procedure of Tcl's `interp` command, as a new interpreter (where no
 /// script has run) has it; the same in every interpreter of the process.
 /// `None` where it needs client data of its own (then it belongs to the
 /// interpreter it was taken from) or no interpreter can be made.
-fn tcl_interp_command() -> Option<unsafe extern "C" fn(*mut c_void, *mut Tcl_Interp, c_int, *const *mut Tcl_Obj) -> c_int> {
+fn tcl_interp_command() -> Option<ObjCmdProc> {
     static COMMAND: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     let address = (*COMMAND.get_or_init(|| {
         // SAFETY: a new interpreter, queried and deleted on this thread;
@@ -826,5 +829,5 @@ fn tcl_interp_command() -> Option<unsafe extern "C" fn(*mut c_void, *mut Tcl_Int
     }))?;
     // SAFETY: the address of a Tcl_ObjCmdProc, taken above, in a library
     // that stays loaded as long as the process.
-    Some(unsafe { std::mem::transmute::<usize, _>(address) })
+    Some(unsafe { std::mem::transmute::<usize, ObjCmdProc>(address) })
 }

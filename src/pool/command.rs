@@ -6,6 +6,7 @@ use crate::command::{command_prefix, non_negative, open_port, parse_port, positi
 use crate::registration::InterpState;
 use crate::tcl::{Interp, NameTable, Obj, TclError, TclResult, Tcl_Obj};
 
+use super::generation;
 use super::supervisor::{self, Config, MAX_WORKERS};
 use super::worker;
 
@@ -92,7 +93,7 @@ pub fn dispatch(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj]) -> T
         }
         "upgrade" => {
             let command = match args.as_slice() {
-                [] => supervisor::default_command(interp),
+                [] => generation::default_command(interp),
                 [command] => command.list_elements(interp)?.iter().map(Obj::to_string_lossy).collect(),
                 _ => return Err(interp.wrong_num_args(objv, 2, "?command?")),
             };

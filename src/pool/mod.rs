@@ -2,13 +2,19 @@
 //! replaces worker processes, so that a script writes only the handler.
 //!
 //! `command` parses the Tcl command; `supervisor` runs in the accepting
-//! process; `worker` is what a forked worker runs; `scoreboard` is the
+//! process and decides what should run, `lifecycle` starts, reaps, retires
+//! and kills workers, `generation` starts the next generation of the
+//! process (`pool upgrade`), `report` is the log and `pool info`; `worker`
+//! is what a forked worker runs; `scoreboard` is the
 //! memory they share; `signals` turns signals into events of Tcl's loop;
 //! `after_fork` says what each process keeps of the supervisor's after a
 //! fork, and makes every fork of the process enforce it.
 
 mod after_fork;
 mod command;
+mod generation;
+mod lifecycle;
+mod report;
 mod scoreboard;
 mod signals;
 mod supervisor;

@@ -1,46 +1,40 @@
 //! The supervisor: runs in the accepting process and keeps each pool's
-//! workers alive.
+//! workers alive. This file says what should run and when; `lifecycle`
+//! says how a worker is started, reaped, retired or killed, `generation`
+//! handles the next generation of the process, and `report` what the
+//! pool logs and `pool info` shows.
 //!
 //! Everything it does happens on the Tcl thread that made the pools, from
 //! three kinds of event: a pool command, a byte in the signal pipe (a
 //! signal, or a worker asking for attention) and a periodic tick. Each
 //! event ends in `reconcile`, which compares what is with what should be
-//! and acts: reap the dead, replace them (with back-off when they die
-//! young), retire old generations as new workers become ready, kill workers
-//! stuck past `-timeout`, and finish a stop.
+//! and acts: reap the dead, replace them (with back-off when they fail),
+//! retire old generations as new workers become ready, kill workers stuck
+//! past `-timeout`, and finish a stop.
 
 use std::cell::RefCell;
 use std::ffi::c_void;
-use std::io::Write;
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::{ForkResult, Pid};
+use nix::unistd::Pid;
 
-use crate::counters::Counters;
 use crate::port_table;
 use crate::registration::InterpState;
 use crate::tcl::{self, Interp, Obj, TclError, TclResult};
 
-use super::after_fork::{self, EventSources, LeaveEnd};
-use super::scoreboard::{now_millis, Scoreboard, State};
+use super::after_fork::{self, EventSources};
+use super::generation::default_command;
+use super::lifecycle::{Phase, Pool, Reload, Totals};
+use super::report::{flush_entries, LogEntry};
+use super::scoreboard::Scoreboard;
 use super::signals;
-use super::worker::{self, Assignment};
+use super::worker;
 
 /// How often the supervisor looks at its workers without being woken.
 const TICK_MS: u32 = 100;
-/// A worker that lives this long after the last failure ends a run of
-/// failures.
-const YOUNG: Duration = Duration::from_secs(1);
-/// Failures in a row after which a reload is abandoned.
-const RELOAD_FAILURES: u32 = 5;
-/// Back-off after the first failure, doubled for each further one...
-const BACKOFF_FIRST: Duration = Duration::from_millis(100);
-/// ...up to this.
-const BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// Scoreboard slots per pool: room for a full generation beside another.
 pub const MAX_WORKERS: usize = 512;
 /// The signals a pool with `-signals 1` acts on.
@@ -61,117 +55,35 @@ pub struct Config {
     pub signals: bool,
 }
 
-/// Why the supervisor asked a worker to go.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Retired {
-    Reload,
-    Resize,
-}
 
-struct Child {
-    pid: Pid,
-    slot: usize,
-    generation: u32,
-    forked: Instant,
-    /// Our end of its leave pipe; closing it asks the worker to leave.
-    leave: Option<LeaveEnd>,
-    retired: Option<Retired>,
-    /// Set once we have sent it SIGKILL, with the reason.
-    killed: Option<&'static str>,
-}
 
-#[derive(Default)]
-struct Totals {
-    started: u64,
-    respawned: u64,
-    recycled: u64,
-    timed_out: u64,
-    backoffs: u64,
-    /// PROXY protocol rejections of workers that have exited.
-    proxy_errors: u64,
-}
 
-enum Phase {
-    Running,
-    Stopping { deadline: Instant },
-}
 
-/// Where the last reload stands, for `pool info`.
-enum Reload {
-    None,
-    /// Its workers are starting; `previous` is the generation serving
-    /// before it, which serves on if it is abandoned.
-    Running { previous: u32 },
-    Done,
-    Failed { reason: String },
-}
 
-pub struct Pool {
-    port: u16,
-    interp: Interp,
-    state: *const InterpState,
-    config: Config,
-    scoreboard: Scoreboard,
-    generation: u32,
-    /// The highest generation number given so far: an abandoned reload's
-    /// number is not given again.
-    newest_generation: u32,
-    target: usize,
-    children: Vec<Child>,
-    totals: Totals,
-    /// Failures in a row (see `reap`); while non-zero, one worker at a time
-    /// is tried.
-    failures: u32,
-    retry_at: Option<Instant>,
-    /// When the last failure was: a worker forked after it that lives past
-    /// `YOUNG` ends the run.
-    failed_at: Option<Instant>,
-    /// Why the last worker failed, as the log says it.
-    last_failure: String,
-    reload: Reload,
-    /// The port's queue, kept while the pool lives: the port leaves the
-    /// port table when the pool stops, and workers started then serve
-    /// what is still queued.
-    queue: Arc<OwnedFd>,
-    counters: Arc<Counters>,
-    /// Workers lost unasked, still to be replaced (counted as respawns).
-    to_respawn: u64,
-    phase: Phase,
-    /// Whether every worker of the first generation has been ready once.
-    ready_once: bool,
-}
 
-/// A log entry waiting to be handed to the pool's `-log` command, which
-/// runs after the supervisor's state is released (it may call back in).
-struct LogEntry {
-    log: Option<Vec<Obj>>,
-    interp: Interp,
-    port: u16,
-    fields: Vec<(&'static str, Obj)>,
-}
 
 /// The pools of a process, on the one thread that runs them. Its signal
 /// dispositions and pipe belong to the process (`signals`), its file
 /// handler and timer to this thread (`after_fork::EventSources`); what a
 /// forked child keeps of it is stated in `after_fork`.
-struct Supervisor {
+pub(super) struct Supervisor {
     /// The process the pools belong to; a forked child has none.
-    pid: Pid,
-    pools: Vec<Pool>,
+    pub(super) pid: Pid,
+    pub(super) pools: Vec<Pool>,
     /// A signal asked for the stop: exit once every pool is gone.
-    exit_when_stopped: bool,
+    pub(super) exit_when_stopped: bool,
     /// Nesting depth of `pool wait`.
-    waiting: u32,
+    pub(super) waiting: u32,
     /// Exit the process once the supervisor's state is released.
-    exit_requested: bool,
+    pub(super) exit_requested: bool,
     /// The pid of a new generation that has not said "ready" yet.
-    upgrading: Option<Pid>,
+    pub(super) upgrading: Option<Pid>,
     /// Next generations started and not reaped yet.
-    next_generations: Vec<Pid>,
+    pub(super) next_generations: Vec<Pid>,
     /// Every port this process has had a pool on: `pool wait` on one whose
     /// pool is gone has nothing left to wait for.
-    had: Vec<u16>,
-    log: Vec<LogEntry>,
+    pub(super) had: Vec<u16>,
+    pub(super) log: Vec<LogEntry>,
 }
 
 thread_local! {
@@ -222,7 +134,7 @@ fn release_supervisor_thread() -> bool {
 /// Runs `f` on the supervisor's state, then hands out the log entries it
 /// made. The state is never borrowed while Tcl code of the user runs, so
 /// `f` cannot be re-entered.
-fn with_supervisor<R>(f: impl FnOnce(&mut Supervisor) -> R) -> R {
+pub(super) fn with_supervisor<R>(f: impl FnOnce(&mut Supervisor) -> R) -> R {
     let result = SUPERVISOR.with(|s| f(&mut s.borrow_mut()));
     flush_log();
     if SUPERVISOR.with(|s| s.try_borrow().is_ok_and(|s| s.exit_requested)) {
@@ -559,7 +471,7 @@ impl Supervisor {
         self.reconcile(index);
     }
 
-    fn stop(&mut self, port: u16) {
+    pub(super) fn stop(&mut self, port: u16) {
         let Some(index) = self.index(port) else { return };
         let pool = &mut self.pools[index];
         if matches!(pool.phase, Phase::Stopping { .. }) {
@@ -627,72 +539,8 @@ impl Supervisor {
         }
     }
 
-    fn upgrade(&mut self, command: Vec<String>) -> TclResult<i32> {
-        if self.upgrading.is_some() {
-            return Err(TclError::new("an upgrade is already under way", &["SOCKETSERVER", "UPGRADE", "BUSY"]));
-        }
-        let listeners = port_table::table().listener_fds();
-        let (pid, ready) = crate::upgrade::spawn_next_generation(&command, &listeners)
-            .map_err(|errno| TclError::posix("couldn't start the new generation", errno as i32))?;
-        let thread = tcl::current_thread();
-        let watcher = std::thread::Builder::new()
-            .name("socketserver-upg".into())
-            .stack_size(crate::THREAD_STACK_SIZE)
-            .spawn(move || {
-                // "ready", or end of file when the new program failed (its
-                // workers may hold the pipe open long after it said ready).
-                let mut said = [0u8; 5];
-                let mut got = 0;
-                while got < said.len() {
-                    match nix::unistd::read(ready.as_raw_fd(), &mut said[got..]) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => got += n,
-                    }
-                }
-                let outcome = UpgradeOutcome { pid, ready: said.starts_with(b"ready") };
-                tcl::queue_event(thread, on_upgrade_outcome, outcome);
-            });
-        if let Err(error) = watcher {
-            let _ = kill(pid, Signal::SIGKILL);
-            return Err(TclError::posix("couldn't watch the new generation", error.raw_os_error().unwrap_or(0)));
-        }
-        self.upgrading = Some(pid);
-        self.next_generations.push(pid);
-        let command_text = Obj::new_list(&command.iter().map(|a| Obj::new_string(a)).collect::<Vec<_>>());
-        for index in 0..self.pools.len() {
-            let entry = self.pools[index].entry("upgrade", vec![
-                ("pid", Obj::new_int(pid.as_raw().into())),
-                ("command", command_text.clone()),
-            ]);
-            self.log.push(entry);
-        }
-        Ok(pid.as_raw())
-    }
 
-    /// The new generation serves (stop this one), or failed (keep serving).
-    fn upgrade_outcome(&mut self, outcome: UpgradeOutcome) {
-        self.upgrading = None;
-        let ports: Vec<u16> = self.pools.iter().map(|p| p.port).collect();
-        for index in 0..self.pools.len() {
-            let event = if outcome.ready { "upgraded" } else { "upgrade-failed" };
-            let entry = self.pools[index].entry(event, vec![("pid", Obj::new_int(outcome.pid.as_raw().into()))]);
-            self.log.push(entry);
-        }
-        if outcome.ready {
-            self.exit_when_stopped = true;
-            for port in ports {
-                self.stop(port);
-            }
-        }
-        // A failed one may close the pipe before it exits: it is reaped
-        // with the next SIGCHLD or tick, as every child of ours.
-        self.reap_next_generations();
-    }
 
-    /// Collects the next generations that have exited.
-    fn reap_next_generations(&mut self) {
-        self.next_generations.retain(|&pid| matches!(waitpid(pid, Some(WaitPidFlag::WNOHANG)), Ok(WaitStatus::StillAlive)));
-    }
 
     fn reconcile_all(&mut self) {
         self.reap_next_generations();
@@ -716,7 +564,9 @@ impl Supervisor {
                 let fork_now = pool.forks_allowed(now, wanted);
                 self.log.append(&mut entries);
                 for _ in 0..fork_now {
-                    self.spawn(index);
+                    let mut started = Vec::new();
+                    self.pools[index].spawn(&mut started);
+                    self.log.append(&mut started);
                 }
                 let pool = &mut self.pools[index];
                 if !pool.ready_once && pool.ready_count() >= pool.target {
@@ -756,7 +606,9 @@ impl Supervisor {
                 }
                 self.log.append(&mut entries);
                 for _ in 0..fork_now {
-                    self.spawn(index);
+                    let mut started = Vec::new();
+                    self.pools[index].spawn(&mut started);
+                    self.log.append(&mut started);
                 }
                 if gone {
                     self.pools.remove(index);
@@ -789,472 +641,13 @@ impl Supervisor {
         }
     }
 
-    /// Forks one worker of the current generation for pool `index`.
-    fn spawn(&mut self, index: usize) {
-        // What a worker must not keep of the supervisor's (the leave pipes,
-        // the signal pipe and its handler, the tick) it lets go at the fork
-        // itself (`after_fork`).
-        let pool = &mut self.pools[index];
-        let Some(slot) = pool.scoreboard.assign(pool.generation) else {
-            let entry = pool.entry("error", vec![("message", Obj::new_string("no free scoreboard slot"))]);
-            self.log.push(entry);
-            return;
-        };
-        let (leave_read, leave_write) = match LeaveEnd::pipe() {
-            Ok(ends) => ends,
-            Err(errno) => {
-                pool.scoreboard.slot(slot).free();
-                // Out of descriptors is a failed start, backed off as one.
-                pool.count_failure(format!("pipe: {}", errno.desc()));
-                let entry = pool.entry("error", vec![("message", Obj::new_string(&format!("pipe: {}", errno.desc())))]);
-                self.log.push(entry);
-                return;
-            }
-        };
-        let limit = (pool.config.max_connections > 0)
-            .then(|| pool.config.max_connections + random_below(pool.config.jitter + 1));
-        // SAFETY: the child runs only `worker::run`, which never returns into
-        // the caller's frames.
-        match signals::fork_worker(|| unsafe { crate::process::fork_flushed(pool.interp) }) {
-            Ok(ForkResult::Child) => worker::run(Assignment {
-                port: pool.port,
-                interp: pool.interp,
-                state: pool.state,
-                handler: pool.config.handler.clone(),
-                init: pool.config.init.clone(),
-                concurrency: pool.config.concurrency,
-                limit,
-                slot: pool.scoreboard.leak_slot(slot),
-                leave: leave_read,
-                signals: pool.config.signals,
-                close: Vec::new(),
-                tick: None,
-                queue: Arc::clone(&pool.queue),
-                counters: Arc::clone(&pool.counters),
-            }),
-            Ok(ForkResult::Parent { child }) => {
-                drop(leave_read);
-                pool.scoreboard.slot(slot).set_pid(child.as_raw());
-                pool.children.push(Child {
-                    pid: child,
-                    slot,
-                    generation: pool.generation,
-                    forked: Instant::now(),
-                    leave: Some(leave_write),
-                    retired: None,
-                    killed: None,
-                });
-                pool.totals.started += 1;
-                let mut fields = vec![
-                    ("pid", Obj::new_int(child.as_raw().into())),
-                    ("generation", Obj::new_int(pool.generation.into())),
-                ];
-                if pool.to_respawn > 0 {
-                    pool.to_respawn -= 1;
-                    pool.totals.respawned += 1;
-                    fields.push(("respawn", Obj::new_int(1)));
-                }
-                let entry = pool.entry("start", fields);
-                self.log.push(entry);
-            }
-            Err(errno) => {
-                pool.scoreboard.slot(slot).free();
-                pool.count_failure(format!("fork: {}", errno.desc()));
-                let entry = pool.entry("error", vec![("message", Obj::new_string(&format!("fork: {}", errno.desc())))]);
-                self.log.push(entry);
-            }
-        }
-    }
 }
 
-impl Pool {
-    fn entry(&self, event: &str, fields: Vec<(&'static str, Obj)>) -> LogEntry {
-        let mut all = vec![("event", Obj::new_string(event)), ("port", Obj::new_int(self.port.into()))];
-        all.extend(fields);
-        LogEntry { log: self.config.log.clone(), interp: self.interp, port: self.port, fields: all }
-    }
 
-    /// Collects the workers that have exited, and counts the failures
-    /// among them. A failure is a worker that ends unasked before it
-    /// received a connection (its `-init` failed, it exited, it crashed) or
-    /// by a signal nobody sent it on the pool's behalf. A worker that
-    /// exits after it received one (a handler that calls `exit`), that
-    /// recycles, or that the supervisor retired or killed, did not fail:
-    /// it is replaced at once.
-    fn reap(&mut self, entries: &mut Vec<LogEntry>) {
-        let mut index = 0;
-        while index < self.children.len() {
-            let pid = self.children[index].pid;
-            let status = match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) => {
-                    index += 1;
-                    continue;
-                }
-                Ok(status) => status,
-                // Reaped by someone else (a script's own `wait`): gone all the same.
-                Err(_) => WaitStatus::Exited(pid, 255),
-            };
-            let child = self.children.remove(index);
-            let slot = self.scoreboard.slot(child.slot);
-            let left_by_itself = slot.state() == State::Stopping && child.retired.is_none();
-            let served = slot.served();
-            let received = served + u64::from(slot.open()) > 0;
-            let message = slot.failure();
-            self.totals.proxy_errors += slot.proxy_errors();
-            slot.free();
-            let (status_text, clean, signaled) = match status {
-                WaitStatus::Exited(_, code) => (format!("exit {code}"), code == 0, false),
-                WaitStatus::Signaled(_, signal, _) => (format!("signal {}", signal.as_str()), false, true),
-                other => (format!("{other:?}"), false, false),
-            };
-            let mut fields = vec![
-                ("pid", Obj::new_int(pid.as_raw().into())),
-                ("generation", Obj::new_int(child.generation.into())),
-                ("status", Obj::new_string(&status_text)),
-                ("served", Obj::new_int(served as i64)),
-            ];
-            if !message.is_empty() {
-                fields.push(("error", Obj::new_string(&message)));
-            }
-            let stopping = matches!(self.phase, Phase::Stopping { .. });
-            let mut backoff_entry = None;
-            if child.retired.is_some() || stopping {
-                // Asked to leave: nothing to replace.
-            } else if left_by_itself && clean {
-                self.totals.recycled += 1;
-                fields.push(("recycled", Obj::new_int(1)));
-            } else {
-                self.to_respawn += 1;
-                let failed = child.killed.is_none() && (signaled || !received);
-                if failed {
-                    let reason = if message.is_empty() { status_text.clone() } else { message.clone() };
-                    let delay = self.count_failure(reason);
-                    self.totals.backoffs += 1;
-                    backoff_entry = Some(self.entry("backoff", vec![
-                        ("failures", Obj::new_int(self.failures.into())),
-                        ("delay", Obj::new_double(delay.as_secs_f64())),
-                    ]));
-                } else if received && child.generation == self.generation {
-                    // It served: the code works.
-                    self.end_failures();
-                }
-            }
-            if let Some(reason) = child.killed {
-                fields.push(("killed", Obj::new_string(reason)));
-            }
-            entries.push(self.entry("exit", fields));
-            entries.extend(backoff_entry);
-        }
-        // A worker of the current generation forked after the last failure
-        // that outlives its youth ends the run. Older workers say nothing
-        // about the code that fails now (a reload's new `-init`).
-        if let Some(failed_at) = self.failed_at {
-            let generation = self.generation;
-            if self.children.iter().any(|c| {
-                c.generation == generation && c.retired.is_none() && c.forked > failed_at && c.forked.elapsed() >= YOUNG
-            }) {
-                self.end_failures();
-            }
-        }
-    }
 
-    /// Counts a failed start; returns the back-off before the next try.
-    fn count_failure(&mut self, reason: String) -> Duration {
-        self.failures += 1;
-        let now = Instant::now();
-        self.failed_at = Some(now);
-        self.last_failure = reason;
-        let delay = backoff(self.failures);
-        self.retry_at = Some(now + delay);
-        delay
-    }
 
-    fn end_failures(&mut self) {
-        self.failures = 0;
-        self.retry_at = None;
-        self.failed_at = None;
-    }
 
-    /// How many of `wanted` workers may be forked now: all of them, or,
-    /// while failures back off, one when its turn has come.
-    fn forks_allowed(&mut self, now: Instant, wanted: usize) -> usize {
-        if self.failures == 0 {
-            wanted
-        } else if self.retry_at.is_none_or(|at| now >= at) {
-            // Backing off: one worker tries, the others wait for it.
-            self.retry_at = Some(now + backoff(self.failures));
-            wanted.min(1)
-        } else {
-            0
-        }
-    }
 
-    /// A reload is done once its generation is ready, and abandoned after
-    /// `RELOAD_FAILURES` failures in a row: the generation that served
-    /// before serves on, and the next reload tries again.
-    fn settle_reload(&mut self, entries: &mut Vec<LogEntry>) {
-        let Reload::Running { previous } = self.reload else { return };
-        if self.ready_count() >= self.target {
-            self.reload = Reload::Done;
-            return;
-        }
-        if self.failures < RELOAD_FAILURES {
-            return;
-        }
-        let abandoned = self.generation;
-        // The newest generation with a worker that serves, if a reload
-        // during this one got that far; else the one before them.
-        let ready = |c: &Child| {
-            c.retired.is_none()
-                && c.killed.is_none()
-                && matches!(self.scoreboard.slot(c.slot).state(), State::Idle | State::Busy)
-        };
-        self.generation =
-            self.children.iter().filter(|c| ready(c)).map(|c| c.generation).max().unwrap_or(previous);
-        let reason = std::mem::take(&mut self.last_failure);
-        entries.push(self.entry("reload-failed", vec![
-            ("generation", Obj::new_int(abandoned.into())),
-            ("failures", Obj::new_int(self.failures.into())),
-            ("reason", Obj::new_string(&reason)),
-        ]));
-        self.reload = Reload::Failed { reason };
-        self.end_failures();
-        self.to_respawn = 0;
-    }
-
-    /// Whether a worker will still take connections from the queue.
-    fn takes_connections(&self, child: &Child) -> bool {
-        child.retired.is_none()
-            && child.killed.is_none()
-            && matches!(self.scoreboard.slot(child.slot).state(), State::Starting | State::Idle | State::Busy)
-    }
-
-    /// Whether a connection waits in the queue (peeked, not taken).
-    fn queue_pending(&self) -> bool {
-        let mut byte = [0u8; 1];
-        let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
-        matches!(nix::sys::socket::recv(self.queue.as_raw_fd(), &mut byte, flags), Ok(1..))
-    }
-
-    /// Kills workers busy on one connection for longer than `-timeout`.
-    fn kill_stuck(&mut self, entries: &mut Vec<LogEntry>) {
-        let Some(timeout) = self.config.timeout else { return };
-        let now = now_millis();
-        let limit = timeout.as_millis() as u64;
-        for index in 0..self.children.len() {
-            let child = &self.children[index];
-            let slot = self.scoreboard.slot(child.slot);
-            let since = slot.busy_since();
-            if child.killed.is_some() || since == 0 || now.saturating_sub(since) <= limit {
-                continue;
-            }
-            let peer = slot.peer();
-            let _ = kill(child.pid, Signal::SIGKILL);
-            self.children[index].killed = Some("timeout");
-            self.totals.timed_out += 1;
-            let (host, port) = peer.rsplit_once(' ').unwrap_or((&peer, ""));
-            let entry = self.entry("timeout", vec![
-                ("pid", Obj::new_int(self.children[index].pid.as_raw().into())),
-                ("peer", Obj::new_list(&[Obj::new_string(host), Obj::new_string(port)])),
-                ("busy", Obj::new_double(now.saturating_sub(since) as f64 / 1000.0)),
-            ]);
-            entries.push(entry);
-        }
-    }
-
-    /// Workers of the current generation that count toward the target:
-    /// not asked to leave, not leaving by themselves, not killed.
-    fn serving(&self) -> impl Iterator<Item = &Child> {
-        self.children.iter().filter(move |c| {
-            c.generation == self.generation
-                && c.retired.is_none()
-                && c.killed.is_none()
-                && self.scoreboard.slot(c.slot).state() != State::Stopping
-        })
-    }
-
-    /// Workers of the current generation that are registered or serving.
-    fn ready_count(&self) -> usize {
-        self.serving().filter(|c| matches!(self.scoreboard.slot(c.slot).state(), State::Idle | State::Busy)).count()
-    }
-
-    fn missing(&self) -> usize {
-        self.target.saturating_sub(self.serving().count())
-    }
-
-    /// Asks workers to leave: the current generation's beyond the target,
-    /// and old generations' as new workers become ready. Idle ones first.
-    fn retire_surplus(&mut self, entries: &mut Vec<LogEntry>) {
-        let serving = self.serving().count();
-        if serving > self.target {
-            let mut excess = serving - self.target;
-            let generation = self.generation;
-            excess -= self.retire(excess, Retired::Resize, |c| c.generation == generation, entries);
-            debug_assert_eq!(excess, 0);
-        }
-        let ready = self.ready_count();
-        let generation = self.generation;
-        let old: usize = self
-            .children
-            .iter()
-            .filter(|c| c.generation != generation && c.retired.is_none() && c.killed.is_none())
-            .count();
-        let allowed_old = self.target.saturating_sub(ready);
-        if old > allowed_old {
-            self.retire(old - allowed_old, Retired::Reload, |c| c.generation != generation, entries);
-        }
-    }
-
-    /// Retires up to `count` workers matching `which`, idle before starting
-    /// before busy; returns how many.
-    fn retire(
-        &mut self,
-        count: usize,
-        reason: Retired,
-        which: impl Fn(&Child) -> bool,
-        entries: &mut Vec<LogEntry>,
-    ) -> usize {
-        let mut candidates: Vec<usize> = (0..self.children.len())
-            .filter(|&i| {
-                let c = &self.children[i];
-                c.retired.is_none() && c.killed.is_none() && which(c)
-            })
-            .collect();
-        let rank = |state: State| match state {
-            State::Idle => 0,
-            State::Starting => 1,
-            State::Stopping => 2,
-            _ => 3,
-        };
-        candidates.sort_by_key(|&i| rank(self.scoreboard.slot(self.children[i].slot).state()));
-        let mut done = 0;
-        for i in candidates.into_iter().take(count) {
-            let child = &mut self.children[i];
-            child.retired = Some(reason);
-            // The flag is read when the worker would register again; end of
-            // file on its leave pipe wakes it if it is idle. Either way it
-            // leaves once its channels are closed.
-            self.scoreboard.slot(child.slot).request_leave();
-            child.leave = None;
-            done += 1;
-            let fields = vec![
-                ("pid", Obj::new_int(child.pid.as_raw().into())),
-                ("generation", Obj::new_int(child.generation.into())),
-                ("reason", Obj::new_string(if reason == Retired::Reload { "reload" } else { "resize" })),
-            ];
-            entries.push(self.entry("retire", fields));
-        }
-        done
-    }
-
-    fn info(&self) -> Obj {
-        let now = now_millis();
-        let mut workers = Vec::new();
-        let stopping = matches!(self.phase, Phase::Stopping { .. });
-        for child in &self.children {
-            let slot = self.scoreboard.slot(child.slot);
-            // A worker told to leave is stopping, though it may not know yet.
-            let state = if (stopping || child.retired.is_some()) && slot.state() != State::Starting {
-                State::Stopping
-            } else {
-                slot.state()
-            };
-            let since = slot.busy_since();
-            let busy = if since == 0 { 0.0 } else { now.saturating_sub(since) as f64 / 1000.0 };
-            workers.push(Obj::new_int(child.pid.as_raw().into()));
-            workers.push(Obj::new_dict(vec![
-                ("state", Obj::new_string(state.name())),
-                ("generation", Obj::new_int(child.generation.into())),
-                ("served", Obj::new_int(slot.served() as i64)),
-                ("open", Obj::new_int(slot.open().into())),
-                ("busy", Obj::new_double(busy)),
-            ]));
-        }
-        let phase = match self.phase {
-            Phase::Running => "running",
-            Phase::Stopping { .. } => "stopping",
-        };
-        Obj::new_dict(vec![
-            ("port", Obj::new_int(self.port.into())),
-            ("state", Obj::new_string(phase)),
-            ("generation", Obj::new_int(self.generation.into())),
-            ("target", Obj::new_int(self.target as i64)),
-            ("concurrency", Obj::new_int(self.config.concurrency as i64)),
-            ("workers", Obj::new_list(&workers)),
-            ("started", Obj::new_int(self.totals.started as i64)),
-            ("respawned", Obj::new_int(self.totals.respawned as i64)),
-            ("recycled", Obj::new_int(self.totals.recycled as i64)),
-            ("timedout", Obj::new_int(self.totals.timed_out as i64)),
-            ("backoffs", Obj::new_int(self.totals.backoffs as i64)),
-            ("reload", Obj::new_string(match self.reload {
-                Reload::None => "none",
-                Reload::Running { .. } => "running",
-                Reload::Done => "done",
-                Reload::Failed { .. } => "failed",
-            })),
-            ("reloaderror", Obj::new_string(match &self.reload {
-                Reload::Failed { reason } => reason,
-                _ => "",
-            })),
-            ("proxyerrors", Obj::new_int(
-                (self.totals.proxy_errors
-                    + self.children.iter().map(|c| self.scoreboard.slot(c.slot).proxy_errors()).sum::<u64>())
-                    as i64,
-            )),
-        ])
-    }
-}
-
-/// What `pool upgrade` runs by default: this program again, as it was
-/// started: the executable Tcl names (`info nameofexecutable`: for a tclsh
-/// run through a wrapper or a loader, the wrapper, not the loader the
-/// kernel ran) and this process's arguments.
-pub fn default_command(interp: Interp) -> Vec<String> {
-    let program = interp
-        .eval_global(&Obj::new_string("info nameofexecutable"))
-        .map(|name| name.to_string_lossy())
-        .ok()
-        .filter(|name| !name.is_empty())
-        .or_else(|| std::env::current_exe().ok().map(|exe| exe.to_string_lossy().into_owned()))
-        .or_else(|| std::env::args().next());
-    program.into_iter().chain(std::env::args().skip(1)).collect()
-}
-
-/// The back-off before the next try after `failures` young deaths in a row.
-fn backoff(failures: u32) -> Duration {
-    let doublings = failures.saturating_sub(1).min(16);
-    (BACKOFF_FIRST * 2u32.pow(doublings)).min(BACKOFF_CAP)
-}
-
-/// A random number in `0..bound`, for the recycling jitter.
-fn random_below(bound: u64) -> u64 {
-    let mut bytes = [0u8; 8];
-    // SAFETY: getrandom fills at most `bytes.len()` bytes of our buffer.
-    let filled = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if filled != 8 || bound == 0 {
-        return 0;
-    }
-    u64::from_ne_bytes(bytes) % bound
-}
-
-/// What the thread watching a new generation's readiness pipe reports.
-struct UpgradeOutcome {
-    pid: Pid,
-    ready: bool,
-}
-
-unsafe extern "C" fn on_upgrade_outcome(event: *mut tcl::Tcl_Event, _flags: std::ffi::c_int) -> std::ffi::c_int {
-    // SAFETY: queued by `Supervisor::upgrade` with this payload, taken once.
-    let outcome = unsafe { tcl::Event::<UpgradeOutcome>::take_payload(event) };
-    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        with_supervisor(|sup| {
-            if sup.pid == nix::unistd::getpid() {
-                sup.upgrade_outcome(outcome);
-            }
-        })
-    }));
-    1
-}
 
 /// Hands the collected log entries to their pools' `-log` commands.
 fn flush_log() {
@@ -1262,28 +655,6 @@ fn flush_log() {
     flush_entries(entries);
 }
 
-fn flush_entries(entries: Vec<LogEntry>) {
-    for entry in entries {
-        if entry.log.is_none() {
-            // One line: "socketserver pool 8080: exit pid 4242 status {exit 0}".
-            let mut fields = entry.fields.iter();
-            let event = fields.next().map(|(_, v)| v.to_string_lossy()).unwrap_or_default();
-            let rest = Obj::new_dict(fields.skip(1).map(|(k, v)| (*k, v.clone())).collect());
-            // A closed or full stderr loses the line; it never stops the pool.
-            let _ = writeln!(std::io::stderr(), "socketserver pool {}: {event} {}", entry.port, rest.to_string_lossy());
-            continue;
-        }
-        let dict = Obj::new_dict(entry.fields);
-        match entry.log {
-            None => {}
-            Some(prefix) if prefix.is_empty() => {}
-            Some(mut words) => {
-                words.push(dict);
-                let _ = entry.interp.eval_global_in_background(&words);
-            }
-        }
-    }
-}
 
 /// The signal pipe is readable: signals arrived, or a worker asks for
 /// attention.

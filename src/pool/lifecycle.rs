@@ -1,0 +1,483 @@
+//! A pool's workers through their lives: how each is started (`spawn`)
+//! and collected (`reap`), what counts as a failure and how failures back
+//! off, how a reload settles or is abandoned, and how workers are retired
+//! (reload, resize) or killed (stuck past `-timeout`). The supervisor
+//! decides when (`supervisor::reconcile`); this says how.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{ForkResult, Pid};
+
+use crate::counters::Counters;
+use crate::registration::InterpState;
+use crate::tcl::{Interp, Obj};
+
+use super::after_fork::LeaveEnd;
+use super::report::LogEntry;
+use super::scoreboard::{now_millis, Scoreboard, State};
+use super::signals;
+use super::supervisor::Config;
+use super::worker::{self, Assignment};
+
+/// A worker that lives this long after the last failure ends a run of
+/// failures.
+const YOUNG: Duration = Duration::from_secs(1);
+/// Failures in a row after which a reload is abandoned.
+const RELOAD_FAILURES: u32 = 5;
+/// Back-off after the first failure, doubled for each further one...
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+/// ...up to this.
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+
+/// Why the supervisor asked a worker to go.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Retired {
+    Reload,
+    Resize,
+}
+
+pub(super) struct Child {
+    pub(super) pid: Pid,
+    pub(super) slot: usize,
+    pub(super) generation: u32,
+    pub(super) forked: Instant,
+    /// Our end of its leave pipe; closing it asks the worker to leave.
+    pub(super) leave: Option<LeaveEnd>,
+    pub(super) retired: Option<Retired>,
+    /// Set once we have sent it SIGKILL, with the reason.
+    pub(super) killed: Option<&'static str>,
+}
+
+#[derive(Default)]
+pub(super) struct Totals {
+    pub(super) started: u64,
+    pub(super) respawned: u64,
+    pub(super) recycled: u64,
+    pub(super) timed_out: u64,
+    pub(super) backoffs: u64,
+    /// PROXY protocol rejections of workers that have exited.
+    pub(super) proxy_errors: u64,
+}
+
+pub(super) enum Phase {
+    Running,
+    Stopping { deadline: Instant },
+}
+
+/// Where the last reload stands, for `pool info`.
+pub(super) enum Reload {
+    None,
+    /// Its workers are starting; `previous` is the generation serving
+    /// before it, which serves on if it is abandoned.
+    Running { previous: u32 },
+    Done,
+    Failed { reason: String },
+}
+
+pub struct Pool {
+    pub(super) port: u16,
+    pub(super) interp: Interp,
+    pub(super) state: *const InterpState,
+    pub(super) config: Config,
+    pub(super) scoreboard: Scoreboard,
+    pub(super) generation: u32,
+    /// The highest generation number given so far: an abandoned reload's
+    /// number is not given again.
+    pub(super) newest_generation: u32,
+    pub(super) target: usize,
+    pub(super) children: Vec<Child>,
+    pub(super) totals: Totals,
+    /// Failures in a row (see `reap`); while non-zero, one worker at a time
+    /// is tried.
+    pub(super) failures: u32,
+    pub(super) retry_at: Option<Instant>,
+    /// When the last failure was: a worker forked after it that lives past
+    /// `YOUNG` ends the run.
+    pub(super) failed_at: Option<Instant>,
+    /// Why the last worker failed, as the log says it.
+    pub(super) last_failure: String,
+    pub(super) reload: Reload,
+    /// The port's queue, kept while the pool lives: the port leaves the
+    /// port table when the pool stops, and workers started then serve
+    /// what is still queued.
+    pub(super) queue: Arc<OwnedFd>,
+    pub(super) counters: Arc<Counters>,
+    /// Workers lost unasked, still to be replaced (counted as respawns).
+    pub(super) to_respawn: u64,
+    pub(super) phase: Phase,
+    /// Whether every worker of the first generation has been ready once.
+    pub(super) ready_once: bool,
+}
+
+impl Pool {
+    /// Collects the workers that have exited, and counts the failures
+    /// among them. A failure is a worker that ends unasked before it
+    /// received a connection (its `-init` failed, it exited, it crashed) or
+    /// by a signal nobody sent it on the pool's behalf. A worker that
+    /// exits after it received one (a handler that calls `exit`), that
+    /// recycles, or that the supervisor retired or killed, did not fail:
+    /// it is replaced at once.
+    pub(super) fn reap(&mut self, entries: &mut Vec<LogEntry>) {
+        let mut index = 0;
+        while index < self.children.len() {
+            let pid = self.children[index].pid;
+            let status = match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => {
+                    index += 1;
+                    continue;
+                }
+                Ok(status) => status,
+                // Reaped by someone else (a script's own `wait`): gone all the same.
+                Err(_) => WaitStatus::Exited(pid, 255),
+            };
+            let child = self.children.remove(index);
+            let slot = self.scoreboard.slot(child.slot);
+            let left_by_itself = slot.state() == State::Stopping && child.retired.is_none();
+            let served = slot.served();
+            let received = served + u64::from(slot.open()) > 0;
+            let message = slot.failure();
+            self.totals.proxy_errors += slot.proxy_errors();
+            slot.free();
+            let (status_text, clean, signaled) = match status {
+                WaitStatus::Exited(_, code) => (format!("exit {code}"), code == 0, false),
+                WaitStatus::Signaled(_, signal, _) => (format!("signal {}", signal.as_str()), false, true),
+                other => (format!("{other:?}"), false, false),
+            };
+            let mut fields = vec![
+                ("pid", Obj::new_int(pid.as_raw().into())),
+                ("generation", Obj::new_int(child.generation.into())),
+                ("status", Obj::new_string(&status_text)),
+                ("served", Obj::new_int(served as i64)),
+            ];
+            if !message.is_empty() {
+                fields.push(("error", Obj::new_string(&message)));
+            }
+            let stopping = matches!(self.phase, Phase::Stopping { .. });
+            let mut backoff_entry = None;
+            if child.retired.is_some() || stopping {
+                // Asked to leave: nothing to replace.
+            } else if left_by_itself && clean {
+                self.totals.recycled += 1;
+                fields.push(("recycled", Obj::new_int(1)));
+            } else {
+                self.to_respawn += 1;
+                let failed = child.killed.is_none() && (signaled || !received);
+                if failed {
+                    let reason = if message.is_empty() { status_text.clone() } else { message.clone() };
+                    let delay = self.count_failure(reason);
+                    self.totals.backoffs += 1;
+                    backoff_entry = Some(self.entry("backoff", vec![
+                        ("failures", Obj::new_int(self.failures.into())),
+                        ("delay", Obj::new_double(delay.as_secs_f64())),
+                    ]));
+                } else if received && child.generation == self.generation {
+                    // It served: the code works.
+                    self.end_failures();
+                }
+            }
+            if let Some(reason) = child.killed {
+                fields.push(("killed", Obj::new_string(reason)));
+            }
+            entries.push(self.entry("exit", fields));
+            entries.extend(backoff_entry);
+        }
+        // A worker of the current generation forked after the last failure
+        // that outlives its youth ends the run. Older workers say nothing
+        // about the code that fails now (a reload's new `-init`).
+        if let Some(failed_at) = self.failed_at {
+            let generation = self.generation;
+            if self.children.iter().any(|c| {
+                c.generation == generation && c.retired.is_none() && c.forked > failed_at && c.forked.elapsed() >= YOUNG
+            }) {
+                self.end_failures();
+            }
+        }
+    }
+
+    /// Counts a failed start; returns the back-off before the next try.
+    pub(super) fn count_failure(&mut self, reason: String) -> Duration {
+        self.failures += 1;
+        let now = Instant::now();
+        self.failed_at = Some(now);
+        self.last_failure = reason;
+        let delay = backoff(self.failures);
+        self.retry_at = Some(now + delay);
+        delay
+    }
+
+    pub(super) fn end_failures(&mut self) {
+        self.failures = 0;
+        self.retry_at = None;
+        self.failed_at = None;
+    }
+
+    /// How many of `wanted` workers may be forked now: all of them, or,
+    /// while failures back off, one when its turn has come.
+    pub(super) fn forks_allowed(&mut self, now: Instant, wanted: usize) -> usize {
+        if self.failures == 0 {
+            wanted
+        } else if self.retry_at.is_none_or(|at| now >= at) {
+            // Backing off: one worker tries, the others wait for it.
+            self.retry_at = Some(now + backoff(self.failures));
+            wanted.min(1)
+        } else {
+            0
+        }
+    }
+
+    /// A reload is done once its generation is ready, and abandoned after
+    /// `RELOAD_FAILURES` failures in a row: the generation that served
+    /// before serves on, and the next reload tries again.
+    pub(super) fn settle_reload(&mut self, entries: &mut Vec<LogEntry>) {
+        let Reload::Running { previous } = self.reload else { return };
+        if self.ready_count() >= self.target {
+            self.reload = Reload::Done;
+            return;
+        }
+        if self.failures < RELOAD_FAILURES {
+            return;
+        }
+        let abandoned = self.generation;
+        // The newest generation with a worker that serves, if a reload
+        // during this one got that far; else the one before them.
+        let ready = |c: &Child| {
+            c.retired.is_none()
+                && c.killed.is_none()
+                && matches!(self.scoreboard.slot(c.slot).state(), State::Idle | State::Busy)
+        };
+        self.generation =
+            self.children.iter().filter(|c| ready(c)).map(|c| c.generation).max().unwrap_or(previous);
+        let reason = std::mem::take(&mut self.last_failure);
+        entries.push(self.entry("reload-failed", vec![
+            ("generation", Obj::new_int(abandoned.into())),
+            ("failures", Obj::new_int(self.failures.into())),
+            ("reason", Obj::new_string(&reason)),
+        ]));
+        self.reload = Reload::Failed { reason };
+        self.end_failures();
+        self.to_respawn = 0;
+    }
+
+    /// Whether a worker will still take connections from the queue.
+    pub(super) fn takes_connections(&self, child: &Child) -> bool {
+        child.retired.is_none()
+            && child.killed.is_none()
+            && matches!(self.scoreboard.slot(child.slot).state(), State::Starting | State::Idle | State::Busy)
+    }
+
+    /// Whether a connection waits in the queue (peeked, not taken).
+    pub(super) fn queue_pending(&self) -> bool {
+        let mut byte = [0u8; 1];
+        let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+        matches!(nix::sys::socket::recv(self.queue.as_raw_fd(), &mut byte, flags), Ok(1..))
+    }
+
+    /// Kills workers busy on one connection for longer than `-timeout`.
+    pub(super) fn kill_stuck(&mut self, entries: &mut Vec<LogEntry>) {
+        let Some(timeout) = self.config.timeout else { return };
+        let now = now_millis();
+        let limit = timeout.as_millis() as u64;
+        for index in 0..self.children.len() {
+            let child = &self.children[index];
+            let slot = self.scoreboard.slot(child.slot);
+            let since = slot.busy_since();
+            if child.killed.is_some() || since == 0 || now.saturating_sub(since) <= limit {
+                continue;
+            }
+            let peer = slot.peer();
+            let _ = kill(child.pid, Signal::SIGKILL);
+            self.children[index].killed = Some("timeout");
+            self.totals.timed_out += 1;
+            let (host, port) = peer.rsplit_once(' ').unwrap_or((&peer, ""));
+            let entry = self.entry("timeout", vec![
+                ("pid", Obj::new_int(self.children[index].pid.as_raw().into())),
+                ("peer", Obj::new_list(&[Obj::new_string(host), Obj::new_string(port)])),
+                ("busy", Obj::new_double(now.saturating_sub(since) as f64 / 1000.0)),
+            ]);
+            entries.push(entry);
+        }
+    }
+
+    /// Workers of the current generation that count toward the target:
+    /// not asked to leave, not leaving by themselves, not killed.
+    pub(super) fn serving(&self) -> impl Iterator<Item = &Child> {
+        self.children.iter().filter(move |c| {
+            c.generation == self.generation
+                && c.retired.is_none()
+                && c.killed.is_none()
+                && self.scoreboard.slot(c.slot).state() != State::Stopping
+        })
+    }
+
+    /// Workers of the current generation that are registered or serving.
+    pub(super) fn ready_count(&self) -> usize {
+        self.serving().filter(|c| matches!(self.scoreboard.slot(c.slot).state(), State::Idle | State::Busy)).count()
+    }
+
+    pub(super) fn missing(&self) -> usize {
+        self.target.saturating_sub(self.serving().count())
+    }
+
+    /// Asks workers to leave: the current generation's beyond the target,
+    /// and old generations' as new workers become ready. Idle ones first.
+    pub(super) fn retire_surplus(&mut self, entries: &mut Vec<LogEntry>) {
+        let serving = self.serving().count();
+        if serving > self.target {
+            let mut excess = serving - self.target;
+            let generation = self.generation;
+            excess -= self.retire(excess, Retired::Resize, |c| c.generation == generation, entries);
+            debug_assert_eq!(excess, 0);
+        }
+        let ready = self.ready_count();
+        let generation = self.generation;
+        let old: usize = self
+            .children
+            .iter()
+            .filter(|c| c.generation != generation && c.retired.is_none() && c.killed.is_none())
+            .count();
+        let allowed_old = self.target.saturating_sub(ready);
+        if old > allowed_old {
+            self.retire(old - allowed_old, Retired::Reload, |c| c.generation != generation, entries);
+        }
+    }
+
+    /// Retires up to `count` workers matching `which`, idle before starting
+    /// before busy; returns how many.
+    pub(super) fn retire(
+        &mut self,
+        count: usize,
+        reason: Retired,
+        which: impl Fn(&Child) -> bool,
+        entries: &mut Vec<LogEntry>,
+    ) -> usize {
+        let mut candidates: Vec<usize> = (0..self.children.len())
+            .filter(|&i| {
+                let c = &self.children[i];
+                c.retired.is_none() && c.killed.is_none() && which(c)
+            })
+            .collect();
+        let rank = |state: State| match state {
+            State::Idle => 0,
+            State::Starting => 1,
+            State::Stopping => 2,
+            _ => 3,
+        };
+        candidates.sort_by_key(|&i| rank(self.scoreboard.slot(self.children[i].slot).state()));
+        let mut done = 0;
+        for i in candidates.into_iter().take(count) {
+            let child = &mut self.children[i];
+            child.retired = Some(reason);
+            // The flag is read when the worker would register again; end of
+            // file on its leave pipe wakes it if it is idle. Either way it
+            // leaves once its channels are closed.
+            self.scoreboard.slot(child.slot).request_leave();
+            child.leave = None;
+            done += 1;
+            let fields = vec![
+                ("pid", Obj::new_int(child.pid.as_raw().into())),
+                ("generation", Obj::new_int(child.generation.into())),
+                ("reason", Obj::new_string(if reason == Retired::Reload { "reload" } else { "resize" })),
+            ];
+            entries.push(self.entry("retire", fields));
+        }
+        done
+    }
+
+    /// Forks one worker of the current generation.
+    pub(super) fn spawn(&mut self, log: &mut Vec<LogEntry>) {
+        // What a worker must not keep of the supervisor's (the leave pipes,
+        // the signal pipe and its handler, the tick) it lets go at the fork
+        // itself (`after_fork`).
+        let pool = self;
+        let Some(slot) = pool.scoreboard.assign(pool.generation) else {
+            let entry = pool.entry("error", vec![("message", Obj::new_string("no free scoreboard slot"))]);
+            log.push(entry);
+            return;
+        };
+        let (leave_read, leave_write) = match LeaveEnd::pipe() {
+            Ok(ends) => ends,
+            Err(errno) => {
+                pool.scoreboard.slot(slot).free();
+                // Out of descriptors is a failed start, backed off as one.
+                pool.count_failure(format!("pipe: {}", errno.desc()));
+                let entry = pool.entry("error", vec![("message", Obj::new_string(&format!("pipe: {}", errno.desc())))]);
+                log.push(entry);
+                return;
+            }
+        };
+        let limit = (pool.config.max_connections > 0)
+            .then(|| pool.config.max_connections + random_below(pool.config.jitter + 1));
+        // SAFETY: the child runs only `worker::run`, which never returns into
+        // the caller's frames.
+        match signals::fork_worker(|| unsafe { crate::process::fork_flushed(pool.interp) }) {
+            Ok(ForkResult::Child) => worker::run(Assignment {
+                port: pool.port,
+                interp: pool.interp,
+                state: pool.state,
+                handler: pool.config.handler.clone(),
+                init: pool.config.init.clone(),
+                concurrency: pool.config.concurrency,
+                limit,
+                slot: pool.scoreboard.leak_slot(slot),
+                leave: leave_read,
+                signals: pool.config.signals,
+                close: Vec::new(),
+                tick: None,
+                queue: Arc::clone(&pool.queue),
+                counters: Arc::clone(&pool.counters),
+            }),
+            Ok(ForkResult::Parent { child }) => {
+                drop(leave_read);
+                pool.scoreboard.slot(slot).set_pid(child.as_raw());
+                pool.children.push(Child {
+                    pid: child,
+                    slot,
+                    generation: pool.generation,
+                    forked: Instant::now(),
+                    leave: Some(leave_write),
+                    retired: None,
+                    killed: None,
+                });
+                pool.totals.started += 1;
+                let mut fields = vec![
+                    ("pid", Obj::new_int(child.as_raw().into())),
+                    ("generation", Obj::new_int(pool.generation.into())),
+                ];
+                if pool.to_respawn > 0 {
+                    pool.to_respawn -= 1;
+                    pool.totals.respawned += 1;
+                    fields.push(("respawn", Obj::new_int(1)));
+                }
+                let entry = pool.entry("start", fields);
+                log.push(entry);
+            }
+            Err(errno) => {
+                pool.scoreboard.slot(slot).free();
+                pool.count_failure(format!("fork: {}", errno.desc()));
+                let entry = pool.entry("error", vec![("message", Obj::new_string(&format!("fork: {}", errno.desc())))]);
+                log.push(entry);
+            }
+        }
+    }
+}
+
+/// The back-off before the next try after `failures` young deaths in a row.
+fn backoff(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    (BACKOFF_FIRST * 2u32.pow(doublings)).min(BACKOFF_CAP)
+}
+
+/// A random number in `0..bound`, for the recycling jitter.
+fn random_below(bound: u64) -> u64 {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom fills at most `bytes.len()` bytes of our buffer.
+    let filled = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if filled != 8 || bound == 0 {
+        return 0;
+    }
+    u64::from_ne_bytes(bytes) % bound
+}

@@ -1,0 +1,106 @@
+//! What a pool tells: the events of its log (handed to `-log`, or one
+//! line each on stderr) and `pool info`.
+
+use std::io::Write;
+
+use crate::tcl::{Interp, Obj};
+
+use super::lifecycle::{Phase, Pool, Reload};
+use super::scoreboard::{now_millis, State};
+
+/// A log entry waiting to be handed to the pool's `-log` command, which
+/// runs after the supervisor's state is released (it may call back in).
+pub struct LogEntry {
+    log: Option<Vec<Obj>>,
+    interp: Interp,
+    port: u16,
+    fields: Vec<(&'static str, Obj)>,
+}
+
+impl Pool {
+    pub(super) fn entry(&self, event: &str, fields: Vec<(&'static str, Obj)>) -> LogEntry {
+        let mut all = vec![("event", Obj::new_string(event)), ("port", Obj::new_int(self.port.into()))];
+        all.extend(fields);
+        LogEntry { log: self.config.log.clone(), interp: self.interp, port: self.port, fields: all }
+    }
+
+    pub(super) fn info(&self) -> Obj {
+        let now = now_millis();
+        let mut workers = Vec::new();
+        let stopping = matches!(self.phase, Phase::Stopping { .. });
+        for child in &self.children {
+            let slot = self.scoreboard.slot(child.slot);
+            // A worker told to leave is stopping, though it may not know yet.
+            let state = if (stopping || child.retired.is_some()) && slot.state() != State::Starting {
+                State::Stopping
+            } else {
+                slot.state()
+            };
+            let since = slot.busy_since();
+            let busy = if since == 0 { 0.0 } else { now.saturating_sub(since) as f64 / 1000.0 };
+            workers.push(Obj::new_int(child.pid.as_raw().into()));
+            workers.push(Obj::new_dict(vec![
+                ("state", Obj::new_string(state.name())),
+                ("generation", Obj::new_int(child.generation.into())),
+                ("served", Obj::new_int(slot.served() as i64)),
+                ("open", Obj::new_int(slot.open().into())),
+                ("busy", Obj::new_double(busy)),
+            ]));
+        }
+        let phase = match self.phase {
+            Phase::Running => "running",
+            Phase::Stopping { .. } => "stopping",
+        };
+        Obj::new_dict(vec![
+            ("port", Obj::new_int(self.port.into())),
+            ("state", Obj::new_string(phase)),
+            ("generation", Obj::new_int(self.generation.into())),
+            ("target", Obj::new_int(self.target as i64)),
+            ("concurrency", Obj::new_int(self.config.concurrency as i64)),
+            ("workers", Obj::new_list(&workers)),
+            ("started", Obj::new_int(self.totals.started as i64)),
+            ("respawned", Obj::new_int(self.totals.respawned as i64)),
+            ("recycled", Obj::new_int(self.totals.recycled as i64)),
+            ("timedout", Obj::new_int(self.totals.timed_out as i64)),
+            ("backoffs", Obj::new_int(self.totals.backoffs as i64)),
+            ("reload", Obj::new_string(match self.reload {
+                Reload::None => "none",
+                Reload::Running { .. } => "running",
+                Reload::Done => "done",
+                Reload::Failed { .. } => "failed",
+            })),
+            ("reloaderror", Obj::new_string(match &self.reload {
+                Reload::Failed { reason } => reason,
+                _ => "",
+            })),
+            ("proxyerrors", Obj::new_int(
+                (self.totals.proxy_errors
+                    + self.children.iter().map(|c| self.scoreboard.slot(c.slot).proxy_errors()).sum::<u64>())
+                    as i64,
+            )),
+        ])
+    }
+}
+
+pub(super) fn flush_entries(entries: Vec<LogEntry>) {
+    for entry in entries {
+        if entry.log.is_none() {
+            // One line: "socketserver pool 8080: exit pid 4242 status {exit 0}".
+            let mut fields = entry.fields.iter();
+            let event = fields.next().map(|(_, v)| v.to_string_lossy()).unwrap_or_default();
+            let rest = Obj::new_dict(fields.skip(1).map(|(k, v)| (*k, v.clone())).collect());
+            // A closed or full stderr loses the line; it never stops the pool.
+            let _ = writeln!(std::io::stderr(), "socketserver pool {}: {event} {}", entry.port, rest.to_string_lossy());
+            continue;
+        }
+        let dict = Obj::new_dict(entry.fields);
+        match entry.log {
+            None => {}
+            Some(prefix) if prefix.is_empty() => {}
+            Some(mut words) => {
+                words.push(dict);
+                let _ = entry.interp.eval_global_in_background(&words);
+            }
+        }
+    }
+}
