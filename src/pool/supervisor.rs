@@ -327,7 +327,7 @@ impl Drop for Supervisor {
     /// a reaper thread collects them (`reap_in_background`).
     fn drop(&mut self) {
         if self.pid != nix::unistd::getpid() {
-            self.pools.drain(..).for_each(std::mem::forget);
+            self.pools.drain(..).for_each(keep_parents_pool);
             return;
         }
         if !crate::registration::exiting() {
@@ -386,6 +386,19 @@ fn reap_in_background(mut children: Vec<(Pid, Option<Instant>)>) {
     }));
 }
 
+thread_local! {
+    /// The parent's pools, in a forked child: never dropped (that would
+    /// close the parent's leave pipes and free its Tcl objects), and kept
+    /// reachable, so that a leak checker does not count them for every fork.
+    static PARENTS_POOLS: RefCell<Vec<std::mem::ManuallyDrop<Pool>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn keep_parents_pool(pool: Pool) {
+    let pool = std::mem::ManuallyDrop::new(pool);
+    // While the thread's storage is torn down it is forgotten instead.
+    let _ = PARENTS_POOLS.try_with(|kept| kept.borrow_mut().push(pool));
+}
+
 impl Supervisor {
     /// In a process forked by other means (TclX `fork`) the pools are the
     /// parent's: forget them without touching their workers. Their signals,
@@ -397,9 +410,7 @@ impl Supervisor {
             return;
         }
         self.pid = pid;
-        for pool in self.pools.drain(..) {
-            std::mem::forget(pool);
-        }
+        self.pools.drain(..).for_each(keep_parents_pool);
         self.exit_when_stopped = false;
         self.upgrading = None;
         self.had.clear();
