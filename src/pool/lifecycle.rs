@@ -23,8 +23,8 @@ use super::signals;
 use super::supervisor::Config;
 use super::worker::{self, Assignment};
 
-/// A worker that lives this long after the last failure ends a run of
-/// failures.
+/// A worker forked after the last failure that is ready (its `-init`
+/// done, registered) and this old ends a run of failures.
 const YOUNG: Duration = Duration::from_secs(1);
 /// Failures in a row after which a reload is abandoned.
 const RELOAD_FAILURES: u32 = 5;
@@ -95,8 +95,10 @@ pub struct Pool {
     /// is tried.
     pub(super) failures: u32,
     pub(super) retry_at: Option<Instant>,
-    /// When the last failure was: a worker forked after it that lives past
-    /// `YOUNG` ends the run.
+    /// When the last failure was counted: a worker forked after it that is
+    /// ready past `YOUNG` ends the run, and only the death of a worker
+    /// forked after it is one more failure in a row (those forked before
+    /// were started before anything was known, and die of the same cause).
     pub(super) failed_at: Option<Instant>,
     /// Why the last worker failed, as the log says it.
     pub(super) last_failure: String,
@@ -115,12 +117,15 @@ pub struct Pool {
 
 impl Pool {
     /// Collects the workers that have exited, and counts the failures
-    /// among them. A failure is a worker that ends unasked before it
-    /// received a connection (its `-init` failed, it exited, it crashed) or
-    /// by a signal nobody sent it on the pool's behalf. A worker that
-    /// exits after it received one (a handler that calls `exit`), that
-    /// recycles, or that the supervisor retired or killed, did not fail:
-    /// it is replaced at once.
+    /// among them. A failure is a worker of the current generation that
+    /// ends unasked before it received a connection (its `-init` failed, it
+    /// exited, it crashed) or by a signal nobody sent it on the pool's
+    /// behalf. A worker that exits after it received one (a handler that
+    /// calls `exit`), that recycles, or that the supervisor retired or
+    /// killed, did not fail: it is replaced at once. A worker of an older
+    /// generation that dies during a reload says nothing of the code being
+    /// started: the new generation replaces it once ready, or its own
+    /// generation if the reload is abandoned.
     pub(super) fn reap(&mut self, entries: &mut Vec<LogEntry>) {
         let mut index = 0;
         while index < self.children.len() {
@@ -157,24 +162,26 @@ impl Pool {
                 fields.push(("error", Obj::new_string(&message)));
             }
             let stopping = matches!(self.phase, Phase::Stopping { .. });
+            let current = child.generation == self.generation;
             let mut backoff_entry = None;
             if child.retired.is_some() || stopping {
                 // Asked to leave: nothing to replace.
             } else if left_by_itself && clean {
                 self.totals.recycled += 1;
                 fields.push(("recycled", Obj::new_int(1)));
-            } else {
+            } else if current {
                 self.to_respawn += 1;
                 let failed = child.killed.is_none() && (signaled || !received);
                 if failed {
                     let reason = if message.is_empty() { status_text.clone() } else { message.clone() };
-                    let delay = self.count_failure(reason);
-                    self.totals.backoffs += 1;
-                    backoff_entry = Some(self.entry("backoff", vec![
-                        ("failures", Obj::new_int(self.failures.into())),
-                        ("delay", Obj::new_double(delay.as_secs_f64())),
-                    ]));
-                } else if received && child.generation == self.generation {
+                    if let Some(delay) = self.count_failure(reason, Some(child.forked)) {
+                        self.totals.backoffs += 1;
+                        backoff_entry = Some(self.entry("backoff", vec![
+                            ("failures", Obj::new_int(self.failures.into())),
+                            ("delay", Obj::new_double(delay.as_secs_f64())),
+                        ]));
+                    }
+                } else if received {
                     // It served: the code works.
                     self.end_failures();
                 }
@@ -186,27 +193,51 @@ impl Pool {
             entries.extend(backoff_entry);
         }
         // A worker of the current generation forked after the last failure
-        // that outlives its youth ends the run. Older workers say nothing
-        // about the code that fails now (a reload's new `-init`).
-        if let Some(failed_at) = self.failed_at {
-            let generation = self.generation;
-            if self.children.iter().any(|c| {
-                c.generation == generation && c.retired.is_none() && c.forked > failed_at && c.forked.elapsed() >= YOUNG
-            }) {
-                self.end_failures();
-            }
+        // that is ready and outlives its youth ends the run: one still in
+        // `-init` has not shown that the code works (an `-init` that fails
+        // after a while would otherwise never back off further). Older
+        // workers say nothing about the code that fails now (a reload's new
+        // `-init`).
+        if self.failed_at.is_some() && self.children.iter().any(|c| self.proves_code_works(c)) {
+            self.end_failures();
         }
     }
 
-    /// Counts a failed start; returns the back-off before the next try.
-    pub(super) fn count_failure(&mut self, reason: String) -> Duration {
+    fn proves_code_works(&self, child: &Child) -> bool {
+        self.failed_at.is_some_and(|failed_at| child.forked > failed_at)
+            && child.generation == self.generation
+            && child.retired.is_none()
+            && child.killed.is_none()
+            && child.forked.elapsed() >= YOUNG
+            && matches!(self.scoreboard.slot(child.slot).state(), State::Idle | State::Busy)
+    }
+
+    /// A worker of the current generation forked after the last failure,
+    /// still alive and not proven yet: the one try of a back-off.
+    fn trying(&self) -> bool {
+        let Some(failed_at) = self.failed_at else { return false };
+        self.children.iter().any(|c| {
+            c.generation == self.generation && c.retired.is_none() && c.killed.is_none() && c.forked > failed_at
+        })
+    }
+
+    /// Counts a failed start (of a worker forked at `forked`; `None`: no
+    /// worker could be forked); returns the back-off before the next try,
+    /// or `None` when it was counted already. Deaths of workers forked
+    /// before the last counted failure are that same failure: workers
+    /// killed together, or a whole generation whose `-init` fails, are one
+    /// failure in a row, not one each.
+    pub(super) fn count_failure(&mut self, reason: String, forked: Option<Instant>) -> Option<Duration> {
+        self.last_failure = reason;
+        if forked.zip(self.failed_at).is_some_and(|(forked, failed_at)| forked <= failed_at) {
+            return None;
+        }
         self.failures += 1;
         let now = Instant::now();
         self.failed_at = Some(now);
-        self.last_failure = reason;
         let delay = backoff(self.failures);
         self.retry_at = Some(now + delay);
-        delay
+        Some(delay)
     }
 
     pub(super) fn end_failures(&mut self) {
@@ -216,10 +247,13 @@ impl Pool {
     }
 
     /// How many of `wanted` workers may be forked now: all of them, or,
-    /// while failures back off, one when its turn has come.
+    /// while failures back off, one when its turn has come and no other
+    /// try is still under way.
     pub(super) fn forks_allowed(&mut self, now: Instant, wanted: usize) -> usize {
         if self.failures == 0 {
             wanted
+        } else if self.trying() {
+            0
         } else if self.retry_at.is_none_or(|at| now >= at) {
             // Backing off: one worker tries, the others wait for it.
             self.retry_at = Some(now + backoff(self.failures));
@@ -323,7 +357,10 @@ impl Pool {
     }
 
     /// Asks workers to leave: the current generation's beyond the target,
-    /// and old generations' as new workers become ready. Idle ones first.
+    /// the starting ones of a generation given up (a reload replaced by
+    /// another, or abandoned), and old generations' serving ones only as
+    /// workers of the current generation become ready, never for one that
+    /// is still starting. Idle ones first.
     pub(super) fn retire_surplus(&mut self, entries: &mut Vec<LogEntry>) {
         let serving = self.serving().count();
         if serving > self.target {
@@ -332,8 +369,29 @@ impl Pool {
             excess -= self.retire(excess, Retired::Resize, |c| c.generation == generation, entries);
             debug_assert_eq!(excess, 0);
         }
-        let ready = self.ready_count();
         let generation = self.generation;
+        // The generation that served before a running reload serves on
+        // until the new one is ready, its starting workers included.
+        let fallback = match self.reload {
+            Reload::Running { previous } => previous,
+            _ => generation,
+        };
+        let scoreboard = &self.scoreboard;
+        let given_up: Vec<Pid> = self
+            .children
+            .iter()
+            .filter(|c| {
+                c.generation != generation
+                    && c.generation != fallback
+                    && scoreboard.slot(c.slot).state() == State::Starting
+            })
+            .map(|c| c.pid)
+            .collect();
+        if !given_up.is_empty() {
+            // `retire` skips those retired or killed already.
+            self.retire(given_up.len(), Retired::Reload, |c| given_up.contains(&c.pid), entries);
+        }
+        let ready = self.ready_count();
         let old: usize = self
             .children
             .iter()
@@ -403,7 +461,7 @@ impl Pool {
             Err(errno) => {
                 pool.scoreboard.slot(slot).free();
                 // Out of descriptors is a failed start, backed off as one.
-                pool.count_failure(format!("pipe: {}", errno.desc()));
+                pool.count_failure(format!("pipe: {}", errno.desc()), None);
                 let entry = pool.entry("error", vec![("message", Obj::new_string(&format!("pipe: {}", errno.desc())))]);
                 log.push(entry);
                 return;
@@ -457,7 +515,7 @@ impl Pool {
             }
             Err(errno) => {
                 pool.scoreboard.slot(slot).free();
-                pool.count_failure(format!("fork: {}", errno.desc()));
+                pool.count_failure(format!("fork: {}", errno.desc()), None);
                 let entry = pool.entry("error", vec![("message", Obj::new_string(&format!("fork: {}", errno.desc())))]);
                 log.push(entry);
             }

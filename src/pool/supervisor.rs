@@ -466,8 +466,7 @@ impl Supervisor {
         pool.newest_generation += 1;
         pool.generation = pool.newest_generation;
         // Whatever failed before, the new generation gets its own tries.
-        pool.failures = 0;
-        pool.retry_at = None;
+        pool.end_failures();
         let entry = pool.entry("reload", vec![("generation", Obj::new_int(pool.generation.into()))]);
         self.log.push(entry);
         self.reconcile(index);
