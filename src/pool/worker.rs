@@ -15,7 +15,7 @@
 use std::cell::RefCell;
 use std::ffi::c_void;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use crate::handoff::Connection;
@@ -174,6 +174,17 @@ thread_local! {
 /// another pid: it is not the worker.)
 static WORKER_PID: AtomicI32 = AtomicI32::new(0);
 
+/// Where the worker is, as its control thread sees it: a reason to leave
+/// that comes while `-init` runs ends the process at once (it holds no
+/// connection yet, and Tcl's loop may not run again before `-init`
+/// returns, which may be never: a supervisor that died, or a reload
+/// abandoned, must not leave it behind); once it serves, the reason is an
+/// event of its loop, and it leaves when its channels are closed.
+static PHASE: AtomicU8 = AtomicU8::new(IN_INIT);
+const IN_INIT: u8 = 0;
+const SERVING: u8 = 1;
+const LEFT_IN_INIT: u8 = 2;
+
 const NATIVE: NativeHandler =
     NativeHandler { connection: on_connection, queue_closed: on_queue_closed, proxy_rejected: on_proxy_rejected };
 
@@ -246,12 +257,22 @@ fn serve(assignment: Assignment) -> ! {
     // After Tcl closed its socket channels: what is left on our ports is a
     // copy of a connection the accepting threads were handling.
     crate::fork_safety::close_copied_connections(&listening);
+    PHASE.store(IN_INIT, Ordering::SeqCst);
+    if let Err(error) = spawn_control(leave.as_raw_fd(), signal_pipe, slot) {
+        give_up(slot, &format!("couldn't start: {error}"));
+    }
     if let Some(script) = init {
         if let Err(message) = interp.eval_global(&script) {
             give_up(slot, &format!("-init failed: {message}"));
         }
     }
-    let leave_fd = leave.as_raw_fd();
+    if PHASE.compare_exchange(IN_INIT, SERVING, Ordering::SeqCst, Ordering::SeqCst).is_err() {
+        // The control thread is ending the process: asked to leave during
+        // `-init`.
+        loop {
+            std::thread::park();
+        }
+    }
     WORKER.with(|w| {
         *w.borrow_mut() = Some(Worker {
             pid: nix::unistd::getpid(),
@@ -276,9 +297,6 @@ fn serve(assignment: Assignment) -> ! {
     // through the loop below: the connections on their way to it go back
     // to the queue there.
     tcl::create_exit_handler(on_exit);
-    if let Err(error) = spawn_control(leave_fd, signal_pipe) {
-        give_up(slot, &format!("couldn't start: {error}"));
-    }
     with_worker(|w| w.register());
     signals::notify_supervisor();
     loop {
@@ -434,17 +452,26 @@ fn watch_signals() -> Option<RawFd> {
 }
 
 /// Starts the thread that waits for a reason to leave: end of file on the
-/// leave pipe, or SIGTERM. It queues a Tcl event when one comes. A thread,
-/// not a Tcl file handler: a file handler would make Tcl's notifier thread
-/// take part in every wait of the worker's loop, two more context switches
-/// per connection.
-fn spawn_control(leave: RawFd, signal_pipe: Option<RawFd>) -> std::io::Result<()> {
+/// leave pipe (retired, or the supervisor died), or SIGTERM. Started
+/// before `-init`, which it ends by ending the process (see `PHASE`);
+/// after, it queues a Tcl event. A thread, not a Tcl file handler: a file
+/// handler would make Tcl's notifier thread take part in every wait of
+/// the worker's loop, two more context switches per connection.
+fn spawn_control(leave: RawFd, signal_pipe: Option<RawFd>, slot: &'static Slot) -> std::io::Result<()> {
     let thread = tcl::current_thread();
     std::thread::Builder::new()
         .name("socketserver-ctl".into())
         .stack_size(crate::THREAD_STACK_SIZE)
         .spawn(move || {
             wait_for_leave(leave, signal_pipe);
+            if PHASE.compare_exchange(IN_INIT, LEFT_IN_INIT, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+                // Left by itself, as it would have after `-init`: not a failure.
+                slot.set_state(State::Stopping);
+                // SAFETY: _exit ends every thread of the process at once; the
+                // worker holds no connection yet, and `-init`, running on the
+                // main thread, is user code that may never return.
+                unsafe { libc::_exit(0) }
+            }
             tcl::queue_event(thread, on_leave, ());
         })?;
     Ok(())
