@@ -137,8 +137,17 @@ fn server(interp: Interp, objv: &[*mut Tcl_Obj], args: &[Obj]) -> TclResult<Obj>
         None => 0,
     };
     let port = open_port(interp, number, &server)?;
-    inherited::announce_ready_if_done(crate::pool::all_ready());
+    // A script may open its sockets before it makes its pools: a next
+    // generation says "ready" once it waits for events, if the pools it
+    // has made by then are ready (or later, when they are), not here.
+    if inherited::ready_pending() {
+        let _ = tcl::create_timer(0, announce_ready_when_waiting, std::ptr::null_mut());
+    }
     Ok(Obj::new_int(port.into()))
+}
+
+unsafe extern "C" fn announce_ready_when_waiting(_: *mut std::ffi::c_void) {
+    let _ = std::panic::catch_unwind(|| inherited::announce_ready_if_done(crate::pool::all_ready()));
 }
 
 /// An integer of at least `min`, with the core's wording when it is not

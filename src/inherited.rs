@@ -167,6 +167,11 @@ pub fn announce_ready_if_done(pools_ready: bool) {
     }
 }
 
+/// Whether this process is a next generation that has not said "ready".
+pub fn ready_pending() -> bool {
+    READY.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+}
+
 /// Marks systemd's sockets as taken once they are adopted.
 pub fn mark_taken(fds: &[RawFd]) {
     let mut passed = PASSED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
