@@ -92,10 +92,16 @@ pub fn dispatch(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj]) -> T
             empty()
         }
         "upgrade" => {
-            let command = match args.as_slice() {
+            let (timeout, args) = match args.as_slice() {
+                [option, value, rest @ ..] if option.to_string_lossy() == "-timeout" => {
+                    (seconds(interp, value)?, rest)
+                }
+                rest => (generation::DEFAULT_UPGRADE_TIMEOUT, rest),
+            };
+            let command = match args {
                 [] => generation::default_command(interp),
                 [command] => command.list_elements(interp)?.iter().map(Obj::to_string_lossy).collect(),
-                _ => return Err(interp.wrong_num_args(objv, 2, "?command?")),
+                _ => return Err(interp.wrong_num_args(objv, 2, "?-timeout seconds? ?command?")),
             };
             if command.is_empty() {
                 return Err(TclError::new("the command is empty", &["SOCKETSERVER", "UPGRADE", "COMMAND"]));
@@ -103,7 +109,7 @@ pub fn dispatch(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj]) -> T
             if supervisor::ports(None)?.is_empty() {
                 return Err(TclError::new("no pool to upgrade", &["SOCKETSERVER", "UPGRADE", "NO_POOL"]));
             }
-            Ok(Obj::new_int(supervisor::upgrade(command)?.into()))
+            Ok(Obj::new_int(supervisor::upgrade(command, timeout)?.into()))
         }
         _ => {
             let ports = supervisor::ports_to_wait(optional_port("?port?")?)?;

@@ -1,9 +1,11 @@
 //! The next generation of the accepting process (`pool upgrade`,
 //! SIGUSR2): started with the listeners, watched until it says it serves
-//! (this one then stops gracefully) or fails (this one serves on), and
-//! reaped either way.
+//! (this one then stops gracefully), fails or is not ready in time (it is
+//! killed: this one serves on, and may upgrade again), and reaped either
+//! way.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -14,8 +16,12 @@ use crate::tcl::{self, Interp, Obj, TclError, TclResult};
 
 use super::supervisor::{with_supervisor, Supervisor};
 
+/// How long a next generation may take to say "ready" (`pool upgrade`
+/// without `-timeout`, SIGUSR2).
+pub const DEFAULT_UPGRADE_TIMEOUT: Duration = Duration::from_secs(60);
+
 impl Supervisor {
-    pub(super) fn upgrade(&mut self, command: Vec<String>) -> TclResult<i32> {
+    pub(super) fn upgrade(&mut self, command: Vec<String>, timeout: Duration) -> TclResult<i32> {
         if self.upgrading.is_some() {
             return Err(TclError::new("an upgrade is already under way", &["SOCKETSERVER", "UPGRADE", "BUSY"]));
         }
@@ -28,16 +34,32 @@ impl Supervisor {
             .stack_size(crate::THREAD_STACK_SIZE)
             .spawn(move || {
                 // "ready", or end of file when the new program failed (its
-                // workers may hold the pipe open long after it said ready).
+                // workers may hold the pipe open long after it said ready),
+                // or nothing in time.
+                let deadline = Instant::now() + timeout;
                 let mut said = [0u8; 5];
                 let mut got = 0;
+                let mut timed_out = false;
                 while got < said.len() {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        timed_out = true;
+                        break;
+                    }
+                    let wait = nix::poll::PollTimeout::try_from(left.as_millis().min(i32::MAX as u128) as i32)
+                        .unwrap_or(nix::poll::PollTimeout::MAX);
+                    let mut fds = [nix::poll::PollFd::new(ready.as_fd(), nix::poll::PollFlags::POLLIN)];
+                    match nix::poll::poll(&mut fds, wait) {
+                        Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
                     match nix::unistd::read(ready.as_raw_fd(), &mut said[got..]) {
                         Ok(0) | Err(_) => break,
                         Ok(n) => got += n,
                     }
                 }
-                let outcome = UpgradeOutcome { pid, ready: said.starts_with(b"ready") };
+                let outcome = UpgradeOutcome { pid, ready: said.starts_with(b"ready"), timed_out };
                 tcl::queue_event(thread, on_upgrade_outcome, outcome);
             });
         if let Err(error) = watcher {
@@ -60,10 +82,23 @@ impl Supervisor {
     /// The new generation serves (stop this one), or failed (keep serving).
     fn upgrade_outcome(&mut self, outcome: UpgradeOutcome) {
         self.upgrading = None;
+        if outcome.timed_out {
+            // Never ready: it is stopped, and reaped as a failed one. Its
+            // workers leave when it is gone (their leave pipes close).
+            // Killed only while not reaped yet: the pid is still its own.
+            self.reap_next_generations();
+            if self.next_generations.contains(&outcome.pid) {
+                let _ = kill(outcome.pid, Signal::SIGKILL);
+            }
+        }
         let ports: Vec<u16> = self.pools.iter().map(|p| p.port).collect();
         for index in 0..self.pools.len() {
             let event = if outcome.ready { "upgraded" } else { "upgrade-failed" };
-            let entry = self.pools[index].entry(event, vec![("pid", Obj::new_int(outcome.pid.as_raw().into()))]);
+            let mut fields = vec![("pid", Obj::new_int(outcome.pid.as_raw().into()))];
+            if outcome.timed_out {
+                fields.push(("message", Obj::new_string("not ready in time")));
+            }
+            let entry = self.pools[index].entry(event, fields);
             self.log.push(entry);
         }
         if outcome.ready {
@@ -102,6 +137,7 @@ pub fn default_command(interp: Interp) -> Vec<String> {
 struct UpgradeOutcome {
     pid: Pid,
     ready: bool,
+    timed_out: bool,
 }
 
 unsafe extern "C" fn on_upgrade_outcome(event: *mut tcl::Tcl_Event, _flags: std::ffi::c_int) -> std::ffi::c_int {

@@ -26,7 +26,7 @@ use crate::registration::InterpState;
 use crate::tcl::{self, Interp, Obj, TclError, TclResult};
 
 use super::after_fork::{self, EventSources};
-use super::generation::default_command;
+use super::generation::{default_command, DEFAULT_UPGRADE_TIMEOUT};
 use super::lifecycle::{Phase, Pool, Reload, Totals};
 use super::report::{flush_entries, LogEntry};
 use super::scoreboard::Scoreboard;
@@ -275,11 +275,11 @@ pub fn all_ready() -> bool {
 
 /// Starts the next generation of this process with its listeners; this
 /// one stops gracefully once the new one says it serves. Returns its pid.
-pub fn upgrade(command: Vec<String>) -> TclResult<i32> {
+pub fn upgrade(command: Vec<String>, timeout: Duration) -> TclResult<i32> {
     if worker::is_worker() {
         return Err(not_here());
     }
-    with_supervisor(|sup| sup.upgrade(command))
+    with_supervisor(|sup| sup.upgrade(command, timeout))
 }
 
 pub fn info(port: u16) -> TclResult<Obj> {
@@ -526,7 +526,7 @@ impl Supervisor {
                 Signal::SIGUSR2 if !ports.is_empty() => {
                     let index = self.index(ports[0]).unwrap_or(0);
                     let command = default_command(self.pools[index].interp);
-                    if let Err(TclError::Message { message, .. }) = self.upgrade(command) {
+                    if let Err(TclError::Message { message, .. }) = self.upgrade(command, DEFAULT_UPGRADE_TIMEOUT) {
                         let entry = self.pools[index].entry("upgrade-failed", vec![("message", Obj::new_string(&message))]);
                         self.log.push(entry);
                     }
