@@ -18,8 +18,10 @@ TCLSH     ?= tclsh8.6
 CARGO     ?= cargo
 PKGNAME   := socketserver$(VERSION)
 PKGDIR    := build/$(PKGNAME)
-LIBFILE   := libsocketserver.so
-TCL9LIBFILE := libtcl9socketserver$(VERSION).so
+# cargo names a cdylib .dylib on macOS.
+SOEXT     := $(if $(filter Darwin,$(shell uname -s)),dylib,so)
+LIBFILE   := libsocketserver.$(SOEXT)
+TCL9LIBFILE := libtcl9socketserver$(VERSION).$(SOEXT)
 TCL9DIR   := build/tcl9
 PREFIX    ?= /usr/local
 DESTDIR   ?=
