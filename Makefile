@@ -5,6 +5,9 @@
 #   make test-tcl9  the same under Tcl 9.0 (fetched into build/tcl9 if absent)
 #   make demo     the echo server: a pool of forked workers on port 9901
 #                 (DEMOFLAGS="PORT WORKERS" to change them, e.g. "9902 8")
+#   make test-portable  the same suites with the FreeBSD/macOS path forced
+#                 on Linux (cargo feature `portable`)
+#   make check-ports  type-check for FreeBSD and macOS, Tcl 8.6 and 9 headers
 #   make bench    benchmarks (bench/README.md); make bench-tcl9: Tcl 9.0 vs 8.6
 #   make install  install where tclsh finds packages (DESTDIR, PREFIX)
 #
@@ -15,8 +18,10 @@ TCLSH     ?= tclsh8.6
 CARGO     ?= cargo
 PKGNAME   := socketserver$(VERSION)
 PKGDIR    := build/$(PKGNAME)
-LIBFILE   := libsocketserver.so
-TCL9LIBFILE := libtcl9socketserver$(VERSION).so
+# cargo names a cdylib .dylib on macOS.
+SOEXT     := $(if $(filter Darwin,$(shell uname -s)),dylib,so)
+LIBFILE   := libsocketserver.$(SOEXT)
+TCL9LIBFILE := libtcl9socketserver$(VERSION).$(SOEXT)
 TCL9DIR   := build/tcl9
 PREFIX    ?= /usr/local
 DESTDIR   ?=
@@ -26,8 +31,10 @@ NEED      := scripts/need-packages
 BUILD_PACKAGES := tcl8.6 tcl8.6-dev tcl-dev libclang-dev pkg-config
 TEST_PACKAGES  := tclx8.4 tcl-thread tcllib binutils apache2-utils systemd tcl-tls openssl curl haproxy
 BENCH_PACKAGES := apache2-utils gcc
+PORTS_PACKAGES := rustc-web rust-web-src
+PORTABLEDIR := build/portable
 
-.PHONY: all build deps test test-rust test-tcl test-tcl9 demo bench bench-tcl9 soak memcheck install uninstall clean tcl9 build-tcl9
+.PHONY: all build deps test test-rust test-tcl test-tcl9 test-portable build-portable check-ports demo bench bench-tcl9 soak memcheck install uninstall clean tcl9 build-tcl9
 
 all: build
 
@@ -68,6 +75,29 @@ test-tcl9: build-tcl9
 	@$(NEED) $(TEST_PACKAGES)
 	PKG_CONFIG_PATH=$(CURDIR)/$(TCL9DIR)/pkgconfig CARGO_TARGET_DIR=target/tcl9 $(CARGO) test --release
 	TCLLIBPATH=$(CURDIR)/build $(TCL9DIR)/tclsh9.0 tests/all.tcl $(TESTFLAGS)
+
+# The portable path (FreeBSD, macOS) forced on Linux: the library built with
+# the `portable` feature into build/portable/, and the whole suite against
+# it (README, "Platforms").
+build-portable: deps
+	CARGO_TARGET_DIR=target/portable $(CARGO) build --release --features portable
+	mkdir -p $(PORTABLEDIR)/$(PKGNAME)
+	cp target/portable/release/$(LIBFILE) $(PORTABLEDIR)/$(PKGNAME)/$(LIBFILE)
+	cp tcl/socketserver.tcl $(PORTABLEDIR)/$(PKGNAME)/
+	sed -e 's/@VERSION@/$(VERSION)/g' -e 's/@LIBFILE@/$(LIBFILE)/g' -e 's/@TCL9LIBFILE@/$(TCL9LIBFILE)/g' \
+	    pkgIndex.tcl.in > $(PORTABLEDIR)/$(PKGNAME)/pkgIndex.tcl
+
+test-portable: build-portable
+	@$(NEED) $(TEST_PACKAGES)
+	CARGO_TARGET_DIR=target/portable $(CARGO) test --release --features portable -- --test-threads=1
+	SOCKETSERVER_PORTABLE=1 TCLLIBPATH=$(CURDIR)/$(PORTABLEDIR) $(TCLSH) tests/all.tcl $(TESTFLAGS)
+
+# Type-checks for x86_64-unknown-freebsd, x86_64-apple-darwin and
+# aarch64-apple-darwin against the Tcl 8.6 and Tcl 9 headers (no link, no
+# run: scripts/check-ports says what it proves).
+check-ports: deps tcl9
+	@$(NEED) $(PORTS_PACKAGES)
+	scripts/check-ports "" $(CURDIR)/$(TCL9DIR)/pkgconfig
 
 demo: build
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) examples/echo_server.tcl $(DEMOFLAGS)

@@ -1,7 +1,9 @@
 //! The accepting threads of one port.
 //!
 //! They make system calls only and never touch an interpreter. Each
-//! accepting thread blocks in `accept4` on one listener and sends what it
+//! accepting thread blocks in `accept4` on one listener (where the
+//! platform has no `accept4`, in `poll`, then `accept` and `fcntl` under
+//! the fork guard: `sys::CLOEXEC_IS_ATOMIC`) and sends what it
 //! gets into the hand-off queue: per connection `accept4`, `sendmsg` and
 //! the `close` of our copy, as few as a blocking accept loop can make (no
 //! `poll`, no `EAGAIN` round trip), and no formatting: the peer's address
@@ -23,24 +25,23 @@
 //! hold it (systemd, which keeps a copy to activate us again, or the next
 //! generation of this server).
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::eventfd::{EfdFlags, EventFd};
-use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal};
-use nix::sys::socket::{setsockopt, sockopt, MsgFlags, SockaddrLike, SockaddrStorage};
+use nix::sys::socket::{setsockopt, sockopt, MsgFlags};
 use nix::sys::time::TimeVal;
 
 use crate::fork_safety;
 use crate::handoff::{self, Connection, Received};
 use crate::listener;
 use crate::counters::Counters;
+use crate::sys::{self, Waker};
 
 /// How long to pause when accept or send fails for lack of resources.
 const BACKOFF: Duration = Duration::from_millis(50);
@@ -85,8 +86,8 @@ struct Shared {
     accept_end: OwnedFd,
     counters: Arc<Counters>,
     stopping: AtomicBool,
-    /// Wakes the re-queueing thread.
-    stop: EventFd,
+    /// Wakes the re-queueing thread (and the accepting threads that poll).
+    stop: Waker,
 }
 
 /// Running accept threads; stopping them closes the listeners and the
@@ -116,23 +117,31 @@ impl AcceptLoop {
         threads_per_listener: usize,
     ) -> std::io::Result<AcceptLoop> {
         // Blocking listeners: a thread sleeps in accept4 until a client
-        // comes, and shutdown() wakes it.
+        // comes, and shutdown() wakes it. Without accept4, a thread polls
+        // and then must not block in accept (under the fork guard).
         for listener in &listeners {
-            set_blocking(listener)?;
+            if sys::CLOEXEC_IS_ATOMIC {
+                sys::set_blocking(listener.as_fd())?;
+            } else {
+                sys::set_nonblocking(listener.as_fd())?;
+            }
         }
         // A blocking accept end, with a send timeout so that a sender held
         // by a full queue still notices a stop.
-        set_blocking(&accept_end)?;
+        sys::set_blocking(accept_end.as_fd())?;
         setsockopt(&accept_end, sockopt::SendTimeout, &TimeVal::from(libc::timeval {
             tv_sec: 0,
             tv_usec: SEND_TIMEOUT.as_micros() as libc::suseconds_t,
         }))?;
-        let stop = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
+        let stop = {
+            let _no_fork = (!sys::CLOEXEC_IS_ATOMIC).then(fork_safety::hold_off_forks);
+            Waker::new()?
+        };
         let mut owned_fds: Vec<RawFd> = listeners.iter().map(|l| l.as_raw_fd()).collect();
         owned_fds.push(accept_end.as_raw_fd());
-        owned_fds.push(stop.as_fd().as_raw_fd());
+        owned_fds.extend(stop.raw_fds());
         let shared = Arc::new(Shared { listeners, accept_end, counters, stopping: AtomicBool::new(false), stop });
-        install_wakeup_handler();
+        sys::install_interrupt_handler();
         let mut accept_loop =
             AcceptLoop { shared, threads: Vec::new(), finished: Vec::new(), owned_fds, in_hand: Vec::new() };
         // On an error below, dropping `accept_loop` stops what started.
@@ -184,7 +193,7 @@ impl AcceptLoop {
             return;
         }
         self.shared.stopping.store(true, Ordering::SeqCst);
-        let _ = self.shared.stop.write(1);
+        self.shared.stop.wake();
         // A thread that checked `stopping` just before it entered accept4
         // misses a first signal: send again until every thread has returned.
         let mut rounds = 0;
@@ -201,7 +210,7 @@ impl AcceptLoop {
                 if !finished.load(Ordering::SeqCst) {
                     // SAFETY: the thread has not returned, so its pthread_t
                     // is valid (it is joined only below).
-                    unsafe { libc::pthread_kill(thread.as_pthread_t(), libc::SIGURG) };
+                    unsafe { libc::pthread_kill(thread.as_pthread_t(), sys::INTERRUPT_SIGNAL) };
                 }
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -238,35 +247,6 @@ impl Drop for AcceptLoop {
     }
 }
 
-/// SIGURG interrupts a blocked `accept4` (`EINTR`) when the port is
-/// closed. Installed once, and only where SIGURG has no handler of the
-/// script's: its default action is to ignore it, as this handler does.
-fn install_wakeup_handler() {
-    static INSTALLED: Once = Once::new();
-    INSTALLED.call_once(|| {
-        extern "C" fn wake(_: libc::c_int) {}
-        // SAFETY: only queries the current action.
-        let current = unsafe {
-            let mut old: libc::sigaction = std::mem::zeroed();
-            libc::sigaction(libc::SIGURG, std::ptr::null(), &mut old);
-            old.sa_sigaction
-        };
-        if current == libc::SIG_DFL || current == libc::SIG_IGN {
-            // No SA_RESTART: the interrupted accept4 returns EINTR.
-            let action = SigAction::new(SigHandler::Handler(wake), SaFlags::empty(), SigSet::empty());
-            // SAFETY: the handler does nothing at all.
-            let _ = unsafe { nix::sys::signal::sigaction(Signal::SIGURG, &action) };
-        }
-    });
-}
-
-fn set_blocking(fd: &OwnedFd) -> nix::Result<()> {
-    use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    let flags = OFlag::from_bits_truncate(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?);
-    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK))?;
-    Ok(())
-}
-
 impl Shared {
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Relaxed)
@@ -275,16 +255,30 @@ impl Shared {
     /// Waits while accepting is held; false when stopping.
     fn wait_until_released(&self) -> bool {
         while HELD.load(Ordering::SeqCst) && !self.stopping() {
-            let mut fds = [PollFd::new(self.stop.as_fd(), PollFlags::POLLIN)];
+            let mut fds = [PollFd::new(self.stop.fd(), PollFlags::POLLIN)];
             let _ = poll(&mut fds, PollTimeout::from(HELD_POLL_MS));
         }
         !self.stopping()
     }
 
+    /// Waits until `listener` has a client (or the port is being closed:
+    /// `EINTR`).
+    fn wait_for_client(&self, listener: &OwnedFd) -> Result<(), Errno> {
+        let mut fds = [
+            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.stop.fd(), PollFlags::POLLIN),
+        ];
+        poll(&mut fds, PollTimeout::NONE)?;
+        if self.stopping() {
+            return Err(Errno::EINTR);
+        }
+        Ok(())
+    }
+
     /// Sleeps for the back-off interval, in slices short enough to notice a
     /// stop; false when stopping.
     fn pause(&self) -> bool {
-        let mut fds = [PollFd::new(self.stop.as_fd(), PollFlags::POLLIN)];
+        let mut fds = [PollFd::new(self.stop.fd(), PollFlags::POLLIN)];
         let millis = u16::try_from(BACKOFF.as_millis()).unwrap_or(u16::MAX);
         let _ = poll(&mut fds, PollTimeout::from(millis));
         !self.stopping()
@@ -331,11 +325,7 @@ impl Accepter {
             return;
         }
         loop {
-            // Not under `hold_off_forks`: a fork must not wait for a client.
-            // A child forked between the accept and `hold` has a copy that
-            // nothing here records; a pool's worker closes such copies by
-            // their address (`fork_safety::close_copied_connections`).
-            match accept_connection(listener).inspect(|conn| self.hold(conn)) {
+            match self.take(listener) {
                 Ok(conn) => {
                     self.shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
                     self.shared.send(&conn);
@@ -353,6 +343,26 @@ impl Accepter {
                 }
             }
         }
+    }
+
+    /// Takes the next connection off `listener` and records it in `in_hand`.
+    fn take(&self, listener: &OwnedFd) -> Result<Connection, Errno> {
+        if sys::CLOEXEC_IS_ATOMIC {
+            // Not under `hold_off_forks`: a fork must not wait for a client.
+            // A child forked between the accept and `hold` has a copy that
+            // nothing here records; a pool's worker closes such copies by
+            // their address (`fork_safety::close_copied_connections`).
+            return accept_connection(listener).inspect(|conn| self.hold(conn));
+        }
+        // The descriptor is made close-on-exec after accept returns, so the
+        // accept is under the fork guard; a fork must not wait for a client,
+        // so the thread waits for one first and then accepts without
+        // blocking (EAGAIN if another thread or process was quicker).
+        self.shared.wait_for_client(listener)?;
+        let _no_fork = fork_safety::hold_off_forks();
+        let conn = accept_connection(listener)?;
+        self.in_hand.store(conn.socket.as_raw_fd(), Ordering::Relaxed);
+        Ok(conn)
     }
 
     /// Records the connection the thread now holds (see `in_hand`).
@@ -375,7 +385,7 @@ impl Accepter {
 fn requeue_returned(shared: &Shared) {
     let mut fds = [
         PollFd::new(shared.accept_end.as_fd(), PollFlags::POLLIN),
-        PollFd::new(shared.stop.as_fd(), PollFlags::POLLIN),
+        PollFd::new(shared.stop.fd(), PollFlags::POLLIN),
     ];
     loop {
         match poll(&mut fds, PollTimeout::NONE) {
@@ -411,29 +421,10 @@ fn requeue_returned(shared: &Shared) {
     }
 }
 
-/// `accept4` with close-on-exec, wrapping the descriptor before anything
-/// else can fail; the peer's address is kept in binary.
+/// A connection off `listener`, close-on-exec, the peer's address kept in
+/// binary.
 fn accept_connection(listener: &OwnedFd) -> Result<Connection, Errno> {
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut length = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: storage and length describe a writable sockaddr_storage.
-    let fd = unsafe {
-        libc::accept4(
-            listener.as_raw_fd(),
-            (&mut storage as *mut libc::sockaddr_storage).cast(),
-            &mut length,
-            libc::SOCK_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(Errno::last());
-    }
-    // SAFETY: accept4 returned a new descriptor that nothing else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: the kernel filled `length` bytes of a sockaddr_storage.
-    let address = unsafe {
-        SockaddrStorage::from_raw((&storage as *const libc::sockaddr_storage).cast(), Some(length))
-    };
+    let (socket, address) = sys::accept_cloexec(listener.as_fd())?;
     let peer = address.as_ref().and_then(listener::to_socket_addr);
     Ok(Connection { socket, peer })
 }

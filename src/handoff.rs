@@ -1,6 +1,7 @@
 //! The hand-off queue between the accepting process and its workers.
 //!
-//! Each port has one `SOCK_SEQPACKET` socketpair. The accepting thread sends
+//! Each port has one `SOCK_SEQPACKET` socketpair (`SOCK_DGRAM` on macOS,
+//! which has no SEQPACKET for Unix sockets: `sys::QUEUE_SOCKET_TYPE`). The accepting thread sends
 //! on one end (the *accept end*); every worker receives from the other (the
 //! *worker end*), which it inherited through `fork`. One message is one
 //! connection: its payload is the peer's address as `accept()` reported it
@@ -15,25 +16,83 @@
 
 use std::io::IoSliceMut;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::cell::RefCell;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex, MutexGuard, Once};
 
 use nix::errno::Errno;
-use nix::sys::socket::{
-    recvmsg, socketpair, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType,
-};
+use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+
+use crate::fork_safety;
+use crate::sys::{self, Turn};
 
 /// Room for the longest payload (19 bytes) and more, so that a longer,
 /// foreign message is seen as truncated.
 const MAX_PAYLOAD: usize = 32;
 
-/// The two ends of a port's queue, both close-on-exec.
+/// The two ends of a port's queue (accept end, worker end), both
+/// close-on-exec. Where the platform needs one (`sys::Turn`), the queue's
+/// waiting turn is made with it, for the workers forked later to share.
 pub fn new_queue() -> nix::Result<(OwnedFd, OwnedFd)> {
-    socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
+    let _no_fork = (!sys::CLOEXEC_IS_ATOMIC || Turn::NEEDED).then(fork_safety::hold_off_forks);
+    let (accept_end, worker_end) = sys::socketpair_cloexec(sys::QUEUE_SOCKET_TYPE)?;
+    sys::prepare_queue_end(accept_end.as_fd())?;
+    sys::prepare_queue_end(worker_end.as_fd())?;
+    if Turn::NEEDED {
+        let turn = Turn::new().map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+        record_turn(worker_end.as_raw_fd(), turn);
+    }
+    Ok((accept_end, worker_end))
+}
+
+/// The waiting turns of the queues this process knows, by the worker
+/// end's descriptor number (the same in every process forked after the
+/// queue was made). Descriptors travel between this process's rooms as
+/// bare `OwnedFd`s, so the turn is looked up rather than carried.
+static TURNS: Mutex<Vec<(RawFd, Arc<Turn>)>> = Mutex::new(Vec::new());
+
+fn turns() -> MutexGuard<'static, Vec<(RawFd, Arc<Turn>)>> {
+    TURNS.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+thread_local! {
+    /// The table, locked by the forking thread from before a fork to after it.
+    static TURNS_HELD: RefCell<Option<MutexGuard<'static, Vec<(RawFd, Arc<Turn>)>>>> = const { RefCell::new(None) };
+}
+
+fn record_turn(worker_end: RawFd, turn: Turn) {
+    static WATCHING: Once = Once::new();
+    WATCHING.call_once(|| {
+        fork_safety::on_fork(
+            || {
+                let _ = TURNS_HELD.try_with(|held| *held.borrow_mut() = Some(turns()));
+            },
+            || {
+                let _ = TURNS_HELD.try_with(|held| held.borrow_mut().take());
+            },
+            || {
+                let _ = TURNS_HELD.try_with(|held| {
+                    if let Some(table) = held.borrow_mut().take() {
+                        table.iter().for_each(|(_, turn)| turn.renew_after_fork());
+                    }
+                });
+            },
+        )
+    });
+    let mut table = turns();
+    // A number reused by a new queue replaces the closed queue's turn.
+    table.retain(|(fd, _)| *fd != worker_end);
+    table.push((worker_end, Arc::new(turn)));
+}
+
+/// The waiting turn of the queue whose worker end is `queue`, if the
+/// platform needs one.
+pub fn turn_of(queue: &OwnedFd) -> Option<Arc<Turn>> {
+    if !Turn::NEEDED {
+        return None;
+    }
+    let fd = queue.as_raw_fd();
+    turns().iter().find(|(number, _)| *number == fd).map(|(_, turn)| Arc::clone(turn))
 }
 
 /// A connection in transit: the socket and its peer's address.
@@ -130,13 +189,14 @@ pub fn send_connection(queue: BorrowedFd<'_>, conn: &Connection, flags: MsgFlags
         header.msg_iov = &mut iov;
         header.msg_iovlen = 1;
         header.msg_control = control.as_mut_ptr().cast();
-        header.msg_controllen = space;
+        // socklen_t on macOS, size_t on Linux.
+        header.msg_controllen = space as _;
         let cmsg = libc::CMSG_FIRSTHDR(&header);
         (*cmsg).cmsg_level = libc::SOL_SOCKET;
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(fd_len) as usize;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(fd_len) as _;
         std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
-        libc::sendmsg(queue.as_raw_fd(), &header, (flags | MsgFlags::MSG_NOSIGNAL).bits())
+        libc::sendmsg(queue.as_raw_fd(), &header, (flags | sys::SEND_FLAGS).bits())
     };
     let sent = Errno::result(sent)?;
     // SEQPACKET sends whole messages or nothing.
@@ -178,8 +238,11 @@ impl std::fmt::Display for ReceiveError {
     }
 }
 
-/// Receives one connection; the descriptor arrives close-on-exec.
+/// Receives one connection; the descriptor arrives close-on-exec (where
+/// `MSG_CMSG_CLOEXEC` is missing, it is made so under the fork guard
+/// before the receive returns, so no fork can copy it without it).
 pub fn receive_connection(queue: BorrowedFd<'_>, flags: MsgFlags) -> Result<Received, ReceiveError> {
+    let _no_fork = (!sys::CLOEXEC_IS_ATOMIC).then(fork_safety::hold_off_forks);
     let mut payload = [0u8; MAX_PAYLOAD];
     let mut cmsg_space = nix::cmsg_space!([RawFd; 1]);
     let mut iov = [IoSliceMut::new(&mut payload)];
@@ -187,10 +250,12 @@ pub fn receive_connection(queue: BorrowedFd<'_>, flags: MsgFlags) -> Result<Rece
         queue.as_raw_fd(),
         &mut iov,
         Some(&mut cmsg_space),
-        flags | MsgFlags::MSG_CMSG_CLOEXEC,
+        flags | sys::RECEIVE_FLAGS,
     ) {
         Ok(message) => message,
         Err(Errno::EAGAIN) => return Ok(Received::Empty),
+        // A datagram queue (macOS) reports its peer's close this way.
+        Err(Errno::ECONNRESET) => return Ok(Received::Closed),
         Err(errno) => return Err(ReceiveError::Os(errno)),
     };
 
@@ -204,6 +269,11 @@ pub fn receive_connection(queue: BorrowedFd<'_>, flags: MsgFlags) -> Result<Rece
                 // this process for us; nothing else owns them.
                 descriptors.extend(fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
             }
+        }
+    }
+    if !sys::CLOEXEC_IS_ATOMIC {
+        for descriptor in &descriptors {
+            let _ = sys::set_cloexec(descriptor.as_fd());
         }
     }
     let truncated_control = message.flags.contains(MsgFlags::MSG_CTRUNC);

@@ -33,6 +33,8 @@ mod port_table;
 pub mod receiver;
 mod upgrade;
 mod registration;
+#[doc(hidden)]
+pub mod sys;
 
 use std::ffi::{c_int, c_void};
 

@@ -8,9 +8,11 @@ use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::errno::Errno;
 use nix::sys::socket::{
-    bind, getsockname, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag,
-    SockType, SockaddrStorage,
+    bind, getsockname, listen, setsockopt, sockopt, AddressFamily, Backlog, SockType, SockaddrStorage,
 };
+
+use crate::fork_safety;
+use crate::sys;
 
 /// The sockets listening for one port.
 pub struct Listeners {
@@ -113,12 +115,10 @@ fn open_one(address: SocketAddr, backlog: i32) -> Result<(OwnedFd, SocketAddr), 
         SocketAddr::V4(_) => AddressFamily::Inet,
         SocketAddr::V6(_) => AddressFamily::Inet6,
     };
-    let socket = socket(
-        family,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )?;
+    let socket = {
+        let _no_fork = (!sys::CLOEXEC_IS_ATOMIC).then(fork_safety::hold_off_forks);
+        sys::socket_cloexec_nonblock(family, SockType::Stream)?
+    };
     setsockopt(&socket, sockopt::ReuseAddr, &true)?;
     if address.is_ipv6() {
         setsockopt(&socket, sockopt::Ipv6V6Only, &true)?;

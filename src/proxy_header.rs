@@ -71,7 +71,7 @@ pub fn read(conn: Connection, setting: Setting, owner: Owner, next: Box<dyn Next
         // instant after the connection is accepted: a short wait here is
         // cheaper than a Tcl file handler, which would bring Tcl's notifier
         // thread into the worker's loop.
-        let mut poll = libc::pollfd { fd: conn.socket.as_raw_fd(), events: libc::POLLIN | libc::POLLRDHUP, revents: 0 };
+        let mut poll = libc::pollfd { fd: conn.socket.as_raw_fd(), events: libc::POLLIN | crate::sys::PEER_CLOSED_EVENTS, revents: 0 };
         // SAFETY: one pollfd, a bounded wait.
         unsafe { libc::poll(&mut poll, 1, QUICK_WAIT_MS) };
         outcome = attempt(&conn, setting.mode);
@@ -231,13 +231,14 @@ fn set_receive_low_water(fd: std::os::fd::RawFd, bytes: usize) {
     };
 }
 
-/// Whether the peer has closed its sending side (POLLRDHUP): what is
-/// queued is all that will come.
+/// Whether the peer has closed its sending side (POLLRDHUP where the
+/// platform has it): what is queued is all that will come.
 fn peer_done_sending(fd: std::os::fd::RawFd) -> bool {
-    let mut poll = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
+    let closed = crate::sys::PEER_CLOSED_EVENTS;
+    let mut poll = libc::pollfd { fd, events: closed, revents: 0 };
     // SAFETY: one pollfd, no waiting.
     let ready = unsafe { libc::poll(&mut poll, 1, 0) };
-    ready > 0 && poll.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+    ready > 0 && poll.revents & (closed | libc::POLLHUP | libc::POLLERR) != 0
 }
 
 fn finish_ok(mut conn: Connection, source: Option<std::net::SocketAddr>, next: Box<dyn Next>) {

@@ -3,29 +3,26 @@
 //! A Tcl file handler on the shared worker end would be `poll()`ed by every
 //! worker, and the kernel wakes every poller for every message: the herd
 //! that made socketservertcl 1.1.3 slower with more workers. Instead, each
-//! registration has a `Receiver`: a thread blocked in `epoll_wait` on its own
-//! epoll instance, in which the worker end is added with `EPOLLEXCLUSIVE`
-//! only while a registration is pending (armed). The kernel then wakes one
-//! armed receiver per message, and because arming appends to the socket's
-//! wait queue, the one that has waited longest (FIFO). The receiver takes
-//! one message, disarms, and hands the connection to its interpreter's
-//! thread as a Tcl event. A worker with nothing pending is not on the wait
-//! queue at all, so it can never take a connection it would not serve.
+//! registration has a `Receiver`: a thread that waits on the worker end
+//! only while a registration is pending (armed), in a way that the kernel
+//! wakes one armed receiver per message, the one that has waited longest
+//! (FIFO): `sys::QueueWaiter` (Linux: `EPOLLEXCLUSIVE`; elsewhere a waiting
+//! turn). The receiver takes one message, disarms, and hands the connection
+//! to its interpreter's thread as a Tcl event. A worker with nothing
+//! pending does not wait at all, so it can never take a connection it
+//! would not serve.
 
-use std::os::fd::{AsFd, OwnedFd, RawFd, AsRawFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::MsgFlags;
 
+use crate::fork_safety;
 use crate::handoff::{self, Connection, ReceiveError, Received};
-
-const QUEUE_TOKEN: u64 = 1;
-const WAKE_TOKEN: u64 = 2;
+use crate::sys::{self, QueueWaiter, Woke};
 
 /// What a receiver hands to its interpreter.
 #[derive(Debug)]
@@ -48,14 +45,17 @@ enum Mode {
 
 struct Shared {
     queue: Arc<OwnedFd>,
-    epoll: Epoll,
-    wake: EventFd,
+    waiter: QueueWaiter,
     mode: Mutex<Mode>,
 }
 
 impl Shared {
     fn mode(&self) -> MutexGuard<'_, Mode> {
         self.mode.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn armed(&self) -> bool {
+        *self.mode() == Mode::Armed
     }
 }
 
@@ -70,10 +70,11 @@ impl Receiver {
         queue: Arc<OwnedFd>,
         deliver: impl Fn(Outcome) + Send + 'static,
     ) -> std::io::Result<Receiver> {
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-        let wake = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
-        epoll.add(wake.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN))?;
-        let shared = Arc::new(Shared { queue, epoll, wake, mode: Mutex::new(Mode::Idle) });
+        let waiter = {
+            let _no_fork = (!sys::CLOEXEC_IS_ATOMIC).then(fork_safety::hold_off_forks);
+            QueueWaiter::new(handoff::turn_of(&queue))?
+        };
+        let shared = Arc::new(Shared { queue, waiter, mode: Mutex::new(Mode::Idle) });
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("socketserver-recv".into())
@@ -100,10 +101,7 @@ impl Receiver {
             }
             Err(error) => return Ok(Some(Outcome::Failed { error, ended: true })),
         };
-        let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
-        self.shared
-            .epoll
-            .add(self.shared.queue.as_fd(), EpollEvent::new(flags, QUEUE_TOKEN))?;
+        self.shared.waiter.join(self.shared.queue.as_fd())?;
         *mode = Mode::Armed;
         Ok(taken)
     }
@@ -112,19 +110,20 @@ impl Receiver {
     pub fn disarm(&self) {
         let mut mode = self.shared.mode();
         if *mode == Mode::Armed {
-            let _ = self.shared.epoll.delete(self.shared.queue.as_fd());
+            let spent = self.shared.waiter.leave(self.shared.queue.as_fd());
             *mode = Mode::Idle;
-            pass_on_wakeup(&self.shared.queue);
+            if spent {
+                pass_on_wakeup(&self.shared.queue);
+            }
         }
     }
 
     /// In a forked child: the thread does not exist here. Close our copies
     /// of its descriptors by number and forget the rest.
     pub fn abandon_after_fork(mut self) {
-        let epoll_fd: RawFd = self.shared.epoll.0.as_raw_fd();
-        let wake_fd: RawFd = self.shared.wake.as_fd().as_raw_fd();
-        let _ = nix::unistd::close(epoll_fd);
-        let _ = nix::unistd::close(wake_fd);
+        for fd in self.shared.waiter.raw_fds() {
+            let _ = nix::unistd::close(fd);
+        }
         std::mem::forget(self.thread.take());
         std::mem::forget(self);
     }
@@ -134,9 +133,11 @@ impl Drop for Receiver {
     fn drop(&mut self) {
         self.disarm();
         *self.shared.mode() = Mode::Quit;
-        let _ = self.shared.wake.write(1);
+        self.shared.waiter.wake();
         if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            if self.shared.waiter.interrupt(&thread) {
+                let _ = thread.join();
+            }
         }
     }
 }
@@ -169,50 +170,47 @@ pub fn give_back(queue: &OwnedFd, conn: Connection) {
 }
 
 fn wait_loop(shared: &Shared, deliver: impl Fn(Outcome)) {
-    let mut events = [EpollEvent::empty(); 2];
+    let armed = || shared.armed();
     loop {
-        let count = match shared.epoll.wait(&mut events, EpollTimeout::NONE) {
-            Ok(count) => count,
-            Err(Errno::EINTR) => continue,
-            Err(_) => return,
-        };
-        for event in &events[..count] {
-            if event.data() == WAKE_TOKEN {
-                let _ = shared.wake.read();
+        match shared.waiter.wait(shared.queue.as_fd(), &armed) {
+            Woke::Failed => break,
+            Woke::Wakeup => {
                 if *shared.mode() == Mode::Quit {
-                    return;
+                    break;
                 }
                 continue;
             }
-            let outcome = {
-                let mut mode = shared.mode();
-                if *mode != Mode::Armed {
-                    continue;
-                }
-                match handoff::receive_connection(shared.queue.as_fd(), MsgFlags::MSG_DONTWAIT) {
-                    // Another worker was quicker; keep waiting.
-                    Ok(Received::Empty) => continue,
-                    Ok(Received::Connection(conn)) => {
-                        let _ = shared.epoll.delete(shared.queue.as_fd());
-                        *mode = Mode::Idle;
-                        Outcome::Connection(conn)
-                    }
-                    Ok(Received::Closed) => {
-                        let _ = shared.epoll.delete(shared.queue.as_fd());
-                        *mode = Mode::Idle;
-                        Outcome::QueueClosed
-                    }
-                    Err(ReceiveError::DescriptorLost) => {
-                        Outcome::Failed { error: ReceiveError::DescriptorLost, ended: false }
-                    }
-                    Err(error) => {
-                        let _ = shared.epoll.delete(shared.queue.as_fd());
-                        *mode = Mode::Idle;
-                        Outcome::Failed { error, ended: true }
-                    }
-                }
-            };
-            deliver(outcome);
+            Woke::Queue => {}
         }
+        let outcome = {
+            let mut mode = shared.mode();
+            if *mode != Mode::Armed {
+                continue;
+            }
+            match handoff::receive_connection(shared.queue.as_fd(), MsgFlags::MSG_DONTWAIT) {
+                // Another worker was quicker; keep waiting.
+                Ok(Received::Empty) => continue,
+                Ok(Received::Connection(conn)) => {
+                    shared.waiter.taken(shared.queue.as_fd());
+                    *mode = Mode::Idle;
+                    Outcome::Connection(conn)
+                }
+                Ok(Received::Closed) => {
+                    shared.waiter.taken(shared.queue.as_fd());
+                    *mode = Mode::Idle;
+                    Outcome::QueueClosed
+                }
+                Err(ReceiveError::DescriptorLost) => {
+                    Outcome::Failed { error: ReceiveError::DescriptorLost, ended: false }
+                }
+                Err(error) => {
+                    shared.waiter.taken(shared.queue.as_fd());
+                    *mode = Mode::Idle;
+                    Outcome::Failed { error, ended: true }
+                }
+            }
+        };
+        deliver(outcome);
     }
+    shared.waiter.release();
 }

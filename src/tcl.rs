@@ -45,6 +45,19 @@ macro_rules! stub {
     };
 }
 
+/// In a forked child: the calling thread's notifier finalised and made
+/// again (`notifier_fork`, FreeBSD's kqueue notifier).
+pub fn renew_notifier() {
+    // SAFETY: the stubs table was filled in by `init_stubs` before any fork
+    // step was registered; both calls act on the calling thread's notifier.
+    unsafe {
+        let notifier = stub!(tcl_InitNotifier);
+        stub!(tcl_FinalizeNotifier)(std::ptr::null_mut());
+        notifier();
+    }
+}
+
+
 extern "C" {
     /// `Tcl_InitStubs(interp, "8.6", 0) != NULL`, from `src/stubs_shim.c`.
     fn socketserver_init_stubs(interp: *mut Tcl_Interp) -> c_int;

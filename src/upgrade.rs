@@ -19,7 +19,6 @@ use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
-use nix::fcntl::OFlag;
 use nix::unistd::Pid;
 
 use crate::inherited::READY_VARIABLE;
@@ -55,7 +54,10 @@ pub fn spawn_next_generation(command: &[String], listeners: &[RawFd]) -> Result<
     envp.push(pid_variable.as_ptr().cast());
     envp.push(std::ptr::null());
 
-    let (ready_read, ready_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    let (ready_read, ready_write) = {
+        let _no_fork = (!crate::sys::CLOEXEC_IS_ATOMIC).then(crate::fork_safety::hold_off_forks);
+        crate::sys::pipe_cloexec(false)?
+    };
     // Copies above every number the child will use: the fork closes the
     // originals in the child (see `fork_safety`), and a target number may
     // be one of the originals. The lowest free numbers above the targets,

@@ -1,0 +1,31 @@
+//! Linux's facts.
+
+use std::os::fd::BorrowedFd;
+
+use nix::sys::socket::{MsgFlags, SockType};
+
+pub use super::NotifierAfterFork;
+
+/// SEQPACKET keeps message boundaries and reports the peer's close.
+pub const QUEUE_SOCKET_TYPE: SockType = SockType::SeqPacket;
+
+/// Flags for every send on a queue: a closed peer gives EPIPE, no SIGPIPE.
+pub const SEND_FLAGS: MsgFlags = MsgFlags::MSG_NOSIGNAL;
+
+/// Nothing to set on a queue's end (`SEND_FLAGS` keeps SIGPIPE away).
+pub fn prepare_queue_end(_end: BorrowedFd<'_>) -> nix::Result<()> {
+    Ok(())
+}
+
+/// The poll events that say the peer has finished sending, beyond POLLHUP.
+pub const PEER_CLOSED_EVENTS: libc::c_short = libc::POLLRDHUP;
+
+/// Tcl 9's notifier here is epoll (`notifier_fork`).
+pub const NOTIFIER_AFTER_FORK: NotifierAfterFork = NotifierAfterFork::RenewEpoll;
+
+/// Fills `bytes` from the kernel's random source; false if it could not.
+pub fn fill_random(bytes: &mut [u8]) -> bool {
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into `bytes`.
+    let filled = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    filled == bytes.len() as isize
+}

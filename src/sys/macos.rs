@@ -1,0 +1,51 @@
+//! macOS's facts (x86_64 and arm64).
+
+use std::os::fd::BorrowedFd;
+
+use std::os::fd::AsRawFd;
+
+use nix::errno::Errno;
+use nix::sys::socket::{MsgFlags, SockType};
+
+pub use super::NotifierAfterFork;
+
+/// macOS has no SEQPACKET for Unix sockets. A datagram socketpair keeps
+/// message boundaries and gives each message to one receiver, but does not
+/// report to the other end that the accepting process closed its end
+/// (README, "Platforms").
+pub const QUEUE_SOCKET_TYPE: SockType = SockType::Datagram;
+
+/// No MSG_NOSIGNAL: `prepare_queue_end` sets SO_NOSIGPIPE instead.
+pub const SEND_FLAGS: MsgFlags = MsgFlags::empty();
+
+/// A send to a closed peer gives EPIPE, no SIGPIPE.
+pub fn prepare_queue_end(end: BorrowedFd<'_>) -> nix::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt reads one c_int that lives across the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            end.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NOSIGPIPE,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    Errno::result(rc).map(drop)
+}
+
+/// No POLLRDHUP: a peer that closed shows as POLLHUP only once both
+/// directions are shut, so a half-closed PROXY sender is seen by its
+/// timeout instead.
+pub const PEER_CLOSED_EVENTS: libc::c_short = 0;
+
+/// Tcl's notifier on macOS (CoreFoundation) renews itself after fork.
+pub const NOTIFIER_AFTER_FORK: NotifierAfterFork = NotifierAfterFork::Nothing;
+
+/// Fills `bytes` from the kernel's random source; false if it could not.
+pub fn fill_random(bytes: &mut [u8]) -> bool {
+    bytes.chunks_mut(256).all(|chunk| {
+        // SAFETY: getentropy writes exactly `chunk.len()` bytes into `chunk`.
+        unsafe { libc::getentropy(chunk.as_mut_ptr().cast(), chunk.len()) == 0 }
+    })
+}
