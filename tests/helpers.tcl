@@ -32,6 +32,10 @@ testConstraint ipv6 [expr {![catch {close [socket -server {apply {args {}}} -mya
 testConstraint notMemcheck [expr {![info exists ::env(SOCKETSERVER_MEMCHECK)]}]
 testConstraint thread [expr {![catch {package require Thread}]}]
 testConstraint ab [expr {[auto_execok ab] ne ""}]
+# Linux's waiting (EPOLLEXCLUSIVE), not the portable path's waiting turn
+# (make test-portable): a worker stopped while it holds the turn stalls
+# the port there, as Apache's accept mutex does (README, "Platforms").
+testConstraint exclusiveWakeup [expr {![info exists ::env(SOCKETSERVER_PORTABLE)]}]
 
 set ::workers {}
 

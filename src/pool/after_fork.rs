@@ -50,7 +50,7 @@ impl LeaveEnd {
     /// lock the fork takes, so that no child is forked before it knows.
     pub fn pipe() -> nix::Result<(OwnedFd, LeaveEnd)> {
         let mut ends = leave_ends();
-        let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let (read_end, write_end) = crate::sys::pipe_cloexec(false)?;
         ends.push(write_end.as_raw_fd());
         Ok((read_end, LeaveEnd { fd: ManuallyDrop::new(write_end), pid: getpid() }))
     }

@@ -532,9 +532,7 @@ fn backoff(failures: u32) -> Duration {
 /// A random number in `0..bound`, for the recycling jitter.
 fn random_below(bound: u64) -> u64 {
     let mut bytes = [0u8; 8];
-    // SAFETY: getrandom fills at most `bytes.len()` bytes of our buffer.
-    let filled = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if filled != 8 || bound == 0 {
+    if !crate::sys::fill_random(&mut bytes) || bound == 0 {
         return 0;
     }
     u64::from_ne_bytes(bytes) % bound

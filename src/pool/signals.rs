@@ -30,7 +30,6 @@ use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use nix::fcntl::OFlag;
 use nix::sys::signal::{pthread_sigmask, sigaction, SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal};
 
 /// The byte a worker writes to wake the supervisor.
@@ -69,7 +68,9 @@ thread_local! {
 pub fn pipe_read_end() -> nix::Result<RawFd> {
     let mut handling = handling();
     if handling.is_none() {
-        let (read_end, write_end) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+        // Where close-on-exec is not set atomically, no fork may come between.
+        let _no_fork = (!crate::sys::CLOEXEC_IS_ATOMIC).then(crate::fork_safety::hold_off_forks);
+        let (read_end, write_end) = crate::sys::pipe_cloexec(true)?;
         WRITE_END.store(write_end.as_raw_fd(), Ordering::SeqCst);
         // A worker keeps the supervisor's; only the supervisor's own is new.
         let _ = SUPERVISOR_END.compare_exchange(-1, write_end.as_raw_fd(), Ordering::SeqCst, Ordering::SeqCst);
@@ -240,10 +241,9 @@ fn write_byte(fd: RawFd, byte: u8) {
 }
 
 extern "C" fn on_signal(signal: libc::c_int) {
-    // SAFETY: errno is thread-local; saving and restoring it keeps the
-    // interrupted code's view intact, as a signal handler must.
-    let saved = unsafe { *libc::__errno_location() };
+    // errno is thread-local; saving and restoring it keeps the interrupted
+    // code's view intact, as a signal handler must.
+    let saved = crate::sys::errno();
     write_byte(WRITE_END.load(Ordering::Relaxed), signal as u8);
-    // SAFETY: as above.
-    unsafe { *libc::__errno_location() = saved };
+    crate::sys::set_errno(saved);
 }

@@ -92,13 +92,12 @@ fn leave_sockets_to_supervisor(interp: Interp) {
         }
         if let Some(fd) = interp.channel_fd(&name) {
             tcl::delete_file_handler(fd);
-            if let Ok(stand_in) = nix::sys::socket::socket(
-                nix::sys::socket::AddressFamily::Inet,
-                nix::sys::socket::SockType::Stream,
-                nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-                None,
-            ) {
-                let _ = nix::unistd::dup3(stand_in.as_raw_fd(), fd, nix::fcntl::OFlag::O_CLOEXEC);
+            // A worker is single-threaded here: no fork can come between
+            // the calls where close-on-exec is not atomic.
+            if let Ok(stand_in) =
+                crate::sys::socket_cloexec(nix::sys::socket::AddressFamily::Inet, nix::sys::socket::SockType::Stream)
+            {
+                let _ = crate::sys::dup_cloexec_onto(std::os::fd::AsFd::as_fd(&stand_in), fd);
             }
         }
         let close = Obj::new_list(&[Obj::new_string("close"), Obj::new_string(&name)]);
