@@ -11,7 +11,7 @@
 #	      a few comparisons per connection (at least 0.98x).
 #	S1 needs root (skipped otherwise), S2 HAProxy.
 #
-#	Usage: tclsh bench/security.tcl ?-quick? ?-reps N? ?-requests N?
+#	Usage: tclsh bench/security.tcl ?-quick? ?-reps N? ?-requests N? ?-raw 1? ?-only S1|S2?
 
 package require Tclx
 
@@ -19,7 +19,7 @@ set here [file dirname [file normalize [info script]]]
 set top [file dirname $here]
 
 source [file join $here lib.tcl]
-parseOptions {} {}
+parseOptions {-raw 0 -only {}} {}
 
 proc fmt {value {digits 0}} {format %.${digits}f $value}
 
@@ -52,8 +52,15 @@ proc compare {title entries} {
         set label [lindex $entry 0]
         puts [format "%-28s %9s %8s" $label [fmt [median $::rps($label)]] [tcl::mathop::+ {*}$::failed($label)]]
     }
+    if {$::opt(-raw)} {
+        foreach entry $entries {puts "  [lindex $entry 0]: [lmap v $::rps([lindex $entry 0]) {fmt $v}]"}
+    }
     lassign [lmap e $entries {lindex $e 0}] base other
-    puts "$other vs $base: requests/s [fmt [expr {[median $::rps($other)] / [median $::rps($base)]}] 3]x"
+    # Each repetition ran both back to back: the median of their ratios
+    # is steadier than the ratio of medians on a machine whose speed drifts.
+    set paired [median [lmap a $::rps($base) b $::rps($other) {expr {$b / $a}}]]
+    puts "$other vs $base: requests/s [fmt [expr {[median $::rps($other)] / [median $::rps($base)]}] 3]x\
+          (median of the ratios of each repetition: [fmt $paired 3]x)"
     puts ""
 }
 
@@ -64,7 +71,8 @@ puts ""
 
 # --- S1. -user ------------------------------------------------------------
 
-if {[exec id -u] != 0 || [catch {exec getent passwd nobody}]} {
+if {$opt(-only) ni {{} S1}} {
+} elseif {[exec id -u] != 0 || [catch {exec getent passwd nobody}]} {
     puts "S1. skipped: not root, or no user nobody"
 } else {
     set asRoot [startServer pool 4 0]
@@ -81,6 +89,9 @@ if {[exec id -u] != 0 || [catch {exec getent passwd nobody}]} {
 
 # --- S2. -proxyfrom -------------------------------------------------------
 
+if {$opt(-only) ni {{} S2}} {
+    exit 0
+}
 if {[auto_execok haproxy] eq ""} {
     puts "S2. skipped: no haproxy"
     exit 0
