@@ -108,6 +108,7 @@ bench: build
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/run.tcl $(BENCHFLAGS)
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/pool.tcl $(POOLBENCHFLAGS)
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/httpd.tcl $(HTTPDBENCHFLAGS)
+	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/security.tcl $(SECURITYBENCHFLAGS)
 
 # Tcl 9.0 against Tcl 8.6 in one run (bench/tcl9.tcl).
 bench-tcl9: build-tcl9

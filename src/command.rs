@@ -16,11 +16,12 @@ use crate::tcl::{self, Interp, NameTable, Obj, TclError, TclResult, Tcl_Obj};
 
 static SUBCOMMANDS: NameTable<5> =
     NameTable([c"client".as_ptr(), c"close".as_ptr(), c"info".as_ptr(), c"server".as_ptr(), std::ptr::null()]);
-static SERVER_OPTIONS: NameTable<8> = NameTable([
+static SERVER_OPTIONS: NameTable<9> = NameTable([
     c"-backlog".as_ptr(),
     c"-fd".as_ptr(),
     c"-myaddr".as_ptr(),
     c"-proxy".as_ptr(),
+    c"-proxyfrom".as_ptr(),
     c"-proxytimeout".as_ptr(),
     c"-systemd".as_ptr(),
     c"-threads".as_ptr(),
@@ -78,6 +79,8 @@ pub(crate) struct ServerOptions {
     /// Every connection starts with a PROXY protocol header (`-proxy`).
     pub proxy: Option<proxy_protocol::Mode>,
     pub proxy_timeout: Option<std::time::Duration>,
+    /// The networks PROXY headers are believed from (`-proxyfrom`).
+    pub proxy_from: Option<Arc<crate::proxy_trust::TrustedProxies>>,
 }
 
 impl ServerOptions {
@@ -105,6 +108,12 @@ impl ServerOptions {
                     ));
                 }
                 self.proxy_timeout = Some(std::time::Duration::from_secs_f64(seconds));
+            }
+            "-proxyfrom" => {
+                let words: Vec<String> = value.list_elements(interp)?.iter().map(Obj::to_string_lossy).collect();
+                let trusted = crate::proxy_trust::TrustedProxies::parse(&words)
+                    .map_err(|message| TclError::new(message, &["TCL", "VALUE", "NETWORK"]))?;
+                self.proxy_from = Some(Arc::new(trusted));
             }
             _ => return Ok(false),
         }
@@ -187,6 +196,12 @@ pub(crate) fn parse_threads(interp: Interp, value: &Obj) -> TclResult<usize> {
 /// listeners, and starts accepting; returns the port number (`0` leaves it
 /// to the system, or to the inherited sockets).
 pub(crate) fn open_port(interp: Interp, number: u16, options: &ServerOptions) -> TclResult<u16> {
+    if options.proxy_from.is_some() && options.proxy.is_none() {
+        return Err(TclError::new(
+            "-proxyfrom needs -proxy: it names who may send a PROXY protocol header",
+            &["SOCKETSERVER", "PROXYFROM"],
+        ));
+    }
     if number != 0 && port_table::table().get(number).is_some() {
         if options.inherits() {
             return Err(TclError::new(
@@ -229,6 +244,7 @@ pub(crate) fn open_port(interp: Interp, number: u16, options: &ServerOptions) ->
         proxy: options.proxy.map(|mode| crate::proxy_header::Setting {
             mode,
             deadline: options.proxy_timeout.unwrap_or(DEFAULT_PROXY_TIMEOUT),
+            trusted: options.proxy_from.clone(),
         }),
         accept_loop: Some(accept_loop),
     };
@@ -383,8 +399,9 @@ fn info(state: &InterpState, number: u16) -> TclResult<Obj> {
         ("threads", Obj::new_int(port.accept_loop.as_ref().map_or(0, |l| l.threads()) as i64)),
         ("accepted", count(&port.counters.accepted)),
         ("received", count(&port.counters.received)),
-        ("proxy", Obj::new_string(port.proxy.map_or("none", |p| p.mode.name()))),
+        ("proxy", Obj::new_string(port.proxy.as_ref().map_or("none", |p| p.mode.name()))),
         ("proxyerrors", count(&port.counters.proxy_errors)),
+        ("proxyuntrusted", count(&port.counters.proxy_untrusted)),
         ("waiting", Obj::new_int(state.is_waiting(number).into())),
     ];
     let mut dict = Vec::new();

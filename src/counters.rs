@@ -11,4 +11,6 @@ pub struct Counters {
     pub received: AtomicU64,
     /// Connections closed for a bad, late or missing PROXY protocol header.
     pub proxy_errors: AtomicU64,
+    /// Connections closed because their peer is not in `-proxyfrom`.
+    pub proxy_untrusted: AtomicU64,
 }

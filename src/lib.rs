@@ -12,6 +12,8 @@
 //! that the rooms register for every `fork` (our locks stay sound, a child
 //! under Tcl 9 gets an event notifier of its own from `notifier_fork`, and
 //! keeps nothing of the supervisor's but what `pool::after_fork` allows).
+//! `proxy_header` reads a connection's PROXY header in the worker, and
+//! believes it only from the peers `proxy_trust` admits (`-proxyfrom`).
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -26,6 +28,7 @@ mod inherited;
 mod notifier_fork;
 pub mod listener;
 mod proxy_header;
+mod proxy_trust;
 pub mod proxy_protocol;
 mod pool;
 mod process;

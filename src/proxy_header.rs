@@ -40,10 +40,12 @@ use crate::tcl;
 const QUICK_WAIT_MS: libc::c_int = 10;
 
 /// A port's PROXY protocol setting.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Setting {
     pub mode: Mode,
     pub deadline: Duration,
+    /// The networks headers are believed from (`-proxyfrom`); `None`: all.
+    pub trusted: Option<std::sync::Arc<crate::proxy_trust::TrustedProxies>>,
 }
 
 /// What becomes of a connection once its header is read, or failed.
@@ -65,6 +67,9 @@ pub type Owner = usize;
 /// Reads the header of `conn`, then calls `next`. Should the read have to
 /// wait, `owner` owns it (see the module's documentation).
 pub fn read(conn: Connection, setting: Setting, owner: Owner, next: Box<dyn Next>) {
+    if !crate::proxy_trust::admits(setting.trusted.as_deref(), conn.peer) {
+        return fail(conn, next, crate::proxy_trust::UNTRUSTED);
+    }
     let mut outcome = attempt(&conn, setting.mode);
     if matches!(outcome, Attempt::Wait) {
         // A proxy writes the header right after connecting, often an
@@ -300,7 +305,8 @@ unsafe extern "C" fn on_deadline(data: *mut c_void) {
     });
 }
 
-/// Counts a rejected connection in `counters`.
-pub fn count(counters: &crate::counters::Counters) {
-    counters.proxy_errors.fetch_add(1, Ordering::Relaxed);
+/// Counts a rejected connection in `counters`, an untrusted peer apart.
+pub fn count(counters: &crate::counters::Counters, why: &str) {
+    let counter = if why == crate::proxy_trust::UNTRUSTED { &counters.proxy_untrusted } else { &counters.proxy_errors };
+    counter.fetch_add(1, Ordering::Relaxed);
 }

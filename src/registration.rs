@@ -37,8 +37,9 @@ pub struct NativeHandler {
     pub connection: fn(Interp, crate::handoff::Connection),
     /// The queue closed and is drained: no connection will come again.
     pub queue_closed: fn(u16),
-    /// A connection was closed for a bad PROXY protocol header.
-    pub proxy_rejected: fn(),
+    /// A connection was closed for a bad PROXY protocol header, or an
+    /// untrusted peer (`why`, as `proxy_header::Next::rejected` has it).
+    pub proxy_rejected: fn(&str),
 }
 
 struct Registration {
@@ -205,7 +206,7 @@ impl InterpState {
                     move |outcome| mailbox.post(outcome)
                 })
                 .map_err(|e| TclError::posix("couldn't wait for a connection", e.raw_os_error().unwrap_or(0)))?;
-                let proxy = port_table::table().get(port).and_then(|p| p.proxy);
+                let proxy = port_table::table().get(port).and_then(|p| p.proxy.clone());
                 registrations.push(Registration { port, handler: None, proxy, cancels: 0, counters, receiver, mailbox });
                 registrations.len() - 1
             }
@@ -309,7 +310,7 @@ impl InterpState {
                     return;
                 };
                 let handler = registration.handler.take();
-                let proxy = registration.proxy;
+                let proxy = registration.proxy.clone();
                 let after = AfterHeader {
                     state: StatePtr(self),
                     port,
@@ -383,13 +384,13 @@ impl proxy_header::Next for AfterHeader {
         }
     }
 
-    fn rejected(mut self: Box<Self>, _why: &str) {
-        proxy_header::count(&self.counters);
+    fn rejected(mut self: Box<Self>, why: &str) {
+        proxy_header::count(&self.counters, why);
         // SAFETY: as above.
         let state = unsafe { &*self.state.0 };
         let Some(handler) = self.handler.take() else { return };
         if let Handler::Native(native) = &handler {
-            (native.proxy_rejected)();
+            (native.proxy_rejected)(why);
         }
         let unchanged = state
             .registrations

@@ -7,6 +7,7 @@ use crate::registration::InterpState;
 use crate::tcl::{Interp, NameTable, Obj, TclError, TclResult, Tcl_Obj};
 
 use super::generation;
+use super::privileges::{self, Privileges, LIMIT_NAMES};
 use super::supervisor::{self, Config, MAX_WORKERS};
 use super::worker;
 
@@ -20,23 +21,38 @@ static SUBCOMMANDS: NameTable<8> = NameTable([
     c"wait".as_ptr(),
     std::ptr::null(),
 ]);
-static CREATE_OPTIONS: NameTable<17> = NameTable([
+static CREATE_OPTIONS: NameTable<21> = NameTable([
     c"-backlog".as_ptr(),
     c"-concurrency".as_ptr(),
     c"-fd".as_ptr(),
     c"-graceful".as_ptr(),
+    c"-group".as_ptr(),
     c"-init".as_ptr(),
     c"-jitter".as_ptr(),
     c"-log".as_ptr(),
     c"-maxconnections".as_ptr(),
     c"-myaddr".as_ptr(),
     c"-proxy".as_ptr(),
+    c"-proxyfrom".as_ptr(),
     c"-proxytimeout".as_ptr(),
+    c"-rlimit".as_ptr(),
     c"-signals".as_ptr(),
     c"-systemd".as_ptr(),
     c"-threads".as_ptr(),
     c"-timeout".as_ptr(),
+    c"-user".as_ptr(),
     c"-workers".as_ptr(),
+    std::ptr::null(),
+]);
+
+/// The names of `privileges::LIMIT_NAMES`, in the same order.
+static LIMITS: NameTable<7> = NameTable([
+    c"as".as_ptr(),
+    c"core".as_ptr(),
+    c"cpu".as_ptr(),
+    c"fsize".as_ptr(),
+    c"nofile".as_ptr(),
+    c"nproc".as_ptr(),
     std::ptr::null(),
 ]);
 
@@ -135,7 +151,9 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
         graceful: DEFAULT_GRACEFUL,
         log: None,
         signals: true,
+        privileges: Default::default(),
     };
+    let (mut user, mut group, mut limits) = (None, None, Vec::new());
     let mut server = ServerOptions::default();
     let mut rest = options;
     while let [option, tail @ ..] = rest {
@@ -159,6 +177,9 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
             "-log" => config.log = Some(value.list_elements(interp)?),
             "-maxconnections" => config.max_connections = non_negative(interp, value)? as u64,
             "-signals" => config.signals = value.get_boolean(interp)?,
+            "-user" => user = Some(value.to_string_lossy()),
+            "-group" => group = Some(value.to_string_lossy()),
+            "-rlimit" => limits.extend(rlimits(interp, value)?),
             "-timeout" => {
                 let timeout = seconds(interp, value)?;
                 config.timeout = (!timeout.is_zero()).then_some(timeout);
@@ -174,6 +195,9 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
             command_prefix(interp, &Obj::new_list(log))?;
         }
     }
+    // Names are looked up here, before the port is opened and any worker forked.
+    config.privileges = Privileges::new(user.as_deref(), group.as_deref(), &limits)
+        .map_err(|(message, code)| TclError::new(message, &code.iter().map(String::as_str).collect::<Vec<_>>()))?;
     let number = parse_port(interp, port_word)?;
     // Before the port is opened: a worker would keep it, unserved.
     if worker::is_worker() {
@@ -182,6 +206,34 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
     let port = open_port(interp, number, &server)?;
     supervisor::create(interp, state, port, config)?;
     Ok(Obj::new_int(port.into()))
+}
+
+/// `-rlimit {name value ...}`: each value a non-negative integer or `unlimited`.
+fn rlimits(interp: Interp, value: &Obj) -> TclResult<Vec<(&'static str, u64)>> {
+    let words = value.list_elements(interp)?;
+    if words.len() % 2 != 0 {
+        return Err(TclError::new(
+            format!("missing value for limit \"{}\"", words.last().map(Obj::to_string_lossy).unwrap_or_default()),
+            &["TCL", "VALUE", "RLIMIT"],
+        ));
+    }
+    let mut limits = Vec::new();
+    for pair in words.chunks(2) {
+        let name = LIMIT_NAMES[interp.get_index(&pair[0], &LIMITS, c"limit")?];
+        let amount = if pair[1].to_string_lossy() == "unlimited" {
+            privileges::UNLIMITED
+        } else {
+            let n = pair[1].get_wide(interp)?;
+            u64::try_from(n).map_err(|_| {
+                TclError::new(
+                    format!("expected non-negative integer or \"unlimited\" but got \"{}\"", pair[1].to_string_lossy()),
+                    &["TCL", "VALUE", "NUMBER"],
+                )
+            })?
+        };
+        limits.push((name, amount));
+    }
+    Ok(limits)
 }
 
 fn worker_count(interp: Interp, value: &Obj) -> TclResult<usize> {

@@ -61,6 +61,7 @@ pub(super) struct Totals {
     pub(super) backoffs: u64,
     /// PROXY protocol rejections of workers that have exited.
     pub(super) proxy_errors: u64,
+    pub(super) proxy_untrusted: u64,
 }
 
 pub(super) enum Phase {
@@ -146,6 +147,7 @@ impl Pool {
             let received = served + u64::from(slot.open()) > 0;
             let message = slot.failure();
             self.totals.proxy_errors += slot.proxy_errors();
+            self.totals.proxy_untrusted += slot.proxy_untrusted();
             slot.free();
             let (status_text, clean, signaled) = match status {
                 WaitStatus::Exited(_, code) => (format!("exit {code}"), code == 0, false),
@@ -184,6 +186,11 @@ impl Pool {
                 } else if received {
                     // It served: the code works.
                     self.end_failures();
+                }
+            }
+            if let WaitStatus::Signaled(_, signal, _) = status {
+                if let Some(limit) = self.config.privileges.limit_that_killed(signal, child.killed.is_some()) {
+                    fields.push(("limit", Obj::new_string(limit)));
                 }
             }
             if let Some(reason) = child.killed {
@@ -487,6 +494,7 @@ impl Pool {
                 tick: None,
                 queue: Arc::clone(&pool.queue),
                 counters: Arc::clone(&pool.counters),
+                privileges: pool.config.privileges.clone(),
             }),
             Ok(ForkResult::Parent { child }) => {
                 drop(leave_read);

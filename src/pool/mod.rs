@@ -5,7 +5,8 @@
 //! process and decides what should run, `lifecycle` starts, reaps, retires
 //! and kills workers, `generation` starts the next generation of the
 //! process (`pool upgrade`), `report` is the log and `pool info`; `worker`
-//! is what a forked worker runs; `scoreboard` is the
+//! is what a forked worker runs, `privileges` what it gives up first (its
+//! user, group and resource limits); `scoreboard` is the
 //! memory they share; `signals` turns signals into events of Tcl's loop;
 //! `after_fork` says what each process keeps of the supervisor's after a
 //! fork, and makes every fork of the process enforce it.
@@ -14,6 +15,7 @@ mod after_fork;
 mod command;
 mod generation;
 mod lifecycle;
+mod privileges;
 mod report;
 mod scoreboard;
 mod signals;

@@ -78,6 +78,11 @@ impl Pool {
                     + self.children.iter().map(|c| self.scoreboard.slot(c.slot).proxy_errors()).sum::<u64>())
                     as i64,
             )),
+            ("proxyuntrusted", Obj::new_int(
+                (self.totals.proxy_untrusted
+                    + self.children.iter().map(|c| self.scoreboard.slot(c.slot).proxy_untrusted()).sum::<u64>())
+                    as i64,
+            )),
         ])
     }
 }

@@ -72,6 +72,8 @@ pub struct Slot {
     served: AtomicU64,
     /// Connections closed for a bad PROXY protocol header.
     proxy_errors: AtomicU64,
+    /// Connections closed because their peer is not in `-proxyfrom`.
+    proxy_untrusted: AtomicU64,
     /// Monotonic milliseconds since its oldest open channel was received;
     /// 0 while it holds none.
     busy_since: AtomicU64,
@@ -126,8 +128,15 @@ impl Slot {
         self.leave_requested.load(Relaxed) != 0
     }
 
-    pub fn count_proxy_error(&self) {
-        self.proxy_errors.fetch_add(1, Relaxed);
+    /// Counts a connection closed before its handler (`proxy_header`'s why).
+    pub fn count_proxy_rejected(&self, why: &str) {
+        let counter =
+            if why == crate::proxy_trust::UNTRUSTED { &self.proxy_untrusted } else { &self.proxy_errors };
+        counter.fetch_add(1, Relaxed);
+    }
+
+    pub fn proxy_untrusted(&self) -> u64 {
+        self.proxy_untrusted.load(Relaxed)
     }
 
     pub fn proxy_errors(&self) -> u64 {
@@ -172,6 +181,7 @@ impl Slot {
         self.leave_requested.store(0, Relaxed);
         self.served.store(0, Relaxed);
         self.proxy_errors.store(0, Relaxed);
+        self.proxy_untrusted.store(0, Relaxed);
         self.busy_since.store(0, Relaxed);
         self.failure_len.store(0, Relaxed);
         self.peer_len.store(0, Relaxed);

@@ -53,6 +53,8 @@ pub struct Config {
     /// `None`: one line on stderr per event; an empty prefix: no log.
     pub log: Option<Vec<Obj>>,
     pub signals: bool,
+    /// What each worker gives up after the fork (`-user`, `-group`, `-rlimit`).
+    pub privileges: super::privileges::Privileges,
 }
 
 

@@ -126,6 +126,8 @@ pub struct Assignment {
     /// while the pool stops serves what is queued after the port closed.
     pub queue: Arc<OwnedFd>,
     pub counters: Arc<Counters>,
+    /// What the worker gives up before anything else (`privileges`).
+    pub privileges: super::privileges::Privileges,
 }
 
 /// The exit status of a worker that could not start (`-init` failed).
@@ -236,6 +238,7 @@ fn serve(assignment: Assignment) -> ! {
         tick,
         queue,
         counters,
+        privileges,
     } = assignment;
     signals::reset_in_worker();
     let signal_pipe = if signals { watch_signals() } else { None };
@@ -246,6 +249,8 @@ fn serve(assignment: Assignment) -> ! {
         let _ = nix::unistd::close(fd);
     }
     slot.set_pid(nix::unistd::getpid().as_raw());
+    // Before anything of the user's runs: a worker that cannot drop never serves.
+    privileges.apply().unwrap_or_else(|reason| give_up(slot, &reason));
     // Adopt the port table now: this closes our copies of every listener and
     // accept end, so a stopped port is free at once and its queue can close.
     let listening = port_table::table().listening_addresses();
@@ -505,8 +510,8 @@ fn wait_for_leave(leave: RawFd, signal_pipe: Option<RawFd>) {
     }
 }
 
-fn on_proxy_rejected() {
-    with_worker(|w| w.slot.count_proxy_error());
+fn on_proxy_rejected(why: &str) {
+    with_worker(|w| w.slot.count_proxy_rejected(why));
 }
 
 fn on_queue_closed(_port: u16) {

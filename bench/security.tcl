@@ -1,0 +1,137 @@
+# security.tcl --
+#
+#	What the security options cost, run by `make bench` after pool.tcl. In
+#	one run, on this machine, each against its baseline measured in the
+#	same run, interleaved and repeated; figures are medians:
+#	  S1. a 4-worker pool whose workers run as nobody (-user) against the
+#	      same pool as root: dropping happens once per worker, before
+#	      -init, so requests/s must not change (at least 0.98x);
+#	  S2. a 4-worker -proxy pool behind HAProxy (send-proxy-v2) with
+#	      -proxyfrom against the same pool without it: the peer check is
+#	      a few comparisons per connection (at least 0.98x).
+#	S1 needs root (skipped otherwise), S2 HAProxy.
+#
+#	Usage: tclsh bench/security.tcl ?-quick? ?-reps N? ?-requests N? ?-raw 1? ?-only S1|S2?
+
+package require Tclx
+
+set here [file dirname [file normalize [info script]]]
+set top [file dirname $here]
+
+source [file join $here lib.tcl]
+parseOptions {-raw 0 -only {}} {}
+
+proc fmt {value {digits 0}} {format %.${digits}f $value}
+
+proc freePort {} {
+    set probe [socket -server {apply {args {}}} -myaddr 127.0.0.1 0]
+    set port [lindex [fconfigure $probe -sockname] 2]
+    close $probe
+    return $port
+}
+
+# compare title kinds ports --
+#	Runs the load $opt(-reps) times on each server of $kinds (a list of
+#	label server port), interleaved; prints requests/s medians and the
+#	ratio of the second to the first.
+proc compare {title entries} {
+    for {set rep 1} {$rep <= $::opt(-reps)} {incr rep} {
+        foreach entry [shuffle $entries] {
+            lassign $entry label server port
+            set m [runLoad $port $::opt(-requests) $::opt(-concurrency)]
+            lappend ::rps($label) [dict get $m rps]
+            lappend ::failed($label) [dict get $m failed]
+            puts -nonewline stderr "."
+            flush stderr
+        }
+    }
+    puts stderr ""
+    puts $title
+    puts [format "%-28s %9s %8s" configuration req/s failed]
+    foreach entry $entries {
+        set label [lindex $entry 0]
+        puts [format "%-28s %9s %8s" $label [fmt [median $::rps($label)]] [tcl::mathop::+ {*}$::failed($label)]]
+    }
+    if {$::opt(-raw)} {
+        foreach entry $entries {puts "  [lindex $entry 0]: [lmap v $::rps([lindex $entry 0]) {fmt $v}]"}
+    }
+    lassign [lmap e $entries {lindex $e 0}] base other
+    # Each repetition ran both back to back: the median of their ratios
+    # is steadier than the ratio of medians on a machine whose speed drifts.
+    set paired [median [lmap a $::rps($base) b $::rps($other) {expr {$b / $a}}]]
+    puts "$other vs $base: requests/s [fmt [expr {[median $::rps($other)] / [median $::rps($base)]}] 3]x\
+          (median of the ratios of each repetition: [fmt $paired 3]x)"
+    puts ""
+}
+
+puts "socketserver security benchmark: [exec nproc] cores, [exec uname -sr], [info patchlevel]"
+puts "load: $opt(-abs) ab processes side by side, $opt(-requests) requests per measurement,\
+      concurrency $opt(-concurrency); $opt(-reps) repetitions, interleaved"
+puts ""
+
+# --- S1. -user ------------------------------------------------------------
+
+if {$opt(-only) ni {{} S1}} {
+} elseif {[exec id -u] != 0 || [catch {exec getent passwd nobody}]} {
+    puts "S1. skipped: not root, or no user nobody"
+} else {
+    set asRoot [startServer pool 4 0]
+    set asNobody [startServer pooluser 4 0]
+    try {
+        compare "S1. A 4-worker pool, workers as root against -user nobody (medians)" [list \
+            [list root $asRoot [dict get $asRoot port]] \
+            [list "-user nobody" $asNobody [dict get $asNobody port]]]
+    } finally {
+        stopServer $asRoot
+        stopServer $asNobody
+    }
+}
+
+# --- S2. -proxyfrom -------------------------------------------------------
+
+if {$opt(-only) ni {{} S2}} {
+    exit 0
+}
+if {[auto_execok haproxy] eq ""} {
+    puts "S2. skipped: no haproxy"
+    exit 0
+}
+set open [startServer poolproxy 4 0]
+set trusting [startServer poolproxyfrom 4 0]
+set openFront [freePort]
+set trustingFront [freePort]
+set config [file join [file dirname $native] haproxy-security.cfg]
+set f [open $config w]
+puts $f [string map [list OF $openFront TF $trustingFront OP [dict get $open port] TP [dict get $trusting port]] {
+global
+    maxconn 1000
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 10s
+    timeout server 10s
+frontend open
+    bind 127.0.0.1:OF
+    default_backend open
+frontend trusting
+    bind 127.0.0.1:TF
+    default_backend trusting
+backend open
+    server s 127.0.0.1:OP send-proxy-v2
+backend trusting
+    server s 127.0.0.1:TP send-proxy-v2
+}]
+close $f
+set haproxy [open |[list haproxy -db -f $config 2>@1] r]
+after 300
+try {
+    compare "S2. A 4-worker -proxy pool behind HAProxy, without and with -proxyfrom (medians)" [list \
+        [list "-proxy" $open $openFront] \
+        [list "-proxy -proxyfrom" $trusting $trustingFront]]
+} finally {
+    kill TERM [pid $haproxy]
+    catch {close $haproxy}
+    stopServer $open
+    stopServer $trusting
+    file delete $config
+}
