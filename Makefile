@@ -8,6 +8,7 @@
 #   make test-portable  the same suites with the FreeBSD/macOS path forced
 #                 on Linux (cargo feature `portable`)
 #   make check-ports  type-check for FreeBSD and macOS, Tcl 8.6 and 9 headers
+#   make lint     cargo fmt --check and clippy (warnings denied), as CI runs them
 #   make bench    benchmarks (bench/README.md); make bench-tcl9: Tcl 9.0 vs 8.6
 #   make install  install where tclsh finds packages (DESTDIR, PREFIX)
 #
@@ -34,7 +35,7 @@ BENCH_PACKAGES := apache2-utils gcc
 PORTS_PACKAGES := rustc-web rust-web-src
 PORTABLEDIR := build/portable
 
-.PHONY: all build deps test test-rust test-tcl test-tcl9 test-portable build-portable check-ports demo bench bench-tcl9 soak memcheck install uninstall clean tcl9 build-tcl9
+.PHONY: all build deps lint test test-rust test-tcl test-tcl9 test-portable build-portable check-ports demo bench bench-tcl9 soak memcheck install uninstall clean tcl9 build-tcl9
 
 all: build
 
@@ -58,6 +59,12 @@ tcl9:
 build-tcl9: build tcl9
 	PKG_CONFIG_PATH=$(CURDIR)/$(TCL9DIR)/pkgconfig CARGO_TARGET_DIR=target/tcl9 $(CARGO) build --release
 	cp target/tcl9/release/$(LIBFILE) $(PKGDIR)/$(TCL9LIBFILE)
+
+# Layout and lint, as CI checks them: the house width is in rustfmt.toml.
+lint: deps
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets --release -- -D warnings
+	$(CARGO) clippy --all-targets --release --features portable -- -D warnings
 
 test: build
 	@$(NEED) $(TEST_PACKAGES)

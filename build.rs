@@ -26,11 +26,8 @@ fn main() {
         .define("USE_TCL_STUBS", None)
         .warnings(true)
         .compile("socketserver_shim");
-    let libdir = tcl
-        .link_paths
-        .first()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|| "/usr/lib/x86_64-linux-gnu".into());
+    let libdir =
+        tcl.link_paths.first().map(|p| p.display().to_string()).unwrap_or_else(|| "/usr/lib/x86_64-linux-gnu".into());
     println!("cargo:rustc-link-search=native={libdir}");
     let version: String = tcl.version.split('.').take(2).collect::<Vec<_>>().join(".");
     println!("cargo:rustc-link-lib=static=tclstub{version}");

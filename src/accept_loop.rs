@@ -37,10 +37,10 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{setsockopt, sockopt, MsgFlags};
 use nix::sys::time::TimeVal;
 
+use crate::counters::Counters;
 use crate::fork_safety;
 use crate::handoff::{self, Connection, Received};
 use crate::listener;
-use crate::counters::Counters;
 use crate::sys::{self, Waker};
 
 /// How long to pause when accept or send fails for lack of resources.
@@ -129,10 +129,11 @@ impl AcceptLoop {
         // A blocking accept end, with a send timeout so that a sender held
         // by a full queue still notices a stop.
         sys::set_blocking(accept_end.as_fd())?;
-        setsockopt(&accept_end, sockopt::SendTimeout, &TimeVal::from(libc::timeval {
-            tv_sec: 0,
-            tv_usec: SEND_TIMEOUT.as_micros() as libc::suseconds_t,
-        }))?;
+        setsockopt(
+            &accept_end,
+            sockopt::SendTimeout,
+            &TimeVal::from(libc::timeval { tv_sec: 0, tv_usec: SEND_TIMEOUT.as_micros() as libc::suseconds_t }),
+        )?;
         let stop = {
             let _no_fork = (!sys::CLOEXEC_IS_ATOMIC).then(fork_safety::hold_off_forks);
             Waker::new()?
@@ -150,7 +151,8 @@ impl AcceptLoop {
         for index in 0..accept_loop.shared.listeners.len() {
             for _ in 0..threads_per_listener.max(1) {
                 let in_hand = Arc::new(AtomicI32::new(-1));
-                let accepter = Accepter { shared: Arc::clone(&accept_loop.shared), index, in_hand: Arc::clone(&in_hand) };
+                let accepter =
+                    Accepter { shared: Arc::clone(&accept_loop.shared), index, in_hand: Arc::clone(&in_hand) };
                 accept_loop.in_hand.push(in_hand);
                 accept_loop.spawn("socketserver-acc", move || accepter.run())?;
             }
@@ -161,12 +163,11 @@ impl AcceptLoop {
     fn spawn(&mut self, name: &str, body: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
         let finished = Arc::new(AtomicBool::new(false));
         let done = Arc::clone(&finished);
-        let thread = std::thread::Builder::new().name(name.into()).stack_size(crate::THREAD_STACK_SIZE).spawn(
-            move || {
+        let thread =
+            std::thread::Builder::new().name(name.into()).stack_size(crate::THREAD_STACK_SIZE).spawn(move || {
                 body();
                 done.store(true, Ordering::SeqCst);
-            },
-        )?;
+            })?;
         self.threads.push(thread);
         self.finished.push(finished);
         Ok(())
@@ -264,10 +265,8 @@ impl Shared {
     /// Waits until `listener` has a client (or the port is being closed:
     /// `EINTR`).
     fn wait_for_client(&self, listener: &OwnedFd) -> Result<(), Errno> {
-        let mut fds = [
-            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
-            PollFd::new(self.stop.fd(), PollFlags::POLLIN),
-        ];
+        let mut fds =
+            [PollFd::new(listener.as_fd(), PollFlags::POLLIN), PollFd::new(self.stop.fd(), PollFlags::POLLIN)];
         poll(&mut fds, PollTimeout::NONE)?;
         if self.stopping() {
             return Err(Errno::EINTR);
@@ -383,10 +382,8 @@ impl Accepter {
 /// The re-queueing thread: takes the connections workers send back and
 /// queues them again, until the port is closed.
 fn requeue_returned(shared: &Shared) {
-    let mut fds = [
-        PollFd::new(shared.accept_end.as_fd(), PollFlags::POLLIN),
-        PollFd::new(shared.stop.fd(), PollFlags::POLLIN),
-    ];
+    let mut fds =
+        [PollFd::new(shared.accept_end.as_fd(), PollFlags::POLLIN), PollFd::new(shared.stop.fd(), PollFlags::POLLIN)];
     loop {
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) | Err(Errno::EINTR) => {}

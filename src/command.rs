@@ -5,12 +5,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::accept_loop::AcceptLoop;
+use crate::counters::Counters;
 use crate::handoff;
 use crate::inherited;
-use crate::proxy_protocol;
 use crate::listener::{self, OpenError};
-use crate::counters::Counters;
 use crate::port_table::{self, Port};
+use crate::proxy_protocol;
 use crate::registration::{Handler, InterpState};
 use crate::tcl::{self, Interp, NameTable, Obj, TclError, TclResult, Tcl_Obj};
 
@@ -93,11 +93,12 @@ impl ServerOptions {
             "-fd" => self.fds.push(non_negative(interp, value)?),
             "-systemd" => self.systemd = Some(value.to_string_lossy()),
             "-proxy" => {
-                self.proxy = Some(match PROXY_MODES.name(interp.get_index(value, &PROXY_MODES, c"PROXY protocol version")?) {
-                    "v1" => proxy_protocol::Mode::V1,
-                    "v2" => proxy_protocol::Mode::V2,
-                    _ => proxy_protocol::Mode::Any,
-                })
+                self.proxy =
+                    Some(match PROXY_MODES.name(interp.get_index(value, &PROXY_MODES, c"PROXY protocol version")?) {
+                        "v1" => proxy_protocol::Mode::V1,
+                        "v2" => proxy_protocol::Mode::V2,
+                        _ => proxy_protocol::Mode::Any,
+                    })
             }
             "-proxytimeout" => {
                 let seconds = value.get_double(interp)?;
@@ -221,8 +222,7 @@ pub(crate) fn open_port(interp: Interp, number: u16, options: &ServerOptions) ->
     let listeners = if options.inherits() {
         adopt_listeners(interp, number, options)?
     } else if !passed.is_empty() {
-        let listeners = inherited::adopt(&passed, number)
-            .map_err(adopt_error)?;
+        let listeners = inherited::adopt(&passed, number).map_err(adopt_error)?;
         inherited::mark_taken(&passed);
         listeners
     } else {
@@ -298,7 +298,10 @@ fn adopt_listeners(interp: Interp, number: u16, options: &ServerOptions) -> TclR
     if let Some(backlog) = options.backlog {
         for socket in &listeners.sockets {
             // listen() again on a listening socket sets its backlog.
-            let _ = nix::sys::socket::listen(socket, nix::sys::socket::Backlog::new(backlog).unwrap_or(nix::sys::socket::Backlog::MAXCONN));
+            let _ = nix::sys::socket::listen(
+                socket,
+                nix::sys::socket::Backlog::new(backlog).unwrap_or(nix::sys::socket::Backlog::MAXCONN),
+            );
         }
         listeners.backlog = backlog.min(libc::SOMAXCONN);
     }
@@ -311,10 +314,7 @@ fn open_error(error: OpenError) -> TclError {
         // Tcl reports a name that does not resolve as an unreachable host.
         OpenError::Resolve(reason) => {
             let (message, name) = tcl::posix_error_words(libc::EHOSTUNREACH);
-            TclError::new(
-                format!("couldn't open socket: {message} ({reason})"),
-                &["POSIX", &name, &message],
-            )
+            TclError::new(format!("couldn't open socket: {message} ({reason})"), &["POSIX", &name, &message])
         }
     }
 }

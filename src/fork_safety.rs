@@ -114,10 +114,8 @@ extern "C" fn in_child() {
 /// address is an accepted connection.
 pub fn close_copied_connections(listening: &[SocketAddr]) {
     let Ok(entries) = std::fs::read_dir("/proc/self/fd") else { return };
-    let fds: Vec<RawFd> = entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|&fd| fd > 2)
-        .collect();
+    let fds: Vec<RawFd> =
+        entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).filter(|&fd| fd > 2).collect();
     for fd in fds {
         let Ok(local) = getsockname::<SockaddrStorage>(fd) else { continue };
         let Some(local) = listener::to_socket_addr(&local) else { continue };

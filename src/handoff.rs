@@ -14,9 +14,9 @@
 //! was cancelled while the connection was in flight) sends it back through
 //! the worker end; the accepting thread queues it again.
 
+use std::cell::RefCell;
 use std::io::IoSliceMut;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::cell::RefCell;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard, Once};
 
@@ -49,15 +49,18 @@ pub fn new_queue() -> nix::Result<(OwnedFd, OwnedFd)> {
 /// end's descriptor number (the same in every process forked after the
 /// queue was made). Descriptors travel between this process's rooms as
 /// bare `OwnedFd`s, so the turn is looked up rather than carried.
-static TURNS: Mutex<Vec<(RawFd, Arc<Turn>)>> = Mutex::new(Vec::new());
+static TURNS: Mutex<TurnTable> = Mutex::new(Vec::new());
 
-fn turns() -> MutexGuard<'static, Vec<(RawFd, Arc<Turn>)>> {
+/// Each queue's waiting turn, by the number of its worker end.
+type TurnTable = Vec<(RawFd, Arc<Turn>)>;
+
+fn turns() -> MutexGuard<'static, TurnTable> {
     TURNS.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 thread_local! {
     /// The table, locked by the forking thread from before a fork to after it.
-    static TURNS_HELD: RefCell<Option<MutexGuard<'static, Vec<(RawFd, Arc<Turn>)>>>> = const { RefCell::new(None) };
+    static TURNS_HELD: RefCell<Option<MutexGuard<'static, TurnTable>>> = const { RefCell::new(None) };
 }
 
 fn record_turn(worker_end: RawFd, turn: Turn) {
@@ -228,10 +231,9 @@ pub enum ReceiveError {
 impl std::fmt::Display for ReceiveError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ReceiveError::DescriptorLost => write!(
-                f,
-                "a connection was lost: no free descriptor to receive it (too many open files)"
-            ),
+            ReceiveError::DescriptorLost => {
+                write!(f, "a connection was lost: no free descriptor to receive it (too many open files)")
+            }
             ReceiveError::Malformed => write!(f, "a malformed message arrived on the hand-off queue"),
             ReceiveError::Os(errno) => write!(f, "{}", errno.desc().to_lowercase()),
         }
@@ -246,12 +248,7 @@ pub fn receive_connection(queue: BorrowedFd<'_>, flags: MsgFlags) -> Result<Rece
     let mut payload = [0u8; MAX_PAYLOAD];
     let mut cmsg_space = nix::cmsg_space!([RawFd; 1]);
     let mut iov = [IoSliceMut::new(&mut payload)];
-    let message = match recvmsg::<()>(
-        queue.as_raw_fd(),
-        &mut iov,
-        Some(&mut cmsg_space),
-        flags | sys::RECEIVE_FLAGS,
-    ) {
+    let message = match recvmsg::<()>(queue.as_raw_fd(), &mut iov, Some(&mut cmsg_space), flags | sys::RECEIVE_FLAGS) {
         Ok(message) => message,
         Err(Errno::EAGAIN) => return Ok(Received::Empty),
         // A datagram queue (macOS) reports its peer's close this way.

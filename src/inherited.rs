@@ -129,8 +129,7 @@ pub fn systemd_descriptors(
     let mut passed = PASSED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let passed = passed.get_or_insert_with(|| read_environment(unset));
     let sockets = passed.as_mut().map_err(|message| AdoptError::Systemd(message.clone()))?;
-    let fds: Vec<RawFd> =
-        sockets.iter().filter(|s| !s.taken && matches(pattern, &s.name)).map(|s| s.fd).collect();
+    let fds: Vec<RawFd> = sockets.iter().filter(|s| !s.taken && matches(pattern, &s.name)).map(|s| s.fd).collect();
     if fds.is_empty() {
         let names: Vec<&str> = sockets.iter().map(|s| s.name.as_str()).collect();
         return Err(AdoptError::Systemd(format!(

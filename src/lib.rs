@@ -25,19 +25,19 @@ pub mod counters;
 mod fork_safety;
 pub mod handoff;
 mod inherited;
-mod notifier_fork;
 pub mod listener;
-mod proxy_header;
-mod proxy_trust;
-pub mod proxy_protocol;
+mod notifier_fork;
 mod pool;
-mod process;
 mod port_table;
+mod process;
+mod proxy_header;
+pub mod proxy_protocol;
+mod proxy_trust;
 pub mod receiver;
-mod upgrade;
 mod registration;
 #[doc(hidden)]
 pub mod sys;
+mod upgrade;
 
 use std::ffi::{c_int, c_void};
 
@@ -154,11 +154,7 @@ unsafe fn run(
 ) -> c_int {
     // SAFETY: see the contract above.
     let (interp, objv, state) = unsafe {
-        (
-            Interp::from_raw(interp),
-            std::slice::from_raw_parts(objv, objc as usize),
-            &*state.cast::<InterpState>(),
-        )
+        (Interp::from_raw(interp), std::slice::from_raw_parts(objv, objc as usize), &*state.cast::<InterpState>())
     };
     tcl::run_command(interp, || dispatch(state, interp, objv))
 }

@@ -38,10 +38,7 @@ const EPHEMERAL_RETRIES: usize = 16;
 pub fn open(myaddr: Option<&str>, port: u16, backlog: i32) -> Result<Listeners, OpenError> {
     let backlog = backlog.clamp(1, libc::SOMAXCONN);
     let (addresses, all_interfaces) = match myaddr {
-        None => (
-            vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)],
-            true,
-        ),
+        None => (vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED), IpAddr::V6(Ipv6Addr::UNSPECIFIED)], true),
         Some(host) => (resolve(host)?, false),
     };
     let mut attempts = 0;
@@ -58,10 +55,7 @@ pub fn open(myaddr: Option<&str>, port: u16, backlog: i32) -> Result<Listeners, 
 fn resolve(host: &str) -> Result<Vec<IpAddr>, OpenError> {
     let resolved = (host, 0u16).to_socket_addrs().map_err(|e| {
         let text = e.to_string();
-        let reason = text
-            .strip_prefix("failed to lookup address information: ")
-            .unwrap_or(&text)
-            .to_string();
+        let reason = text.strip_prefix("failed to lookup address information: ").unwrap_or(&text).to_string();
         OpenError::Resolve(reason)
     })?;
     let mut addresses: Vec<IpAddr> = Vec::new();
@@ -82,8 +76,7 @@ fn open_all(
     requested_port: u16,
     backlog: i32,
 ) -> Result<Listeners, OpenError> {
-    let mut listeners =
-        Listeners { sockets: Vec::new(), port: requested_port, addresses: Vec::new(), backlog };
+    let mut listeners = Listeners { sockets: Vec::new(), port: requested_port, addresses: Vec::new(), backlog };
     let mut first_error = None;
     for ip in addresses {
         // Later sockets take the port the first one got, as Tcl does for port 0.
@@ -138,9 +131,7 @@ pub fn to_socket_addr(storage: &SockaddrStorage) -> Option<SocketAddr> {
     if let Some(v4) = storage.as_sockaddr_in() {
         Some(SocketAddr::new(IpAddr::V4(v4.ip()), v4.port()))
     } else {
-        storage
-            .as_sockaddr_in6()
-            .map(|v6| SocketAddr::new(IpAddr::V6(v6.ip()), v6.port()))
+        storage.as_sockaddr_in6().map(|v6| SocketAddr::new(IpAddr::V6(v6.ip()), v6.port()))
     }
 }
 

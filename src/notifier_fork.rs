@@ -63,9 +63,7 @@ pub fn watch_forks() {
                 let _ = SNAPSHOT.try_with(|s| sys::renew_notifiers(&std::mem::take(&mut *s.borrow_mut())));
             },
         ),
-        NotifierAfterFork::ReinitTclNotifier => {
-            crate::fork_safety::on_fork(|| {}, || {}, crate::tcl::renew_notifier)
-        }
+        NotifierAfterFork::ReinitTclNotifier => crate::fork_safety::on_fork(|| {}, || {}, crate::tcl::renew_notifier),
         NotifierAfterFork::Nothing => {}
     });
 }

@@ -76,7 +76,11 @@ pub fn read(conn: Connection, setting: Setting, owner: Owner, next: Box<dyn Next
         // instant after the connection is accepted: a short wait here is
         // cheaper than a Tcl file handler, which would bring Tcl's notifier
         // thread into the worker's loop.
-        let mut poll = libc::pollfd { fd: conn.socket.as_raw_fd(), events: libc::POLLIN | crate::sys::PEER_CLOSED_EVENTS, revents: 0 };
+        let mut poll = libc::pollfd {
+            fd: conn.socket.as_raw_fd(),
+            events: libc::POLLIN | crate::sys::PEER_CLOSED_EVENTS,
+            revents: 0,
+        };
         // SAFETY: one pollfd, a bounded wait.
         unsafe { libc::poll(&mut poll, 1, QUICK_WAIT_MS) };
         outcome = attempt(&conn, setting.mode);
@@ -185,9 +189,8 @@ fn attempt(conn: &Connection, mode: Mode) -> Attempt {
     let fd = conn.socket.as_raw_fd();
     let mut buffer = vec![0u8; V2_MAX];
     // SAFETY: recv writes at most `buffer.len()` bytes into our buffer.
-    let peeked = unsafe {
-        libc::recv(fd, buffer.as_mut_ptr().cast(), buffer.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT)
-    };
+    let peeked =
+        unsafe { libc::recv(fd, buffer.as_mut_ptr().cast(), buffer.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT) };
     if peeked < 0 {
         let errno = nix::errno::Errno::last();
         return if errno == nix::errno::Errno::EAGAIN { Attempt::Wait } else { Attempt::Failed("receive error") };

@@ -241,16 +241,16 @@ mod tests {
     #[test]
     fn v1_errors() {
         let bad: &[&[u8]] = &[
-            b"PROXY TCP4 192.0.2.7 10.0.0.1 4242\r\n",          // a field missing
-            b"PROXY TCP4 192.0.2.999 10.0.0.1 4242 80\r\n",     // not an address
-            b"PROXY TCP4 2001:db8::7 10.0.0.1 4242 80\r\n",     // IPv6 for TCP4
-            b"PROXY TCP6 192.0.2.7 2001:db8::1 4242 80\r\n",    // IPv4 for TCP6
-            b"PROXY TCP4 192.0.2.7 10.0.0.1 65536 80\r\n",      // port too large
-            b"PROXY TCP4 192.0.2.7 10.0.0.1 042 80\r\n",        // leading zero
-            b"PROXY TCP4 192.0.2.7 10.0.0.1 -1 80\r\n",         // sign
-            b"PROXY UDP4 192.0.2.7 10.0.0.1 4242 80\r\n",       // protocol
-            b"PROXY TCP4  192.0.2.7 10.0.0.1 4242 80\r\n",      // two spaces
-            b"PROXY TCP4 192.0.2.7 10.0.0.1 4242 80 x\r\n",     // a field too many
+            b"PROXY TCP4 192.0.2.7 10.0.0.1 4242\r\n",       // a field missing
+            b"PROXY TCP4 192.0.2.999 10.0.0.1 4242 80\r\n",  // not an address
+            b"PROXY TCP4 2001:db8::7 10.0.0.1 4242 80\r\n",  // IPv6 for TCP4
+            b"PROXY TCP6 192.0.2.7 2001:db8::1 4242 80\r\n", // IPv4 for TCP6
+            b"PROXY TCP4 192.0.2.7 10.0.0.1 65536 80\r\n",   // port too large
+            b"PROXY TCP4 192.0.2.7 10.0.0.1 042 80\r\n",     // leading zero
+            b"PROXY TCP4 192.0.2.7 10.0.0.1 -1 80\r\n",      // sign
+            b"PROXY UDP4 192.0.2.7 10.0.0.1 4242 80\r\n",    // protocol
+            b"PROXY TCP4  192.0.2.7 10.0.0.1 4242 80\r\n",   // two spaces
+            b"PROXY TCP4 192.0.2.7 10.0.0.1 4242 80 x\r\n",  // a field too many
         ];
         for line in bad {
             assert_eq!(parse(line, Mode::V1), Err(Error::BadLine), "{}", String::from_utf8_lossy(line));

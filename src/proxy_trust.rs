@@ -23,18 +23,11 @@ enum Network {
 impl Network {
     /// Parses `address/prefix` or a bare address (a network of one).
     fn parse(text: &str) -> Result<Network, String> {
-        let bad = || {
-            format!(
-                "bad network \"{text}\": must be an IPv4 or IPv6 address, with an optional /prefix"
-            )
-        };
+        let bad = || format!("bad network \"{text}\": must be an IPv4 or IPv6 address, with an optional /prefix");
         let (address, prefix) = match text.split_once('/') {
             Some((address, prefix)) => {
                 // Digits only: "+8" or " 8" are not prefixes.
-                if prefix.is_empty()
-                    || prefix.len() > 3
-                    || !prefix.bytes().all(|b| b.is_ascii_digit())
-                {
+                if prefix.is_empty() || prefix.len() > 3 || !prefix.bytes().all(|b| b.is_ascii_digit()) {
                     return Err(bad());
                 }
                 (address, Some(prefix.parse::<u8>().map_err(|_| bad())?))
@@ -47,10 +40,7 @@ impl Network {
                 if prefix > 32 {
                     return Err(bad());
                 }
-                Network::V4 {
-                    address: u32::from(v4),
-                    prefix,
-                }
+                Network::V4 { address: u32::from(v4), prefix }
             }
             IpAddr::V6(v6) => {
                 let prefix = prefix.unwrap_or(128);
@@ -58,14 +48,8 @@ impl Network {
                     return Err(bad());
                 }
                 match v6.to_ipv4_mapped() {
-                    Some(v4) if prefix >= 96 => Network::V4 {
-                        address: u32::from(v4),
-                        prefix: prefix - 96,
-                    },
-                    _ => Network::V6 {
-                        address: u128::from(v6),
-                        prefix,
-                    },
+                    Some(v4) if prefix >= 96 => Network::V4 { address: u32::from(v4), prefix: prefix - 96 },
+                    _ => Network::V6 { address: u128::from(v6), prefix },
                 }
             }
         };
@@ -105,14 +89,9 @@ impl TrustedProxies {
     /// Parses the words of `-proxyfrom`: at least one network.
     pub fn parse<S: AsRef<str>>(words: &[S]) -> Result<TrustedProxies, String> {
         if words.is_empty() {
-            return Err(
-                "no network in -proxyfrom: name at least one, as 10.0.0.0/8 or ::1".to_string(),
-            );
+            return Err("no network in -proxyfrom: name at least one, as 10.0.0.0/8 or ::1".to_string());
         }
-        let networks = words
-            .iter()
-            .map(|w| Network::parse(w.as_ref()))
-            .collect::<Result<_, _>>()?;
+        let networks = words.iter().map(|w| Network::parse(w.as_ref())).collect::<Result<_, _>>()?;
         Ok(TrustedProxies { networks })
     }
 
@@ -187,20 +166,9 @@ mod tests {
 
     #[test]
     fn bad_networks() {
-        for bad in [
-            "",
-            "10.0.0.0/33",
-            "::1/129",
-            "10.0.0.0/",
-            "10.0.0.0/+8",
-            "host.example",
-            "10.0.0/8",
-            "1.2.3.4/ 8",
-        ] {
-            assert!(
-                TrustedProxies::parse(&[bad]).is_err(),
-                "{bad:?} was accepted"
-            );
+        for bad in ["", "10.0.0.0/33", "::1/129", "10.0.0.0/", "10.0.0.0/+8", "host.example", "10.0.0/8", "1.2.3.4/ 8"]
+        {
+            assert!(TrustedProxies::parse(&[bad]).is_err(), "{bad:?} was accepted");
         }
         assert!(TrustedProxies::parse::<&str>(&[]).is_err());
     }

@@ -33,7 +33,10 @@ pub enum Outcome {
     QueueClosed,
     /// Something went wrong; `ended` means the registration is over (the
     /// queue is closed), otherwise it stays pending.
-    Failed { error: ReceiveError, ended: bool },
+    Failed {
+        error: ReceiveError,
+        ended: bool,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -66,10 +69,7 @@ pub struct Receiver {
 
 impl Receiver {
     /// Starts the waiting thread (idle). `deliver` runs on that thread.
-    pub fn spawn(
-        queue: Arc<OwnedFd>,
-        deliver: impl Fn(Outcome) + Send + 'static,
-    ) -> std::io::Result<Receiver> {
+    pub fn spawn(queue: Arc<OwnedFd>, deliver: impl Fn(Outcome) + Send + 'static) -> std::io::Result<Receiver> {
         let waiter = {
             let _no_fork = (!sys::CLOEXEC_IS_ATOMIC).then(fork_safety::hold_off_forks);
             QueueWaiter::new(handoff::turn_of(&queue))?
@@ -156,9 +156,7 @@ fn pass_on_wakeup(queue: &OwnedFd) {
     if !revents.contains(PollFlags::POLLIN) || revents.contains(PollFlags::POLLHUP) {
         return;
     }
-    if let Ok(Received::Connection(conn)) =
-        handoff::receive_connection(queue.as_fd(), MsgFlags::MSG_DONTWAIT)
-    {
+    if let Ok(Received::Connection(conn)) = handoff::receive_connection(queue.as_fd(), MsgFlags::MSG_DONTWAIT) {
         give_back(queue, conn);
     }
 }

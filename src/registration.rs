@@ -179,13 +179,7 @@ impl InterpState {
 
     /// Makes `handler` the pending registration for `port`, replacing a
     /// pending one.
-    pub fn register(
-        &self,
-        port: u16,
-        handler: Handler,
-        queue: Arc<OwnedFd>,
-        counters: Arc<Counters>,
-    ) -> TclResult<()> {
+    pub fn register(&self, port: u16, handler: Handler, queue: Arc<OwnedFd>, counters: Arc<Counters>) -> TclResult<()> {
         // Registrations copied from the parent have no receiver here.
         self.reset_if_forked();
         let mut registrations = self.registrations.borrow_mut();
@@ -207,7 +201,15 @@ impl InterpState {
                 })
                 .map_err(|e| TclError::posix("couldn't wait for a connection", e.raw_os_error().unwrap_or(0)))?;
                 let proxy = port_table::table().get(port).and_then(|p| p.proxy.clone());
-                registrations.push(Registration { port, handler: None, proxy, cancels: 0, counters, receiver, mailbox });
+                registrations.push(Registration {
+                    port,
+                    handler: None,
+                    proxy,
+                    cancels: 0,
+                    counters,
+                    receiver,
+                    mailbox,
+                });
                 registrations.len() - 1
             }
         };
@@ -264,10 +266,7 @@ impl InterpState {
     }
 
     pub fn is_waiting(&self, port: u16) -> bool {
-        self.registrations
-            .borrow()
-            .iter()
-            .any(|r| r.port == port && r.handler.is_some())
+        self.registrations.borrow().iter().any(|r| r.port == port && r.handler.is_some())
     }
 
     /// Calls `handler` with `conn`, now a channel of this interpreter.
@@ -398,7 +397,8 @@ impl proxy_header::Next for AfterHeader {
             .iter()
             .any(|r| r.port == self.port && r.cancels == self.cancels && r.handler.is_none());
         if unchanged {
-            if let Err(error) = state.register(self.port, handler, Arc::clone(&self.queue), Arc::clone(&self.counters)) {
+            if let Err(error) = state.register(self.port, handler, Arc::clone(&self.queue), Arc::clone(&self.counters))
+            {
                 state.interp.background_error(error);
             }
         }

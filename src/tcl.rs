@@ -13,8 +13,8 @@ use std::os::fd::RawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::{self, NonNull};
 
-pub use tcl_sys::{Tcl_Event, Tcl_Interp, Tcl_Obj, Tcl_ThreadId};
 use tcl_sys::{Tcl_Channel, Tcl_TimerToken};
+pub use tcl_sys::{Tcl_Event, Tcl_Interp, Tcl_Obj, Tcl_ThreadId};
 
 /// Tcl's type for lengths and counts: `int` in Tcl 8.6, `Tcl_Size` (a
 /// `ptrdiff_t`) in Tcl 9. The only place that knows which Tcl this is
@@ -39,9 +39,7 @@ const TCL_WRITABLE: c_int = tcl_sys::TCL_WRITABLE as c_int;
 /// Looks up a function in Tcl's stubs table. Use only inside `unsafe`.
 macro_rules! stub {
     ($name:ident) => {
-        (*tcl_sys::tclStubsPtr)
-            .$name
-            .expect(concat!("Tcl stubs table has no ", stringify!($name)))
+        (*tcl_sys::tclStubsPtr).$name.expect(concat!("Tcl stubs table has no ", stringify!($name)))
     };
 }
 
@@ -56,7 +54,6 @@ pub fn renew_notifier() {
         notifier();
     }
 }
-
 
 extern "C" {
     /// `Tcl_InitStubs(interp, "8.6", 0) != NULL`, from `src/stubs_shim.c`.
@@ -85,10 +82,7 @@ pub enum TclError {
 
 impl TclError {
     pub fn new(message: impl Into<String>, code: &[&str]) -> Self {
-        TclError::Message {
-            message: message.into(),
-            code: code.iter().map(|s| s.to_string()).collect(),
-        }
+        TclError::Message { message: message.into(), code: code.iter().map(|s| s.to_string()).collect() }
     }
 }
 
@@ -229,12 +223,7 @@ impl Obj {
         // `count` pointers that stay valid while the list is unchanged, and we
         // take our own references before returning.
         unsafe {
-            let code = stub!(tcl_ListObjGetElements)(
-                interp.as_ptr(),
-                self.as_ptr(),
-                &mut count,
-                &mut elements,
-            );
+            let code = stub!(tcl_ListObjGetElements)(interp.as_ptr(), self.as_ptr(), &mut count, &mut elements);
             if code != TCL_OK {
                 return Err(TclError::AlreadySet);
             }
@@ -283,10 +272,7 @@ impl Interp {
     /// # Safety
     /// `ptr` must be a live interpreter owned by the current thread.
     pub unsafe fn from_raw(ptr: *mut Tcl_Interp) -> Interp {
-        Interp {
-            ptr: NonNull::new(ptr).expect("null Tcl_Interp"),
-            _not_send: PhantomData,
-        }
+        Interp { ptr: NonNull::new(ptr).expect("null Tcl_Interp"), _not_send: PhantomData }
     }
 
     pub fn as_ptr(&self) -> *mut Tcl_Interp {
@@ -319,12 +305,7 @@ impl Interp {
     }
 
     /// `Tcl_GetIndexFromObjStruct`: the core's `bad option "x": must be ...`.
-    pub fn get_index<const N: usize>(
-        &self,
-        word: &Obj,
-        table: &'static NameTable<N>,
-        what: &CStr,
-    ) -> TclResult<usize> {
+    pub fn get_index<const N: usize>(&self, word: &Obj, table: &'static NameTable<N>, what: &CStr) -> TclResult<usize> {
         let mut index: c_int = 0;
         // SAFETY: the table is static and null-terminated, entries are
         // pointer-sized; interpreter and object are live.
@@ -353,12 +334,7 @@ impl Interp {
         // SAFETY: interpreter is live; a null namespace with TCL_GLOBAL_ONLY
         // resolves the name as a handler evaluated at global level would.
         let command = unsafe {
-            stub!(tcl_FindCommand)(
-                self.as_ptr(),
-                name.as_ptr(),
-                ptr::null_mut(),
-                tcl_sys::TCL_GLOBAL_ONLY as c_int,
-            )
+            stub!(tcl_FindCommand)(self.as_ptr(), name.as_ptr(), ptr::null_mut(), tcl_sys::TCL_GLOBAL_ONLY as c_int)
         };
         !command.is_null()
     }
@@ -563,12 +539,7 @@ impl Interp {
     }
 
     /// Registers `command` under `name` with `client_data` passed to it.
-    pub fn create_command(
-        &self,
-        name: &CStr,
-        command: tcl_sys::Tcl_ObjCmdProc,
-        client_data: *mut c_void,
-    ) {
+    pub fn create_command(&self, name: &CStr, command: tcl_sys::Tcl_ObjCmdProc, client_data: *mut c_void) {
         // SAFETY: interpreter is live; client_data is kept alive by the
         // caller for as long as the interpreter is.
         unsafe {
@@ -599,12 +570,7 @@ impl Interp {
     }
 
     /// Stores `data` under `key`; Tcl calls `on_delete` when the interpreter is deleted.
-    pub fn set_assoc_data(
-        &self,
-        key: &CStr,
-        on_delete: tcl_sys::Tcl_InterpDeleteProc,
-        data: *mut c_void,
-    ) {
+    pub fn set_assoc_data(&self, key: &CStr, on_delete: tcl_sys::Tcl_InterpDeleteProc, data: *mut c_void) {
         // SAFETY: interpreter is live; Tcl copies the key.
         unsafe { stub!(tcl_SetAssocData)(self.as_ptr(), key.as_ptr(), on_delete, data) }
     }
@@ -661,11 +627,7 @@ pub fn queue_event<T>(thread: ThreadId, proc_: EventProc, payload: T) {
                 payload: std::mem::ManuallyDrop::new(payload),
             },
         );
-        stub!(tcl_ThreadQueueEvent)(
-            thread.0,
-            event.cast(),
-            tcl_sys::Tcl_QueuePosition_TCL_QUEUE_TAIL as _,
-        );
+        stub!(tcl_ThreadQueueEvent)(thread.0, event.cast(), tcl_sys::Tcl_QueuePosition_TCL_QUEUE_TAIL as _);
         stub!(tcl_ThreadAlert)(thread.0);
     }
 }

@@ -88,24 +88,22 @@ fn one_message_carries_one_connection() {
         far_end.read_exact(&mut byte).unwrap();
         assert_eq!(byte[0], i as u8, "connection {i} arrived in order");
     }
-    assert!(matches!(
-        receive_connection(worker_end.as_fd(), MsgFlags::MSG_DONTWAIT),
-        Ok(Received::Empty)
-    ));
+    assert!(matches!(receive_connection(worker_end.as_fd(), MsgFlags::MSG_DONTWAIT), Ok(Received::Empty)));
 }
 
 #[test]
 fn queued_connections_outlive_the_accept_end() {
     let (accept_end, worker_end) = new_queue().unwrap();
     let (socket, _far_end) = stream_pair();
-    send_connection(accept_end.as_fd(), &Connection { socket, peer: Some("[::1]:1".parse().unwrap()) }, MsgFlags::empty())
-        .unwrap();
+    send_connection(
+        accept_end.as_fd(),
+        &Connection { socket, peer: Some("[::1]:1".parse().unwrap()) },
+        MsgFlags::empty(),
+    )
+    .unwrap();
     drop(accept_end);
     assert_eq!(receive(&worker_end).peer_text(), "::1 1");
-    assert!(matches!(
-        receive_connection(worker_end.as_fd(), MsgFlags::MSG_DONTWAIT),
-        Ok(Received::Closed)
-    ));
+    assert!(matches!(receive_connection(worker_end.as_fd(), MsgFlags::MSG_DONTWAIT), Ok(Received::Closed)));
 }
 
 #[test]
@@ -113,18 +111,19 @@ fn a_message_without_a_descriptor_is_malformed() {
     let (accept_end, worker_end) = new_queue().unwrap();
     let mut raw = UnixStream::from(accept_end);
     raw.write_all(b"127.0.0.1 1").unwrap();
-    assert!(matches!(
-        receive_connection(worker_end.as_fd(), MsgFlags::MSG_DONTWAIT),
-        Err(ReceiveError::Malformed)
-    ));
+    assert!(matches!(receive_connection(worker_end.as_fd(), MsgFlags::MSG_DONTWAIT), Err(ReceiveError::Malformed)));
 }
 
 #[test]
 fn a_descriptor_that_does_not_fit_is_reported() {
     let (accept_end, worker_end) = new_queue().unwrap();
     let (socket, _far_end) = stream_pair();
-    send_connection(accept_end.as_fd(), &Connection { socket, peer: Some("127.0.0.1:9".parse().unwrap()) }, MsgFlags::empty())
-        .unwrap();
+    send_connection(
+        accept_end.as_fd(),
+        &Connection { socket, peer: Some("127.0.0.1:9".parse().unwrap()) },
+        MsgFlags::empty(),
+    )
+    .unwrap();
     match unsafe { fork() }.expect("fork") {
         ForkResult::Child => {
             // No descriptor number is free: the kernel must truncate the
@@ -162,13 +161,16 @@ fn a_descriptor_with_a_foreign_payload_is_malformed_and_closed() {
     let (socket, mut far_end) = stream_pair();
     let fds = [socket.as_raw_fd()];
     // A family byte no sender of ours writes.
-    sendmsg::<()>(accept_end.as_raw_fd(), &[std::io::IoSlice::new(&[9, 0, 80])],
-        &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None).unwrap();
+    sendmsg::<()>(
+        accept_end.as_raw_fd(),
+        &[std::io::IoSlice::new(&[9, 0, 80])],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .unwrap();
     drop(socket);
-    assert!(matches!(
-        receive_connection(worker_end.as_fd(), MsgFlags::MSG_DONTWAIT),
-        Err(ReceiveError::Malformed)
-    ));
+    assert!(matches!(receive_connection(worker_end.as_fd(), MsgFlags::MSG_DONTWAIT), Err(ReceiveError::Malformed)));
     // The received copy was closed: the far end reads end of file.
     let mut buffer = [0u8; 1];
     assert_eq!(far_end.read(&mut buffer).unwrap(), 0);

@@ -109,9 +109,7 @@ pub fn dispatch(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj]) -> T
         }
         "upgrade" => {
             let (timeout, args) = match args.as_slice() {
-                [option, value, rest @ ..] if option.to_string_lossy() == "-timeout" => {
-                    (seconds(interp, value)?, rest)
-                }
+                [option, value, rest @ ..] if option.to_string_lossy() == "-timeout" => (seconds(interp, value)?, rest),
                 rest => (generation::DEFAULT_UPGRADE_TIMEOUT, rest),
             };
             let command = match args {

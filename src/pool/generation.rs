@@ -70,10 +70,8 @@ impl Supervisor {
         self.next_generations.push(pid);
         let command_text = Obj::new_list(&command.iter().map(|a| Obj::new_string(a)).collect::<Vec<_>>());
         for index in 0..self.pools.len() {
-            let entry = self.pools[index].entry("upgrade", vec![
-                ("pid", Obj::new_int(pid.as_raw().into())),
-                ("command", command_text.clone()),
-            ]);
+            let entry = self.pools[index]
+                .entry("upgrade", vec![("pid", Obj::new_int(pid.as_raw().into())), ("command", command_text.clone())]);
             self.log.push(entry);
         }
         Ok(pid.as_raw())
@@ -114,7 +112,8 @@ impl Supervisor {
 
     /// Collects the next generations that have exited.
     pub(super) fn reap_next_generations(&mut self) {
-        self.next_generations.retain(|&pid| matches!(waitpid(pid, Some(WaitPidFlag::WNOHANG)), Ok(WaitStatus::StillAlive)));
+        self.next_generations
+            .retain(|&pid| matches!(waitpid(pid, Some(WaitPidFlag::WNOHANG)), Ok(WaitStatus::StillAlive)));
     }
 }
 

@@ -74,9 +74,13 @@ pub(super) enum Reload {
     None,
     /// Its workers are starting; `previous` is the generation serving
     /// before it, which serves on if it is abandoned.
-    Running { previous: u32 },
+    Running {
+        previous: u32,
+    },
     Done,
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
 }
 
 pub struct Pool {
@@ -178,10 +182,13 @@ impl Pool {
                     let reason = if message.is_empty() { status_text.clone() } else { message.clone() };
                     if let Some(delay) = self.count_failure(reason, Some(child.forked)) {
                         self.totals.backoffs += 1;
-                        backoff_entry = Some(self.entry("backoff", vec![
-                            ("failures", Obj::new_int(self.failures.into())),
-                            ("delay", Obj::new_double(delay.as_secs_f64())),
-                        ]));
+                        backoff_entry = Some(self.entry(
+                            "backoff",
+                            vec![
+                                ("failures", Obj::new_int(self.failures.into())),
+                                ("delay", Obj::new_double(delay.as_secs_f64())),
+                            ],
+                        ));
                     }
                 } else if received {
                     // It served: the code works.
@@ -290,14 +297,16 @@ impl Pool {
                 && c.killed.is_none()
                 && matches!(self.scoreboard.slot(c.slot).state(), State::Idle | State::Busy)
         };
-        self.generation =
-            self.children.iter().filter(|c| ready(c)).map(|c| c.generation).max().unwrap_or(previous);
+        self.generation = self.children.iter().filter(|c| ready(c)).map(|c| c.generation).max().unwrap_or(previous);
         let reason = std::mem::take(&mut self.last_failure);
-        entries.push(self.entry("reload-failed", vec![
-            ("generation", Obj::new_int(abandoned.into())),
-            ("failures", Obj::new_int(self.failures.into())),
-            ("reason", Obj::new_string(&reason)),
-        ]));
+        entries.push(self.entry(
+            "reload-failed",
+            vec![
+                ("generation", Obj::new_int(abandoned.into())),
+                ("failures", Obj::new_int(self.failures.into())),
+                ("reason", Obj::new_string(&reason)),
+            ],
+        ));
         self.reload = Reload::Failed { reason };
         self.end_failures();
         self.to_respawn = 0;
@@ -334,11 +343,14 @@ impl Pool {
             self.children[index].killed = Some("timeout");
             self.totals.timed_out += 1;
             let (host, port) = peer.rsplit_once(' ').unwrap_or((&peer, ""));
-            let entry = self.entry("timeout", vec![
-                ("pid", Obj::new_int(self.children[index].pid.as_raw().into())),
-                ("peer", Obj::new_list(&[Obj::new_string(host), Obj::new_string(port)])),
-                ("busy", Obj::new_double(now.saturating_sub(since) as f64 / 1000.0)),
-            ]);
+            let entry = self.entry(
+                "timeout",
+                vec![
+                    ("pid", Obj::new_int(self.children[index].pid.as_raw().into())),
+                    ("peer", Obj::new_list(&[Obj::new_string(host), Obj::new_string(port)])),
+                    ("busy", Obj::new_double(now.saturating_sub(since) as f64 / 1000.0)),
+                ],
+            );
             entries.push(entry);
         }
     }

@@ -22,6 +22,6 @@ mod signals;
 mod supervisor;
 mod worker;
 
-pub use command::dispatch;
 pub use after_fork::watch_forks;
+pub use command::dispatch;
 pub use supervisor::{all_ready, interp_deleted};

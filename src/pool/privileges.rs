@@ -82,10 +82,7 @@ impl Privileges {
         limits: &[(&'static str, u64)],
     ) -> Result<Privileges, (String, Vec<String>)> {
         let lookup = |what: &str, word: &str| {
-            (
-                format!("unknown {what} \"{word}\""),
-                words(&["TCL", "LOOKUP", &what.to_uppercase(), word]),
-            )
+            (format!("unknown {what} \"{word}\""), words(&["TCL", "LOOKUP", &what.to_uppercase(), word]))
         };
         let mut privileges = Privileges::default();
         let mut primary_group = None;
@@ -128,18 +125,13 @@ impl Privileges {
         // Only root can become someone else: say so now, not in every
         // worker's exit.
         if !Uid::effective().is_root() {
-            let same_user = privileges
-                .user
-                .as_ref()
-                .is_none_or(|(uid, _)| *uid == Uid::current() && *uid == Uid::effective());
-            let same_group = privileges
-                .group
-                .as_ref()
-                .is_none_or(|(gid, _)| *gid == Gid::current() && *gid == Gid::effective());
+            let same_user =
+                privileges.user.as_ref().is_none_or(|(uid, _)| *uid == Uid::current() && *uid == Uid::effective());
+            let same_group =
+                privileges.group.as_ref().is_none_or(|(gid, _)| *gid == Gid::current() && *gid == Gid::effective());
             if !(same_user && same_group) {
                 return Err((
-                    "cannot run workers as another user or group: the supervisor is not root"
-                        .to_string(),
+                    "cannot run workers as another user or group: the supervisor is not root".to_string(),
                     words(&["SOCKETSERVER", "USER", "NOT_ROOT"]),
                 ));
             }
@@ -178,19 +170,9 @@ impl Privileges {
             // Soft and hard alike, so that the user's code cannot raise it
             // again; for cpu the hard limit is one second more, so that a
             // worker is told SIGXCPU before the SIGKILL of the hard limit.
-            let hard = if limit.name == "cpu" && limit.value != UNLIMITED {
-                soft.saturating_add(1)
-            } else {
-                soft
-            };
-            setrlimit(resource, soft, hard).map_err(|errno| {
-                format!(
-                    "couldn't set limit {} {}: {}",
-                    limit.name,
-                    limit.value,
-                    errno.desc()
-                )
-            })?;
+            let hard = if limit.name == "cpu" && limit.value != UNLIMITED { soft.saturating_add(1) } else { soft };
+            setrlimit(resource, soft, hard)
+                .map_err(|errno| format!("couldn't set limit {} {}: {}", limit.name, limit.value, errno.desc()))?;
         }
         let Some((gid, group)) = &self.group else {
             return Ok(());
@@ -199,13 +181,10 @@ impl Privileges {
         if already(target_uid, *gid) {
             return Ok(());
         }
-        set_groups(*gid)
-            .map_err(|errno| format!("couldn't clear supplementary groups: {}", errno.desc()))?;
-        set_all_gids(*gid)
-            .map_err(|errno| format!("couldn't become group {group}: {}", errno.desc()))?;
+        set_groups(*gid).map_err(|errno| format!("couldn't clear supplementary groups: {}", errno.desc()))?;
+        set_all_gids(*gid).map_err(|errno| format!("couldn't become group {group}: {}", errno.desc()))?;
         if let Some((uid, user)) = &self.user {
-            set_all_uids(*uid)
-                .map_err(|errno| format!("couldn't become user {user}: {}", errno.desc()))?;
+            set_all_uids(*uid).map_err(|errno| format!("couldn't become user {user}: {}", errno.desc()))?;
         }
         self.check(target_uid, *gid)
     }
@@ -213,22 +192,17 @@ impl Privileges {
     /// What a worker must be after `apply`, read back from the system.
     fn check(&self, uid: Option<Uid>, gid: Gid) -> Result<(), String> {
         if !all_gids_are(gid) || !groups_at_most(gid) {
-            return Err(format!(
-                "couldn't become group {gid}: the group ids did not all change"
-            ));
+            return Err(format!("couldn't become group {gid}: the group ids did not all change"));
         }
         let Some(uid) = uid else { return Ok(()) };
         if !all_uids_are(uid) {
-            return Err(format!(
-                "couldn't become user {uid}: the user ids did not all change"
-            ));
+            return Err(format!("couldn't become user {uid}: the user ids did not all change"));
         }
         if !uid.is_root() {
             if nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
                 return Err(format!("user {uid} could become root again"));
             }
-            forbid_new_privileges()
-                .map_err(|errno| format!("couldn't forbid new privileges: {}", errno.desc()))?;
+            forbid_new_privileges().map_err(|errno| format!("couldn't forbid new privileges: {}", errno.desc()))?;
         }
         Ok(())
     }
@@ -236,11 +210,7 @@ impl Privileges {
     /// The limit that ended a worker killed by `signal`, when it can be
     /// told (`killed_by_pool`: the supervisor sent a SIGKILL itself).
     pub fn limit_that_killed(&self, signal: Signal, killed_by_pool: bool) -> Option<&'static str> {
-        let has = |name: &str| {
-            self.limits
-                .iter()
-                .any(|l| l.name == name && l.value != UNLIMITED)
-        };
+        let has = |name: &str| self.limits.iter().any(|l| l.name == name && l.value != UNLIMITED);
         match signal {
             Signal::SIGXCPU if has("cpu") => Some("cpu"),
             // The cpu hard limit, one second after a SIGXCPU that was caught.
@@ -291,12 +261,7 @@ fn set_groups(gid: Gid) -> nix::Result<()> {
     }
 }
 
-#[cfg(any(
-    target_os = "linux",
-    target_os = "android",
-    target_os = "freebsd",
-    target_os = "openbsd"
-))]
+#[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd", target_os = "openbsd"))]
 mod ids {
     use nix::unistd::{getresgid, getresuid, setresgid, setresuid, Gid, Uid};
 
@@ -314,12 +279,7 @@ mod ids {
     }
 }
 
-#[cfg(not(any(
-    target_os = "linux",
-    target_os = "android",
-    target_os = "freebsd",
-    target_os = "openbsd"
-)))]
+#[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd", target_os = "openbsd")))]
 mod ids {
     use nix::unistd::{Gid, Uid};
 

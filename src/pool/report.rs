@@ -63,26 +63,38 @@ impl Pool {
             ("recycled", Obj::new_int(self.totals.recycled as i64)),
             ("timedout", Obj::new_int(self.totals.timed_out as i64)),
             ("backoffs", Obj::new_int(self.totals.backoffs as i64)),
-            ("reload", Obj::new_string(match self.reload {
-                Reload::None => "none",
-                Reload::Running { .. } => "running",
-                Reload::Done => "done",
-                Reload::Failed { .. } => "failed",
-            })),
-            ("reloaderror", Obj::new_string(match &self.reload {
-                Reload::Failed { reason } => reason,
-                _ => "",
-            })),
-            ("proxyerrors", Obj::new_int(
-                (self.totals.proxy_errors
-                    + self.children.iter().map(|c| self.scoreboard.slot(c.slot).proxy_errors()).sum::<u64>())
-                    as i64,
-            )),
-            ("proxyuntrusted", Obj::new_int(
-                (self.totals.proxy_untrusted
-                    + self.children.iter().map(|c| self.scoreboard.slot(c.slot).proxy_untrusted()).sum::<u64>())
-                    as i64,
-            )),
+            (
+                "reload",
+                Obj::new_string(match self.reload {
+                    Reload::None => "none",
+                    Reload::Running { .. } => "running",
+                    Reload::Done => "done",
+                    Reload::Failed { .. } => "failed",
+                }),
+            ),
+            (
+                "reloaderror",
+                Obj::new_string(match &self.reload {
+                    Reload::Failed { reason } => reason,
+                    _ => "",
+                }),
+            ),
+            (
+                "proxyerrors",
+                Obj::new_int(
+                    (self.totals.proxy_errors
+                        + self.children.iter().map(|c| self.scoreboard.slot(c.slot).proxy_errors()).sum::<u64>())
+                        as i64,
+                ),
+            ),
+            (
+                "proxyuntrusted",
+                Obj::new_int(
+                    (self.totals.proxy_untrusted
+                        + self.children.iter().map(|c| self.scoreboard.slot(c.slot).proxy_untrusted()).sum::<u64>())
+                        as i64,
+                ),
+            ),
         ])
     }
 }

@@ -130,8 +130,7 @@ impl Slot {
 
     /// Counts a connection closed before its handler (`proxy_header`'s why).
     pub fn count_proxy_rejected(&self, why: &str) {
-        let counter =
-            if why == crate::proxy_trust::UNTRUSTED { &self.proxy_untrusted } else { &self.proxy_errors };
+        let counter = if why == crate::proxy_trust::UNTRUSTED { &self.proxy_untrusted } else { &self.proxy_errors };
         counter.fetch_add(1, Relaxed);
     }
 
@@ -209,14 +208,8 @@ impl Scoreboard {
         let bytes = NonZeroUsize::new(capacity.max(1) * std::mem::size_of::<Slot>()).expect("non-zero");
         // SAFETY: a fresh anonymous mapping, zero-filled by the kernel; all
         // zeroes is a valid Slot (atomics), in state Free.
-        let memory = unsafe {
-            mmap_anonymous(
-                None,
-                bytes,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-            )?
-        };
+        let memory =
+            unsafe { mmap_anonymous(None, bytes, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED)? };
         Ok(Scoreboard { slots: memory.cast(), capacity: capacity.max(1) })
     }
 

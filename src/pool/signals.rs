@@ -87,7 +87,8 @@ pub fn watch(signal: Signal) -> nix::Result<()> {
     if handling.previous.iter().any(|(s, _)| *s == signal) {
         return Ok(());
     }
-    let flags = if signal == Signal::SIGCHLD { SaFlags::SA_RESTART | SaFlags::SA_NOCLDSTOP } else { SaFlags::SA_RESTART };
+    let flags =
+        if signal == Signal::SIGCHLD { SaFlags::SA_RESTART | SaFlags::SA_NOCLDSTOP } else { SaFlags::SA_RESTART };
     let action = SigAction::new(SigHandler::Handler(on_signal), flags, SigSet::empty());
     // SAFETY: `on_signal` is async-signal-safe: it only calls write(2) and
     // touches errno.

@@ -57,13 +57,6 @@ pub struct Config {
     pub privileges: super::privileges::Privileges,
 }
 
-
-
-
-
-
-
-
 /// The pools of a process, on the one thread that runs them. Its signal
 /// dispositions and pipe belong to the process (`signals`), its file
 /// handler and timer to this thread (`after_fork::EventSources`); what a
@@ -112,10 +105,9 @@ fn claim_supervisor_thread() -> TclResult<()> {
     let mut owner = SUPERVISOR_THREAD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let here = (nix::unistd::getpid(), std::thread::current().id());
     match *owner {
-        Some((pid, thread)) if pid == here.0 && thread != here.1 => Err(TclError::new(
-            "pools of this process are run by another thread",
-            &["SOCKETSERVER", "POOL", "THREAD"],
-        )),
+        Some((pid, thread)) if pid == here.0 && thread != here.1 => {
+            Err(TclError::new("pools of this process are run by another thread", &["SOCKETSERVER", "POOL", "THREAD"]))
+        }
         _ => {
             *owner = Some(here);
             Ok(())
@@ -529,7 +521,8 @@ impl Supervisor {
                     let index = self.index(ports[0]).unwrap_or(0);
                     let command = default_command(self.pools[index].interp);
                     if let Err(TclError::Message { message, .. }) = self.upgrade(command, DEFAULT_UPGRADE_TIMEOUT) {
-                        let entry = self.pools[index].entry("upgrade-failed", vec![("message", Obj::new_string(&message))]);
+                        let entry =
+                            self.pools[index].entry("upgrade-failed", vec![("message", Obj::new_string(&message))]);
                         self.log.push(entry);
                     }
                 }
@@ -550,9 +543,6 @@ impl Supervisor {
             }
         }
     }
-
-
-
 
     fn reconcile_all(&mut self) {
         self.reap_next_generations();
@@ -597,10 +587,13 @@ impl Supervisor {
                         let pid = pool.children[i].pid;
                         let _ = kill(pid, Signal::SIGKILL);
                         pool.children[i].killed = Some("graceful");
-                        entries.push(pool.entry("kill", vec![
-                            ("pid", Obj::new_int(pid.as_raw().into())),
-                            ("reason", Obj::new_string("graceful period over")),
-                        ]));
+                        entries.push(pool.entry(
+                            "kill",
+                            vec![
+                                ("pid", Obj::new_int(pid.as_raw().into())),
+                                ("reason", Obj::new_string("graceful period over")),
+                            ],
+                        ));
                     }
                 }
                 // Every accepted connection is served: when the workers
@@ -652,21 +645,13 @@ impl Supervisor {
             self.exit_requested = true;
         }
     }
-
 }
-
-
-
-
-
-
 
 /// Hands the collected log entries to their pools' `-log` commands.
 fn flush_log() {
     let entries = SUPERVISOR.with(|s| s.try_borrow_mut().map(|mut s| std::mem::take(&mut s.log)).unwrap_or_default());
     flush_entries(entries);
 }
-
 
 /// The signal pipe is readable: signals arrived, or a worker asks for
 /// attention.

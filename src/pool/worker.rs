@@ -18,8 +18,8 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
 use std::sync::Arc;
 
-use crate::handoff::Connection;
 use crate::counters::Counters;
+use crate::handoff::Connection;
 use crate::port_table;
 use crate::registration::{self, Handler, InterpState, NativeHandler};
 use crate::tcl::{self, Interp, Obj};
@@ -463,10 +463,8 @@ fn watch_signals() -> Option<RawFd> {
 /// the worker's loop, two more context switches per connection.
 fn spawn_control(leave: RawFd, signal_pipe: Option<RawFd>, slot: &'static Slot) -> std::io::Result<()> {
     let thread = tcl::current_thread();
-    std::thread::Builder::new()
-        .name("socketserver-ctl".into())
-        .stack_size(crate::THREAD_STACK_SIZE)
-        .spawn(move || {
+    std::thread::Builder::new().name("socketserver-ctl".into()).stack_size(crate::THREAD_STACK_SIZE).spawn(
+        move || {
             wait_for_leave(leave, signal_pipe);
             if PHASE.compare_exchange(IN_INIT, LEFT_IN_INIT, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
                 // Left by itself, as it would have after `-init`: not a failure.
@@ -477,7 +475,8 @@ fn spawn_control(leave: RawFd, signal_pipe: Option<RawFd>, slot: &'static Slot) 
                 unsafe { libc::_exit(0) }
             }
             tcl::queue_event(thread, on_leave, ());
-        })?;
+        },
+    )?;
     Ok(())
 }
 

@@ -129,7 +129,11 @@ impl Turn {
                 if !wanted() {
                     return false;
                 }
-                held = self.gate_free.wait_timeout(held, GATE_RECHECK).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+                held = self
+                    .gate_free
+                    .wait_timeout(held, GATE_RECHECK)
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
             }
             *held = true;
         }
