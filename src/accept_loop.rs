@@ -350,7 +350,7 @@ impl Accepter {
             // Not under `hold_off_forks`: a fork must not wait for a client.
             // A child forked between the accept and `hold` has a copy that
             // nothing here records; a pool's worker closes such copies by
-            // their address (`fork_safety::close_copied_connections`).
+            // their address (`listener::close_copied_connections`).
             return accept_connection(listener).inspect(|conn| self.hold(conn));
         }
         // The descriptor is made close-on-exec after accept returns, so the

@@ -24,16 +24,10 @@
 //! must never wait for a client, so the accept itself is not under the
 //! guard: a connection accepted an instant before the fork and not yet
 //! published is found by a pool's new worker among its descriptors, by its
-//! local address, and closed (`close_copied_connections`).
+//! local address, and closed (`listener::close_copied_connections`).
 
 use std::cell::RefCell;
-use std::net::{IpAddr, SocketAddr};
-use std::os::fd::RawFd;
 use std::sync::{Mutex, MutexGuard, Once, RwLock, RwLockReadGuard, RwLockWriteGuard};
-
-use nix::sys::socket::{getpeername, getsockname, SockaddrStorage};
-
-use crate::listener;
 
 /// Taken for reading around short stretches that must not be split by a
 /// fork; for writing by `before_fork`.
@@ -105,34 +99,4 @@ extern "C" fn in_child() {
             held.steps.iter().for_each(|step| (step.child)());
         }
     });
-}
-
-/// Closes this process's copies of connections accepted on `listening`
-/// addresses: TCP sockets, connected, whose local address is one of them.
-/// For a process that serves no connection yet (a pool's new worker); the
-/// listeners themselves are closed already, so a socket with that local
-/// address is an accepted connection.
-pub fn close_copied_connections(listening: &[SocketAddr]) {
-    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else { return };
-    let fds: Vec<RawFd> =
-        entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).filter(|&fd| fd > 2).collect();
-    for fd in fds {
-        let Ok(local) = getsockname::<SockaddrStorage>(fd) else { continue };
-        let Some(local) = listener::to_socket_addr(&local) else { continue };
-        let accepted_here = listening.iter().any(|l| {
-            l.port() == local.port()
-                && (l.ip().is_unspecified() || l.ip() == local.ip() || Some(l.ip()) == mapped(local.ip()))
-        });
-        if accepted_here && getpeername::<SockaddrStorage>(fd).is_ok() {
-            let _ = nix::unistd::close(fd);
-        }
-    }
-}
-
-/// The IPv4 address inside an IPv4-mapped IPv6 one.
-fn mapped(ip: IpAddr) -> Option<IpAddr> {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4),
-        IpAddr::V4(_) => None,
-    }
 }

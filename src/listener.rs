@@ -4,11 +4,11 @@
 //! it resolves to. All are non-blocking, close-on-exec and `SO_REUSEADDR`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
 use nix::sys::socket::{
-    bind, getsockname, listen, setsockopt, sockopt, AddressFamily, Backlog, SockType, SockaddrStorage,
+    bind, getpeername, getsockname, listen, setsockopt, sockopt, AddressFamily, Backlog, SockType, SockaddrStorage,
 };
 
 use crate::fork_safety;
@@ -143,5 +143,35 @@ pub fn host_string(ip: IpAddr) -> String {
             None => v6.to_string(),
         },
         IpAddr::V4(v4) => v4.to_string(),
+    }
+}
+
+/// Closes this process's copies of connections accepted on `listening`
+/// addresses: TCP sockets, connected, whose local address is one of them.
+/// For a process that serves no connection yet (a pool's new worker); the
+/// listeners themselves are closed already, so a socket with that local
+/// address is an accepted connection.
+pub fn close_copied_connections(listening: &[SocketAddr]) {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else { return };
+    let fds: Vec<RawFd> =
+        entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).filter(|&fd| fd > 2).collect();
+    for fd in fds {
+        let Ok(local) = getsockname::<SockaddrStorage>(fd) else { continue };
+        let Some(local) = to_socket_addr(&local) else { continue };
+        let accepted_here = listening.iter().any(|l| {
+            l.port() == local.port()
+                && (l.ip().is_unspecified() || l.ip() == local.ip() || Some(l.ip()) == mapped(local.ip()))
+        });
+        if accepted_here && getpeername::<SockaddrStorage>(fd).is_ok() {
+            let _ = nix::unistd::close(fd);
+        }
+    }
+}
+
+/// The IPv4 address inside an IPv4-mapped IPv6 one.
+fn mapped(ip: IpAddr) -> Option<IpAddr> {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4),
+        IpAddr::V4(_) => None,
     }
 }

@@ -260,7 +260,7 @@ fn serve(assignment: Assignment) -> ! {
     leave_events_to_supervisor(interp);
     // After Tcl closed its socket channels: what is left on our ports is a
     // copy of a connection the accepting threads were handling.
-    crate::fork_safety::close_copied_connections(&listening);
+    crate::listener::close_copied_connections(&listening);
     PHASE.store(IN_INIT, Ordering::SeqCst);
     if let Err(error) = spawn_control(leave.as_raw_fd(), signal_pipe, slot) {
         give_up(slot, &format!("couldn't start: {error}"));
