@@ -12,9 +12,10 @@
 //! worker killed while it holds the turn does not stall the others, and a
 //! forked child never inherits it. Within a process (which the record lock
 //! does not tell apart), a mutex and condition variable. Waiters for a
-//! record lock queue in arrival order on Linux (since 5.0) and are woken
-//! one at a time; FIFO among idle workers follows. A worker with nothing
-//! pending does not ask for the turn.
+//! record lock are woken one at a time, but not strictly in arrival order
+//! (a worker that asks again at once can pass one just woken), so FIFO
+//! among idle workers does not hold yet: fork-1.3 fails on this path (README,
+//! "Platforms"). A worker with nothing pending does not ask for the turn.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::thread::JoinHandleExt;
