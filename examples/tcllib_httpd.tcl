@@ -105,7 +105,10 @@ if {[catch {::socketserver::socket server $port} result options]} {
     return -options $options $result
 }
 set port $result
-::socketserver::pool create -workers $workers -init [list makeApp $port $docroot] $port serve
+# httpd itself gives up on a request only after 120 s: a client that
+# connects and sends nothing would hold a worker that long. -timeout cuts a
+# connection that holds its worker for 15 s (the worker is replaced).
+::socketserver::pool create -workers $workers -timeout 15 -init [list makeApp $port $docroot] $port serve
 
 set pids [dict keys [dict get [::socketserver::pool info $port] workers]]
 puts "tcllib httpd on port $port with $workers workers: $pids"

@@ -27,7 +27,7 @@ use super::worker::{self, Assignment};
 /// done, registered) and this old ends a run of failures.
 const YOUNG: Duration = Duration::from_secs(1);
 /// Failures in a row after which a reload is abandoned.
-const RELOAD_FAILURES: u32 = 5;
+pub(super) const RELOAD_FAILURES: u32 = 5;
 /// Back-off after the first failure, doubled for each further one...
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 /// ...up to this.
@@ -170,9 +170,19 @@ impl Pool {
             let stopping = matches!(self.phase, Phase::Stopping { .. });
             let current = child.generation == self.generation;
             let mut backoff_entry = None;
-            if child.retired.is_some() || stopping {
+            if child.retired.is_some() {
                 // Asked to leave: nothing to replace.
-            } else if left_by_itself && clean {
+            } else if stopping {
+                // Nothing to replace; but one started to serve what was
+                // queued at the stop that fails is backed off, and the stop
+                // gives up on the queue after a few (`supervisor::reconcile`).
+                if child.killed.is_none() && !clean {
+                    let reason = if message.is_empty() { status_text.clone() } else { message.clone() };
+                    let _ = self.count_failure(reason, Some(child.forked));
+                }
+            } else if left_by_itself && clean && received {
+                // Recycled. One that left without receiving anything (an
+                // `-init` that exits, no descriptor left to register) failed.
                 self.totals.recycled += 1;
                 fields.push(("recycled", Obj::new_int(1)));
             } else if current {

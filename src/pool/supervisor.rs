@@ -27,7 +27,7 @@ use crate::tcl::{self, Interp, Obj, TclError, TclResult};
 
 use super::after_fork::{self, EventSources};
 use super::generation::{default_command, DEFAULT_UPGRADE_TIMEOUT};
-use super::lifecycle::{Phase, Pool, Reload, Totals};
+use super::lifecycle::{Phase, Pool, Reload, Totals, RELOAD_FAILURES};
 use super::report::{flush_entries, LogEntry};
 use super::scoreboard::Scoreboard;
 use super::signals;
@@ -599,7 +599,8 @@ impl Supervisor {
                 // Every accepted connection is served: when the workers
                 // that will still take one are gone (recycled, or dead)
                 // and some are queued, one more worker serves them.
-                let queued = now < deadline && pool.queue_pending();
+                // Given up once workers started for it fail again and again.
+                let queued = now < deadline && pool.failures < RELOAD_FAILURES && pool.queue_pending();
                 let fork_now = if queued && !pool.children.iter().any(|c| pool.takes_connections(c)) {
                     pool.forks_allowed(now, 1)
                 } else {
