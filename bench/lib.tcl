@@ -75,6 +75,45 @@ proc stopServer {server} {
     catch {close [dict get $server pipe]}
 }
 
+# --- HAProxy in front of servers ------------------------------------------
+
+proc freePort {} {
+    set probe [socket -server {apply {args {}}} -myaddr 127.0.0.1 0]
+    set port [lindex [fconfigure $probe -sockname] 2]
+    close $probe
+    return $port
+}
+
+# startHaproxy name backends --
+#	HAProxy in TCP mode on 127.0.0.1: for each {label port options} of
+#	$backends (options: e.g. send-proxy-v2), a frontend on a free port in
+#	front of the server on $port. Returns a dict: pipe, config, and fronts
+#	(label -> the frontend's port). stopHaproxy ends it.
+proc startHaproxy {name backends} {
+    set text "global\n    maxconn 1000\ndefaults\n    mode tcp\n    timeout connect 2s\n"
+    append text "    timeout client 10s\n    timeout server 10s\n"
+    set fronts {}
+    foreach {label port options} [concat {*}$backends] {
+        set front [freePort]
+        dict set fronts $label $front
+        append text "frontend $label\n    bind 127.0.0.1:$front\n    default_backend $label\n"
+        append text "backend $label\n    server s 127.0.0.1:$port $options\n"
+    }
+    set config [file join [file dirname $::native] haproxy-$name.cfg]
+    set f [open $config w]
+    puts -nonewline $f $text
+    close $f
+    set pipe [open |[list haproxy -db -f $config 2>@1] r]
+    after 300
+    return [dict create pipe $pipe config $config fronts $fronts]
+}
+
+proc stopHaproxy {haproxy} {
+    kill TERM [pid [dict get $haproxy pipe]]
+    catch {close [dict get $haproxy pipe]}
+    file delete [dict get $haproxy config]
+}
+
 # --- measurements -------------------------------------------------------
 
 # measure kind workers --

@@ -187,40 +187,13 @@ if {[auto_execok haproxy] eq ""} {
     puts "P4. skipped: no haproxy"
     exit 0
 }
-proc freePort {} {
-    set probe [socket -server {apply {args {}}} -myaddr 127.0.0.1 0]
-    set port [lindex [fconfigure $probe -sockname] 2]
-    close $probe
-    return $port
-}
 set plain [startServer pool 4 0]
 set proxied [startServer poolproxy 4 0]
-set plainFront [freePort]
-set proxyFront [freePort]
-set config [file join [file dirname $native] haproxy-bench.cfg]
-set f [open $config w]
-puts $f [string map [list PF $plainFront XF $proxyFront PP [dict get $plain port] XP [dict get $proxied port]] {
-global
-    maxconn 1000
-defaults
-    mode tcp
-    timeout connect 2s
-    timeout client 10s
-    timeout server 10s
-frontend plain
-    bind 127.0.0.1:PF
-    default_backend plain
-frontend proxied
-    bind 127.0.0.1:XF
-    default_backend proxied
-backend plain
-    server s 127.0.0.1:PP
-backend proxied
-    server s 127.0.0.1:XP send-proxy-v2
-}]
-close $f
-set haproxy [open |[list haproxy -db -f $config 2>@1] r]
-after 300
+set haproxy [startHaproxy bench [list \
+    [list plain [dict get $plain port] {}] \
+    [list proxied [dict get $proxied port] send-proxy-v2]]]
+set plainFront [dict get $haproxy fronts plain]
+set proxyFront [dict get $haproxy fronts proxied]
 try {
     for {set rep 1} {$rep <= $opt(-reps)} {incr rep} {
         foreach entry [shuffle [list [list plain $plain $plainFront] [list proxied $proxied $proxyFront]]] {
@@ -236,11 +209,9 @@ try {
         }
     }
 } finally {
-    kill TERM [pid $haproxy]
-    catch {close $haproxy}
+    stopHaproxy $haproxy
     stopServer $plain
     stopServer $proxied
-    file delete $config
 }
 puts stderr ""
 puts "P4. The same 4-worker pool behind HAProxy, plain against -proxy (send-proxy-v2) (medians)"

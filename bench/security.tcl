@@ -23,13 +23,6 @@ parseOptions {-raw 0 -only {}} {}
 
 proc fmt {value {digits 0}} {format %.${digits}f $value}
 
-proc freePort {} {
-    set probe [socket -server {apply {args {}}} -myaddr 127.0.0.1 0]
-    set port [lindex [fconfigure $probe -sockname] 2]
-    close $probe
-    return $port
-}
-
 # compare title kinds ports --
 #	Runs the load $opt(-reps) times on each server of $kinds (a list of
 #	label server port), interleaved; prints requests/s medians and the
@@ -98,40 +91,17 @@ if {[auto_execok haproxy] eq ""} {
 }
 set open [startServer poolproxy 4 0]
 set trusting [startServer poolproxyfrom 4 0]
-set openFront [freePort]
-set trustingFront [freePort]
-set config [file join [file dirname $native] haproxy-security.cfg]
-set f [open $config w]
-puts $f [string map [list OF $openFront TF $trustingFront OP [dict get $open port] TP [dict get $trusting port]] {
-global
-    maxconn 1000
-defaults
-    mode tcp
-    timeout connect 2s
-    timeout client 10s
-    timeout server 10s
-frontend open
-    bind 127.0.0.1:OF
-    default_backend open
-frontend trusting
-    bind 127.0.0.1:TF
-    default_backend trusting
-backend open
-    server s 127.0.0.1:OP send-proxy-v2
-backend trusting
-    server s 127.0.0.1:TP send-proxy-v2
-}]
-close $f
-set haproxy [open |[list haproxy -db -f $config 2>@1] r]
-after 300
+set haproxy [startHaproxy security [list \
+    [list open [dict get $open port] send-proxy-v2] \
+    [list trusting [dict get $trusting port] send-proxy-v2]]]
+set openFront [dict get $haproxy fronts open]
+set trustingFront [dict get $haproxy fronts trusting]
 try {
     compare "S2. A 4-worker -proxy pool behind HAProxy, without and with -proxyfrom (medians)" [list \
         [list "-proxy" $open $openFront] \
         [list "-proxy -proxyfrom" $trusting $trustingFront]]
 } finally {
-    kill TERM [pid $haproxy]
-    catch {close $haproxy}
+    stopHaproxy $haproxy
     stopServer $open
     stopServer $trusting
-    file delete $config
 }
