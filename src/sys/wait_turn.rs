@@ -6,16 +6,27 @@
 //! soon as it has taken a message, before it hands the connection over,
 //! and the next in line takes it.
 //!
-//! The turn is two locks. Between processes, a POSIX record lock
+//! The turn is two locks. Within a process (whose threads record locks do
+//! not tell apart), a mutex and condition variable: one thread of a process
+//! is in line at a time. Between processes, POSIX record locks
 //! (`fcntl(F_SETLKW)`) on an unlinked file made with the queue before the
-//! workers were forked: the kernel releases it when its holder dies, so a
-//! worker killed while it holds the turn does not stall the others, and a
-//! forked child never inherits it. Within a process (which the record lock
-//! does not tell apart), a mutex and condition variable. Waiters for a
-//! record lock are woken one at a time, but not strictly in arrival order
-//! (a worker that asks again at once can pass one just woken), so FIFO
-//! among idle workers does not hold yet: fork-1.3 fails on this path (README,
-//! "Platforms"). A worker with nothing pending does not ask for the turn.
+//! workers were forked, used as a ticket lock, so that the turn goes round
+//! in arrival order (FIFO among idle workers) and each release wakes
+//! exactly one process:
+//!
+//! - byte 0 is the entry: held for a moment while a newcomer draws the next
+//!   ticket (a counter kept in the file) and locks the byte of its ticket;
+//! - a newcomer with ticket `t` then waits for the byte of ticket `t - 1`,
+//!   which only its predecessor holds and only one process waits for; it
+//!   holds the turn once that byte is released, and releases its own byte
+//!   when it gives the turn up.
+//!
+//! The kernel releases a process's record locks when it dies, so a worker
+//! killed while it holds the turn, or while it waits in line, does not
+//! stall the others (a waiter that dies lets its successor in early: for a
+//! moment two hold the turn, which costs a wakeup, never a connection), and
+//! a forked child never inherits them. A worker with nothing pending does
+//! not ask for the turn.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::thread::JoinHandleExt;
@@ -74,6 +85,23 @@ pub struct Turn {
     /// Within the process: whether one of its threads holds the turn.
     gate: Mutex<bool>,
     gate_free: Condvar,
+    /// The ticket of the thread of this process that holds the turn or
+    /// waits in line (only the gate's holder uses it).
+    ticket: Mutex<Option<u64>>,
+}
+
+/// The byte of the file that is the entry to the line (the ticket counter
+/// is kept in the 8 bytes from `COUNTER_AT`, beyond every ticket's byte).
+const ENTRY_BYTE: i64 = 0;
+/// Tickets wrap far beyond any line length.
+const TICKETS: u64 = 1 << 40;
+const COUNTER_AT: i64 = 4 + 2 * TICKETS as i64;
+
+/// A ticket's byte. Every other byte, from 2: the kernel merges adjacent
+/// locks of one process into one, and a successor's lock that changed
+/// shape would wake the process waiting for it.
+fn ticket_byte(ticket: u64) -> i64 {
+    2 + 2 * (ticket % TICKETS) as i64
 }
 
 /// How often a thread waiting for the gate looks whether it still wants it.
@@ -102,7 +130,7 @@ impl Turn {
         super::set_cloexec(file.as_fd())?;
         // SAFETY: `path` is NUL-terminated; the name is ours (mkstemp made it).
         unsafe { libc::unlink(path.as_ptr().cast()) };
-        Ok(Turn { file, gate: Mutex::new(false), gate_free: Condvar::new() })
+        Ok(Turn { file, gate: Mutex::new(false), gate_free: Condvar::new(), ticket: Mutex::new(None) })
     }
 
     pub fn raw_fd(&self) -> Option<RawFd> {
@@ -114,6 +142,9 @@ impl Turn {
     pub fn renew_after_fork(&self) {
         if let Ok(mut held) = self.gate.try_lock() {
             *held = false;
+        }
+        if let Ok(mut ticket) = self.ticket.try_lock() {
+            *ticket = None;
         }
     }
 
@@ -138,24 +169,71 @@ impl Turn {
             }
             *held = true;
         }
+        let ticket = match self.join_line(wanted) {
+            Ok(ticket) => ticket,
+            Err(()) => {
+                self.open_gate();
+                return false;
+            }
+        };
+        *self.ticket.lock().unwrap_or_else(|p| p.into_inner()) = ticket;
+        let Some(ticket) = ticket else { return true };
+        if ticket == 0 {
+            return true;
+        }
+        let predecessor = ticket_byte(ticket - 1);
         loop {
-            match self.record_lock(libc::F_WRLCK as libc::c_short, libc::F_SETLKW) {
-                Ok(()) => return true,
+            match self.lock_byte(predecessor, libc::F_WRLCK, libc::F_SETLKW) {
+                Ok(()) => {
+                    // Its release was the signal; the byte itself is not needed.
+                    let _ = self.lock_byte(predecessor, libc::F_UNLCK, libc::F_SETLK);
+                    return true;
+                }
                 Err(Errno::EINTR) if wanted() => {}
-                // Interrupted to stop, or the lock failed (EDEADLK, ENOLCK):
-                // without the record lock the wait is not serialised, but
-                // it still works.
+                // Leaving the line: the successor goes in early (see the
+                // module's comment).
                 Err(Errno::EINTR) => {
-                    self.open_gate();
+                    self.release();
                     return false;
                 }
+                // EDEADLK (the kernel's detector, which counts a process's
+                // threads as one owner) or ENOLCK: go on unserialised.
                 Err(_) => return true,
             }
         }
     }
 
+    /// Under the entry lock, draws the next ticket and locks its byte.
+    /// `Ok(None)` when record locks do not work here (the wait then goes on
+    /// unserialised); `Err` when interrupted and no longer wanted.
+    fn join_line(&self, wanted: &dyn Fn() -> bool) -> Result<Option<u64>, ()> {
+        loop {
+            match self.lock_byte(ENTRY_BYTE, libc::F_WRLCK, libc::F_SETLKW) {
+                Ok(()) => break,
+                Err(Errno::EINTR) if wanted() => {}
+                Err(Errno::EINTR) => return Err(()),
+                Err(_) => return Ok(None),
+            }
+        }
+        let ticket = self.next_ticket();
+        let locked = ticket.and_then(|t| self.lock_byte(ticket_byte(t), libc::F_WRLCK, libc::F_SETLK).ok().map(|_| t));
+        let _ = self.lock_byte(ENTRY_BYTE, libc::F_UNLCK, libc::F_SETLK);
+        Ok(locked)
+    }
+
+    /// Reads and advances the counter in the file (under the entry lock).
+    fn next_ticket(&self) -> Option<u64> {
+        let mut bytes = [0u8; 8];
+        let read = nix::sys::uio::pread(self.file.as_fd(), &mut bytes, COUNTER_AT).ok()?;
+        let ticket = if read == 8 { u64::from_ne_bytes(bytes) } else { 0 };
+        let written = nix::sys::uio::pwrite(self.file.as_fd(), &(ticket + 1).to_ne_bytes(), COUNTER_AT).ok()?;
+        (written == 8).then_some(ticket)
+    }
+
     fn release(&self) {
-        let _ = self.record_lock(libc::F_UNLCK as libc::c_short, libc::F_SETLK);
+        if let Some(ticket) = self.ticket.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = self.lock_byte(ticket_byte(ticket), libc::F_UNLCK, libc::F_SETLK);
+        }
         self.open_gate();
     }
 
@@ -170,12 +248,14 @@ impl Turn {
         self.gate_free.notify_all();
     }
 
-    fn record_lock(&self, kind: libc::c_short, command: libc::c_int) -> Result<(), Errno> {
+    fn lock_byte(&self, byte: i64, kind: libc::c_int, command: libc::c_int) -> Result<(), Errno> {
         // SAFETY: all-zero is a valid flock; the fields set below ask for
-        // the whole file.
+        // one byte.
         let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-        lock.l_type = kind;
+        lock.l_type = kind as libc::c_short;
         lock.l_whence = libc::SEEK_SET as libc::c_short;
+        lock.l_start = byte as libc::off_t;
+        lock.l_len = 1;
         // SAFETY: fcntl with a flock that lives across the call.
         Errno::result(unsafe { libc::fcntl(self.file.as_raw_fd(), command, &mut lock) }).map(drop)
     }
