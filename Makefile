@@ -109,13 +109,14 @@ check-ports: deps tcl9
 demo: build
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) examples/echo_server.tcl $(DEMOFLAGS)
 
-bench: build
+bench: build build-portable
 	@$(NEED) $(TEST_PACKAGES) $(BENCH_PACKAGES)
 	$(CARGO) bench --bench handoff -- $(HANDOFFFLAGS)
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/run.tcl $(BENCHFLAGS)
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/pool.tcl $(POOLBENCHFLAGS)
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/httpd.tcl $(HTTPDBENCHFLAGS)
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/security.tcl $(SECURITYBENCHFLAGS)
+	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/portable.tcl $(PORTABLEBENCHFLAGS)
 
 # Tcl 9.0 against Tcl 8.6 in one run (bench/tcl9.tcl).
 bench-tcl9: build-tcl9

@@ -30,6 +30,15 @@ use nix::unistd::{Gid, Group, Uid, User};
 #[allow(clippy::unnecessary_cast)]
 pub const UNLIMITED: u64 = nix::sys::resource::RLIM_INFINITY as u64;
 
+/// The fewest descriptors a worker may be limited to: Tcl's notifier, the
+/// pool's pipes and the queue need some before the first connection, and
+/// a worker that cannot make them dies inside Tcl (an abort), not with a
+/// reason in the log.
+pub const NOFILE_FLOOR: u64 = 64;
+
+/// The id that setuid and setgid read as "leave unchanged" ((uid_t)-1).
+const UNCHANGED_ID: u32 = u32::MAX;
+
 /// The limits `-rlimit` knows, by the names it takes.
 pub const LIMIT_NAMES: [&str; 6] = ["as", "core", "cpu", "fsize", "nofile", "nproc"];
 
@@ -84,6 +93,17 @@ impl Privileges {
         let lookup = |what: &str, word: &str| {
             (format!("unknown {what} \"{word}\""), words(&["TCL", "LOOKUP", &what.to_uppercase(), word]))
         };
+        let unchanged = |what: &str, word: &str| {
+            (
+                format!("{what} id {word} is not a {what}: the system reads it as \"leave unchanged\""),
+                words(&["TCL", "VALUE", &what.to_uppercase(), word]),
+            )
+        };
+        for (what, word) in [("user", user), ("group", group)] {
+            if let Some(word) = word.filter(|w| w.parse::<u32>() == Ok(UNCHANGED_ID)) {
+                return Err(unchanged(what, word));
+            }
+        }
         let mut privileges = Privileges::default();
         let mut primary_group = None;
         if let Some(word) = user {
@@ -143,6 +163,18 @@ impl Privileges {
                     words(&["SOCKETSERVER", "RLIMIT", name]),
                 ));
             };
+            if name == "nofile" && value == UNLIMITED {
+                return Err((
+                    format!("limit \"nofile unlimited\" is not allowed: no system gives a process unlimited descriptors; give a number of at least {NOFILE_FLOOR}"),
+                    words(&["SOCKETSERVER", "RLIMIT", name]),
+                ));
+            }
+            if name == "nofile" && value < NOFILE_FLOOR {
+                return Err((
+                    format!("limit \"nofile {value}\" is too low: a worker needs at least {NOFILE_FLOOR} descriptors before its first connection"),
+                    words(&["SOCKETSERVER", "RLIMIT", name]),
+                ));
+            }
             let (_, hard) = getrlimit(resource).unwrap_or((UNLIMITED as _, UNLIMITED as _));
             #[allow(clippy::unnecessary_cast)]
             let hard = hard as u64;
