@@ -443,13 +443,16 @@ unsafe extern "C" fn on_channel_closed(data: *mut c_void) {
 }
 
 /// A worker's own signals: SIGTERM means leave once the open channels are
-/// closed; SIGINT (Ctrl-C reaches the whole process group) is the
-/// supervisor's to act on, which stops the pool gracefully. Returns the
-/// read end of the worker's signal pipe.
+/// closed. The pool's other signals reach a worker when they are sent to
+/// the whole process group (Ctrl-C, a terminal that hangs up, `kill -HUP
+/// -pgid`): they are the supervisor's to act on (a graceful stop, a
+/// reload, a resize, an upgrade), and a worker caught by their default
+/// action would die mid-reply (HUP, USR2) or stop (TTIN, TTOU). Returns
+/// the read end of the worker's signal pipe.
 fn watch_signals() -> Option<RawFd> {
     use nix::sys::signal::Signal;
     let read_end = signals::pipe_read_end().ok()?;
-    for signal in [Signal::SIGTERM, Signal::SIGINT] {
+    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGTTIN, Signal::SIGTTOU, Signal::SIGUSR2] {
         let _ = signals::watch(signal);
     }
     Some(read_end)
