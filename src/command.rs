@@ -376,6 +376,7 @@ fn close(state: &InterpState, number: u16) -> TclResult<Obj> {
     state.cancel(number, removed.is_some());
     // Stopping the accept loop joins its thread: do it outside the table lock.
     drop(removed);
+    handoff::forget_closed_turns();
     Ok(Obj::new_string(""))
 }
 

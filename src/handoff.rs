@@ -51,8 +51,17 @@ pub fn new_queue() -> nix::Result<(OwnedFd, OwnedFd)> {
 /// bare `OwnedFd`s, so the turn is looked up rather than carried.
 static TURNS: Mutex<TurnTable> = Mutex::new(Vec::new());
 
-/// Each queue's waiting turn, by the number of its worker end.
-type TurnTable = Vec<(RawFd, Arc<Turn>)>;
+/// Each queue's waiting turn, by the number of its worker end and the
+/// identity of the socket that number named (see `socket_identity`).
+type TurnTable = Vec<(RawFd, (u64, u64), Arc<Turn>)>;
+
+/// The device and inode of the file a descriptor names: tells a queue's
+/// worker end from a later file that reuses its number. (dev_t is i32 on
+/// macOS, u64 on Linux and FreeBSD: hence the casts.)
+#[allow(clippy::unnecessary_cast)]
+fn socket_identity(fd: RawFd) -> Option<(u64, u64)> {
+    nix::sys::stat::fstat(fd).ok().map(|st| (st.st_dev as u64, st.st_ino as u64))
+}
 
 fn turns() -> MutexGuard<'static, TurnTable> {
     TURNS.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -76,7 +85,7 @@ fn record_turn(worker_end: RawFd, turn: Turn) {
             || {
                 let _ = TURNS_HELD.try_with(|held| {
                     if let Some(table) = held.borrow_mut().take() {
-                        table.iter().for_each(|(_, turn)| turn.renew_after_fork());
+                        table.iter().for_each(|(_, _, turn)| turn.renew_after_fork());
                     }
                 });
             },
@@ -84,8 +93,20 @@ fn record_turn(worker_end: RawFd, turn: Turn) {
     });
     let mut table = turns();
     // A number reused by a new queue replaces the closed queue's turn.
-    table.retain(|(fd, _)| *fd != worker_end);
-    table.push((worker_end, Arc::new(turn)));
+    table.retain(|(fd, identity, _)| *fd != worker_end && socket_identity(*fd) == Some(*identity));
+    if let Some(identity) = socket_identity(worker_end) {
+        table.push((worker_end, identity, Arc::new(turn)));
+    }
+}
+
+/// Lets the turns of queues closed since go, their files with them (a
+/// queue is closed when its worker end is: a turn stays while anything in
+/// the process still waits on the queue). Called when a port is closed, so
+/// that ports opened and closed leave nothing behind.
+pub fn forget_closed_turns() {
+    if Turn::NEEDED {
+        turns().retain(|(fd, identity, _)| socket_identity(*fd) == Some(*identity));
+    }
 }
 
 /// The waiting turn of the queue whose worker end is `queue`, if the
@@ -95,7 +116,7 @@ pub fn turn_of(queue: &OwnedFd) -> Option<Arc<Turn>> {
         return None;
     }
     let fd = queue.as_raw_fd();
-    turns().iter().find(|(number, _)| *number == fd).map(|(_, turn)| Arc::clone(turn))
+    turns().iter().find(|(number, _, _)| *number == fd).map(|(_, _, turn)| Arc::clone(turn))
 }
 
 /// A connection in transit: the socket and its peer's address.

@@ -90,12 +90,13 @@ pub struct Turn {
     ticket: Mutex<Option<u64>>,
 }
 
-/// The byte of the file that is the entry to the line (the ticket counter
-/// is kept in the 8 bytes from `COUNTER_AT`, beyond every ticket's byte).
+/// The byte of the file that is the entry to the line. Locks need no data
+/// under them: the file holds only the ticket counter, its first 8 bytes
+/// (so that a worker's file-size limit, `-rlimit fsize`, never meets it).
 const ENTRY_BYTE: i64 = 0;
 /// Tickets wrap far beyond any line length.
 const TICKETS: u64 = 1 << 40;
-const COUNTER_AT: i64 = 4 + 2 * TICKETS as i64;
+const COUNTER_AT: i64 = 0;
 
 /// A ticket's byte. Every other byte, from 2: the kernel merges adjacent
 /// locks of one process into one, and a successor's lock that changed
@@ -105,7 +106,12 @@ fn ticket_byte(ticket: u64) -> i64 {
 }
 
 /// How often a thread waiting for the gate looks whether it still wants it.
-const GATE_RECHECK: Duration = Duration::from_millis(100);
+/// (A thread that stops wanting it is told at once, by `recheck`: this is
+/// a safety net, long enough that idle threads do not keep waking.)
+const GATE_RECHECK: Duration = Duration::from_secs(2);
+/// The longest pause before asking again for a lock the kernel refused
+/// with EDEADLK.
+const DEADLOCK_RETRY_MAX: Duration = Duration::from_millis(50);
 
 impl Turn {
     /// Whether queues need a waiting turn on this platform.
@@ -115,7 +121,27 @@ impl Turn {
     /// Call under `fork_safety::hold_off_forks` when `CLOEXEC_IS_ATOMIC` is
     /// false.
     pub fn new() -> std::io::Result<Turn> {
-        let mut template = std::env::temp_dir();
+        // TMPDIR first; a TMPDIR that is missing or not writable must not
+        // keep a port from opening.
+        let mut last_error = std::io::Error::from(std::io::ErrorKind::NotFound);
+        for dir in [std::env::temp_dir(), "/tmp".into(), "/var/tmp".into()] {
+            match Self::unlinked_file(dir) {
+                Ok(file) => {
+                    return Ok(Turn {
+                        file,
+                        gate: Mutex::new(false),
+                        gate_free: Condvar::new(),
+                        ticket: Mutex::new(None),
+                    })
+                }
+                Err(error) => last_error = error,
+            }
+        }
+        Err(last_error)
+    }
+
+    /// A new file in `dir`, close-on-exec, already unlinked.
+    fn unlinked_file(mut template: std::path::PathBuf) -> std::io::Result<OwnedFd> {
         template.push("socketserver-turn-XXXXXX");
         let mut path = std::ffi::CString::new(template.into_os_string().into_encoded_bytes())
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?
@@ -127,10 +153,10 @@ impl Turn {
         }
         // SAFETY: mkstemp returned a new descriptor that nothing else owns.
         let file = unsafe { OwnedFd::from_raw_fd(fd) };
-        super::set_cloexec(file.as_fd())?;
         // SAFETY: `path` is NUL-terminated; the name is ours (mkstemp made it).
         unsafe { libc::unlink(path.as_ptr().cast()) };
-        Ok(Turn { file, gate: Mutex::new(false), gate_free: Condvar::new(), ticket: Mutex::new(None) })
+        super::set_cloexec(file.as_fd())?;
+        Ok(file)
     }
 
     pub fn raw_fd(&self) -> Option<RawFd> {
@@ -182,6 +208,7 @@ impl Turn {
             return true;
         }
         let predecessor = ticket_byte(ticket - 1);
+        let mut pause = Duration::from_millis(1);
         loop {
             match self.lock_byte(predecessor, libc::F_WRLCK, libc::F_SETLKW) {
                 Ok(()) => {
@@ -196,8 +223,20 @@ impl Turn {
                     self.release();
                     return false;
                 }
-                // EDEADLK (the kernel's detector, which counts a process's
-                // threads as one owner) or ENOLCK: go on unserialised.
+                // The kernel's deadlock detector counts all the threads of a
+                // process as one owner: a worker in line on two ports can
+                // look like a cycle with another such worker, though each
+                // holder lets go as soon as its own queue has a connection.
+                // Ask again after a pause, still in line.
+                Err(Errno::EDEADLK) if wanted() => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(DEADLOCK_RETRY_MAX);
+                }
+                Err(Errno::EDEADLK) => {
+                    self.release();
+                    return false;
+                }
+                // ENOLCK: go on unserialised.
                 Err(_) => return true,
             }
         }
@@ -211,6 +250,8 @@ impl Turn {
             match self.lock_byte(ENTRY_BYTE, libc::F_WRLCK, libc::F_SETLKW) {
                 Ok(()) => break,
                 Err(Errno::EINTR) if wanted() => {}
+                // See `acquire`: the entry is held only for a moment.
+                Err(Errno::EDEADLK) if wanted() => std::thread::sleep(Duration::from_millis(1)),
                 Err(Errno::EINTR) => return Err(()),
                 Err(_) => return Ok(None),
             }
