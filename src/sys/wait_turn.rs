@@ -94,6 +94,12 @@ pub struct Turn {
 /// under them: the file holds only the ticket counter, its first 8 bytes
 /// (so that a worker's file-size limit, `-rlimit fsize`, never meets it).
 const ENTRY_BYTE: i64 = 0;
+/// `l_type` values (c_int constants on Linux, c_short on the BSDs).
+#[allow(clippy::unnecessary_cast)]
+const WRITE_LOCK: libc::c_short = libc::F_WRLCK as libc::c_short;
+#[allow(clippy::unnecessary_cast)]
+const UNLOCK: libc::c_short = libc::F_UNLCK as libc::c_short;
+
 /// Tickets wrap far beyond any line length.
 const TICKETS: u64 = 1 << 40;
 const COUNTER_AT: i64 = 0;
@@ -210,10 +216,10 @@ impl Turn {
         let predecessor = ticket_byte(ticket - 1);
         let mut pause = Duration::from_millis(1);
         loop {
-            match self.lock_byte(predecessor, libc::F_WRLCK, libc::F_SETLKW) {
+            match self.lock_byte(predecessor, WRITE_LOCK, libc::F_SETLKW) {
                 Ok(()) => {
                     // Its release was the signal; the byte itself is not needed.
-                    let _ = self.lock_byte(predecessor, libc::F_UNLCK, libc::F_SETLK);
+                    let _ = self.lock_byte(predecessor, UNLOCK, libc::F_SETLK);
                     return true;
                 }
                 Err(Errno::EINTR) if wanted() => {}
@@ -247,7 +253,7 @@ impl Turn {
     /// unserialised); `Err` when interrupted and no longer wanted.
     fn join_line(&self, wanted: &dyn Fn() -> bool) -> Result<Option<u64>, ()> {
         loop {
-            match self.lock_byte(ENTRY_BYTE, libc::F_WRLCK, libc::F_SETLKW) {
+            match self.lock_byte(ENTRY_BYTE, WRITE_LOCK, libc::F_SETLKW) {
                 Ok(()) => break,
                 Err(Errno::EINTR) if wanted() => {}
                 // See `acquire`: the entry is held only for a moment.
@@ -257,8 +263,8 @@ impl Turn {
             }
         }
         let ticket = self.next_ticket();
-        let locked = ticket.and_then(|t| self.lock_byte(ticket_byte(t), libc::F_WRLCK, libc::F_SETLK).ok().map(|_| t));
-        let _ = self.lock_byte(ENTRY_BYTE, libc::F_UNLCK, libc::F_SETLK);
+        let locked = ticket.and_then(|t| self.lock_byte(ticket_byte(t), WRITE_LOCK, libc::F_SETLK).ok().map(|_| t));
+        let _ = self.lock_byte(ENTRY_BYTE, UNLOCK, libc::F_SETLK);
         Ok(locked)
     }
 
@@ -273,7 +279,7 @@ impl Turn {
 
     fn release(&self) {
         if let Some(ticket) = self.ticket.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let _ = self.lock_byte(ticket_byte(ticket), libc::F_UNLCK, libc::F_SETLK);
+            let _ = self.lock_byte(ticket_byte(ticket), UNLOCK, libc::F_SETLK);
         }
         self.open_gate();
     }
@@ -289,11 +295,11 @@ impl Turn {
         self.gate_free.notify_all();
     }
 
-    fn lock_byte(&self, byte: i64, kind: libc::c_int, command: libc::c_int) -> Result<(), Errno> {
+    fn lock_byte(&self, byte: i64, kind: libc::c_short, command: libc::c_int) -> Result<(), Errno> {
         // SAFETY: all-zero is a valid flock; the fields set below ask for
         // one byte.
         let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-        lock.l_type = kind as libc::c_short;
+        lock.l_type = kind;
         lock.l_whence = libc::SEEK_SET as libc::c_short;
         lock.l_start = byte as libc::off_t;
         lock.l_len = 1;
