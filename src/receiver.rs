@@ -12,7 +12,9 @@
 //! pending does not wait at all, so it can never take a connection it
 //! would not serve.
 //!
-//! Right after taking a connection the receiver looks whether its client
+//! For a pool's workers (not for the low-level `client`, whose handlers
+//! see every connection, as socketservertcl 1.1.3's did), right after
+//! taking a connection the receiver looks whether its client
 //! is still there (`MSG_PEEK`, without waiting: end of file means the
 //! client closed, or half-closed, without sending a byte while it was
 //! queued). Such a connection is closed, counted as abandoned, and the
@@ -58,6 +60,8 @@ enum Mode {
 struct Shared {
     queue: Arc<OwnedFd>,
     stats: Arc<QueueStats>,
+    /// Close connections whose client left while queued (see above).
+    drop_abandoned: bool,
     waiter: QueueWaiter,
     mode: Mutex<Mode>,
 }
@@ -78,7 +82,7 @@ impl Shared {
             let received = handoff::receive_connection(self.queue.as_fd(), MsgFlags::MSG_DONTWAIT)?;
             let Received::Connection(mut conn) = received else { return Ok(received) };
             self.stats.count_taken();
-            if client_left(&conn) {
+            if self.drop_abandoned && client_left(&conn) {
                 self.stats.count_abandoned();
                 continue;
             }
@@ -110,13 +114,14 @@ impl Receiver {
     pub fn spawn(
         queue: Arc<OwnedFd>,
         stats: Arc<QueueStats>,
+        drop_abandoned: bool,
         deliver: impl Fn(Outcome) + Send + 'static,
     ) -> std::io::Result<Receiver> {
         let waiter = {
             let _no_fork = (!sys::CLOEXEC_IS_ATOMIC).then(fork_safety::hold_off_forks);
             QueueWaiter::new(handoff::turn_of(&queue))?
         };
-        let shared = Arc::new(Shared { queue, stats, waiter, mode: Mutex::new(Mode::Idle) });
+        let shared = Arc::new(Shared { queue, stats, drop_abandoned, waiter, mode: Mutex::new(Mode::Idle) });
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("socketserver-recv".into())

@@ -195,7 +195,10 @@ impl InterpState {
                     pid: self.pid.get(),
                     queue: Arc::clone(&queue),
                 };
-                let receiver = Receiver::spawn(Arc::clone(&queue), Arc::clone(&counters.queue), {
+                // A pool's workers drop connections whose client left while
+                // queued; the low-level API hands every one to its handler.
+                let drop_abandoned = matches!(handler, Handler::Native(_));
+                let receiver = Receiver::spawn(Arc::clone(&queue), Arc::clone(&counters.queue), drop_abandoned, {
                     let mailbox = mailbox.clone();
                     move |outcome| mailbox.post(outcome)
                 })
