@@ -223,10 +223,11 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
         return Err(supervisor::not_here());
     }
     let port = open_port(interp, number, &server)?;
+    supervisor::create(interp, state, port, config)?;
+    // Once the pool is ours: a create that failed changes no other pool's port.
     if let Some(open) = port_table::table().get(port) {
         open.counters.queue.set_bound(max_queue, overload.unwrap_or(Overload::Pause));
     }
-    supervisor::create(interp, state, port, config)?;
     Ok(Obj::new_int(port.into()))
 }
 
