@@ -34,8 +34,10 @@ TEST_PACKAGES  := tclx8.4 tcl-thread tcllib binutils apache2-utils systemd tcl-t
 BENCH_PACKAGES := apache2-utils gcc
 PORTS_PACKAGES := rustc-web rust-web-src
 PORTABLEDIR := build/portable
+BASELINE    ?= main
+BASELINEDIR := build/baseline
 
-.PHONY: all build deps lint test test-rust test-tcl test-tcl9 test-portable build-portable check-ports demo bench bench-tcl9 soak memcheck install uninstall clean tcl9 build-tcl9
+.PHONY: all build build-baseline deps lint test test-rust test-tcl test-tcl9 test-portable build-portable check-ports demo bench bench-tcl9 soak memcheck install uninstall clean tcl9 build-tcl9
 
 all: build
 
@@ -117,6 +119,19 @@ bench: build build-portable
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/httpd.tcl $(HTTPDBENCHFLAGS)
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/security.tcl $(SECURITYBENCHFLAGS)
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/portable.tcl $(PORTABLEBENCHFLAGS)
+	$(MAKE) --no-print-directory build-baseline
+	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/queue.tcl -baseline $(CURDIR)/$(BASELINEDIR)/src/build $(QUEUEBENCHFLAGS)
+
+# The tree bench/queue.tcl compares with (BASELINE: a git revision, main by
+# default), built as it builds itself, into build/baseline.
+# The source is extracted again only when the revision changed.
+build-baseline:
+	@rev=$$(git rev-parse $(BASELINE)) && \
+	if [ "$$(cat $(BASELINEDIR)/rev 2>/dev/null)" != "$$rev" ]; then \
+	    rm -rf $(BASELINEDIR)/src && mkdir -p $(BASELINEDIR)/src && \
+	    git archive $$rev | tar -x -C $(BASELINEDIR)/src && echo $$rev > $(BASELINEDIR)/rev; \
+	fi
+	$(MAKE) --no-print-directory -C $(BASELINEDIR)/src build
 
 # Tcl 9.0 against Tcl 8.6 in one run (bench/tcl9.tcl).
 bench-tcl9: build-tcl9

@@ -16,6 +16,11 @@
 //! registration cancelled while its connection was on the way): a rare
 //! path, kept off the accepting threads.
 //!
+//! A queue bounded by `-maxqueue` (`queue_stats`) makes the threads, at
+//! the bound, either pause before `accept4` (asleep on the queue's `room`
+//! waker, which a worker rings when it takes a connection: no polling
+//! loop) or accept and close at once, counted as rejected.
+//!
 //! A full queue blocks a sender (the kernel's backlog then holds new
 //! connections); running out of descriptors makes a thread back off
 //! instead of spinning. Stopping interrupts the threads blocked in
@@ -41,6 +46,7 @@ use crate::counters::Counters;
 use crate::fork_safety;
 use crate::handoff::{self, Connection, Received};
 use crate::listener;
+use crate::queue_stats::Overload;
 use crate::sys::{self, Waker};
 
 /// How long to pause when accept or send fails for lack of resources.
@@ -60,6 +66,11 @@ const SEND_TIMEOUT: Duration = Duration::from_millis(200);
 static HELD: AtomicBool = AtomicBool::new(false);
 /// How often a held accepting thread looks again.
 const HELD_POLL_MS: u16 = 20;
+/// How long a paused thread sleeps before it looks at the queue again
+/// without being rung (a ring drained by another paused thread, or no
+/// waker at all: then more often).
+const PAUSE_POLL_MS: u16 = 1000;
+const PAUSE_POLL_NO_WAKER_MS: u16 = 10;
 
 /// Holds every accepting thread of this process back until
 /// `release_accepting`.
@@ -283,9 +294,57 @@ impl Shared {
         !self.stopping()
     }
 
-    /// Sends one connection into the queue, waiting while it is full;
-    /// false when the port was closed first (the connection is dropped).
+    /// At the queue's bound with `-overload pause`: waits until a worker
+    /// takes a connection from the queue; false when stopping.
+    fn wait_for_room(&self) -> bool {
+        let queue = &self.counters.queue;
+        let pausing = || queue.full() && queue.bound().1 == Overload::Pause && !self.stopping();
+        if !pausing() {
+            return !self.stopping();
+        }
+        // Marked paused before looking again: a worker that takes one after
+        // our look rings the waker.
+        queue.enter_pause();
+        while pausing() {
+            let mut fds = vec![PollFd::new(self.stop.fd(), PollFlags::POLLIN)];
+            let timeout = match queue.room_fd() {
+                Some(room) => {
+                    fds.push(PollFd::new(room, PollFlags::POLLIN));
+                    PAUSE_POLL_MS
+                }
+                None => PAUSE_POLL_NO_WAKER_MS,
+            };
+            let _ = poll(&mut fds, PollTimeout::from(timeout));
+            queue.drain_room();
+        }
+        queue.leave_pause();
+        !self.stopping()
+    }
+
+    /// At the queue's bound with `-overload close`: the connection is
+    /// closed at once, and counted.
+    fn reject_at_bound(&self) -> bool {
+        let queue = &self.counters.queue;
+        if queue.full() && queue.bound().1 == Overload::Close {
+            queue.count_rejected();
+            return true;
+        }
+        false
+    }
+
+    /// Sends one connection into the queue (counted there), waiting while
+    /// it is full; false when the port was closed first (the connection
+    /// is dropped).
     fn send(&self, conn: &Connection) -> bool {
+        self.counters.queue.count_queued();
+        let sent = self.send_uncounted(conn);
+        if !sent {
+            self.counters.queue.unqueued();
+        }
+        sent
+    }
+
+    fn send_uncounted(&self, conn: &Connection) -> bool {
         loop {
             match handoff::send_connection(self.accept_end.as_fd(), conn, MsgFlags::empty()) {
                 Ok(()) => return true,
@@ -304,7 +363,7 @@ impl Shared {
                     }
                 }
                 // No worker end is left anywhere: nobody can take it.
-                Err(_) => return true,
+                Err(_) => return false,
             }
         }
     }
@@ -324,10 +383,15 @@ impl Accepter {
             return;
         }
         loop {
+            if !self.shared.wait_for_room() {
+                return;
+            }
             match self.take(listener) {
                 Ok(conn) => {
                     self.shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
-                    self.shared.send(&conn);
+                    if !self.shared.reject_at_bound() {
+                        self.shared.send(&conn);
+                    }
                     self.release(conn);
                 }
                 _ if self.shared.stopping() => return,
@@ -423,5 +487,5 @@ fn requeue_returned(shared: &Shared) {
 fn accept_connection(listener: &OwnedFd) -> Result<Connection, Errno> {
     let (socket, address) = sys::accept_cloexec(listener.as_fd())?;
     let peer = address.as_ref().and_then(listener::to_socket_addr);
-    Ok(Connection { socket, peer })
+    Ok(Connection::accepted_now(socket, peer))
 }

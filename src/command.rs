@@ -14,8 +14,14 @@ use crate::proxy_protocol;
 use crate::registration::{Handler, InterpState};
 use crate::tcl::{self, Interp, NameTable, Obj, TclError, TclResult, Tcl_Obj};
 
-static SUBCOMMANDS: NameTable<5> =
-    NameTable([c"client".as_ptr(), c"close".as_ptr(), c"info".as_ptr(), c"server".as_ptr(), std::ptr::null()]);
+static SUBCOMMANDS: NameTable<6> = NameTable([
+    c"client".as_ptr(),
+    c"close".as_ptr(),
+    c"info".as_ptr(),
+    c"queue".as_ptr(),
+    c"server".as_ptr(),
+    std::ptr::null(),
+]);
 static SERVER_OPTIONS: NameTable<9> = NameTable([
     c"-backlog".as_ptr(),
     c"-fd".as_ptr(),
@@ -60,6 +66,10 @@ pub fn dispatch(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj]) -> T
             )),
             [port] => info(state, parse_port(interp, port)?),
             _ => Err(interp.wrong_num_args(objv, 2, "?port?")),
+        },
+        "queue" => match args.as_slice() {
+            [channel] => crate::queue_time::query(interp, channel),
+            _ => Err(interp.wrong_num_args(objv, 2, "channel")),
         },
         _ => server(interp, objv, &args),
     }
@@ -400,6 +410,8 @@ fn info(state: &InterpState, number: u16) -> TclResult<Obj> {
         ("threads", Obj::new_int(port.accept_loop.as_ref().map_or(0, |l| l.threads()) as i64)),
         ("accepted", count(&port.counters.accepted)),
         ("received", count(&port.counters.received)),
+        ("queued", Obj::new_int(port.counters.queue.depth() as i64)),
+        ("abandoned", Obj::new_int(port.counters.queue.snapshot().abandoned as i64)),
         ("proxy", Obj::new_string(port.proxy.as_ref().map_or("none", |p| p.mode.name()))),
         ("proxyerrors", count(&port.counters.proxy_errors)),
         ("proxyuntrusted", count(&port.counters.proxy_untrusted)),

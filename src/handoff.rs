@@ -5,8 +5,10 @@
 //! on one end (the *accept end*); every worker receives from the other (the
 //! *worker end*), which it inherited through `fork`. One message is one
 //! connection: its payload is the peer's address as `accept()` reported it
-//! (in binary: the worker, not the accepting thread, formats it as text),
-//! and its control message carries exactly one descriptor (`SCM_RIGHTS`).
+//! (in binary: the worker, not the accepting thread, formats it as text)
+//! and the moment it was accepted (`CLOCK_MONOTONIC`, the same clock in
+//! every process, so the worker knows how long it waited), and its
+//! control message carries exactly one descriptor (`SCM_RIGHTS`).
 //! SEQPACKET keeps message boundaries, so a connection is never split or
 //! merged with another, and the kernel gives each message to one receiver.
 //!
@@ -26,7 +28,7 @@ use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use crate::fork_safety;
 use crate::sys::{self, Turn};
 
-/// Room for the longest payload (19 bytes) and more, so that a longer,
+/// Room for the longest payload (27 bytes) and more, so that a longer,
 /// foreign message is seen as truncated.
 const MAX_PAYLOAD: usize = 32;
 
@@ -125,9 +127,26 @@ pub struct Connection {
     pub socket: OwnedFd,
     /// `None` when `accept()` gave no IPv4 or IPv6 address.
     pub peer: Option<SocketAddr>,
+    /// When the accepting thread took it (monotonic nanoseconds; 0: unknown).
+    pub accepted_at: u64,
+    /// When a worker took it off the queue (monotonic nanoseconds; 0: not yet).
+    pub taken_at: u64,
 }
 
 impl Connection {
+    /// A connection just accepted: stamped now.
+    pub fn accepted_now(socket: OwnedFd, peer: Option<SocketAddr>) -> Connection {
+        Connection { socket, peer, accepted_at: crate::queue_stats::monotonic_ns(), taken_at: 0 }
+    }
+
+    /// How long it waited in the queue, in nanoseconds (0 if unknown).
+    pub fn queue_wait_ns(&self) -> u64 {
+        if self.accepted_at == 0 || self.taken_at == 0 {
+            return 0;
+        }
+        self.taken_at.saturating_sub(self.accepted_at)
+    }
+
     /// The peer's address and port, as Tcl's `socket -server` reports them
     /// (an IPv4 peer on an IPv6 socket as `127.0.0.1`).
     pub fn peer_host_and_port(&self) -> (String, String) {
@@ -145,15 +164,19 @@ impl Connection {
 }
 
 /// The payload of a message: a family byte (4, 6, or 0 for none), the port
-/// (big-endian) and the address's bytes. At most 19 bytes.
+/// (big-endian) and the address's bytes, then the accept time (8 bytes,
+/// native order: sender and receiver are the same program on one
+/// machine). At most 27 bytes.
 struct PeerBytes {
-    bytes: [u8; 19],
+    bytes: [u8; 27],
     len: usize,
 }
 
+const STAMP: usize = 8;
+
 impl PeerBytes {
-    fn encode(peer: Option<SocketAddr>) -> PeerBytes {
-        let mut bytes = [0u8; 19];
+    fn encode(peer: Option<SocketAddr>, accepted_at: u64) -> PeerBytes {
+        let mut bytes = [0u8; 27];
         let len = match peer {
             None => 1,
             Some(SocketAddr::V4(v4)) => {
@@ -169,11 +192,20 @@ impl PeerBytes {
                 19
             }
         };
-        PeerBytes { bytes, len }
+        bytes[len..len + STAMP].copy_from_slice(&accepted_at.to_ne_bytes());
+        PeerBytes { bytes, len: len + STAMP }
     }
 
-    /// `Err` for a payload no sender of ours makes.
-    fn decode(payload: &[u8]) -> Result<Option<SocketAddr>, ReceiveError> {
+    /// The peer and the accept time; `Err` for a payload no sender of ours
+    /// makes.
+    fn decode(payload: &[u8]) -> Result<(Option<SocketAddr>, u64), ReceiveError> {
+        let Some(split) = payload.len().checked_sub(STAMP) else { return Err(ReceiveError::Malformed) };
+        let (payload, stamp) = payload.split_at(split);
+        let accepted_at = u64::from_ne_bytes(stamp.try_into().expect("8 bytes"));
+        Ok((Self::decode_peer(payload)?, accepted_at))
+    }
+
+    fn decode_peer(payload: &[u8]) -> Result<Option<SocketAddr>, ReceiveError> {
         let port = |p: &[u8]| u16::from_be_bytes([p[1], p[2]]);
         match payload {
             [0] => Ok(None),
@@ -197,7 +229,7 @@ impl PeerBytes {
 /// control message on the stack, because nix's `sendmsg` allocates its
 /// control buffer on the heap at every call.
 pub fn send_connection(queue: BorrowedFd<'_>, conn: &Connection, flags: MsgFlags) -> nix::Result<()> {
-    let peer = PeerBytes::encode(conn.peer);
+    let peer = PeerBytes::encode(conn.peer, conn.accepted_at);
     let payload = &peer.bytes[..peer.len];
     let fd: RawFd = conn.socket.as_raw_fd();
     // Room for one cmsghdr and one descriptor, aligned as cmsghdr wants.
@@ -309,6 +341,6 @@ pub fn receive_connection(queue: BorrowedFd<'_>, flags: MsgFlags) -> Result<Rece
     }
     let socket = descriptors.pop().expect("checked: exactly one descriptor");
     // A malformed payload drops the socket here: closed, not leaked.
-    let peer = PeerBytes::decode(&payload[..length])?;
-    Ok(Received::Connection(Connection { socket, peer }))
+    let (peer, accepted_at) = PeerBytes::decode(&payload[..length])?;
+    Ok(Received::Connection(Connection { socket, peer, accepted_at, taken_at: 0 }))
 }

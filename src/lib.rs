@@ -33,6 +33,8 @@ mod process;
 mod proxy_header;
 pub mod proxy_protocol;
 mod proxy_trust;
+pub mod queue_stats;
+mod queue_time;
 pub mod receiver;
 mod registration;
 #[doc(hidden)]

@@ -94,7 +94,7 @@ impl PortTable {
             if let Some(accept_loop) = port.accept_loop.take() {
                 accept_loop.abandon_after_fork();
             }
-            port.counters = Arc::new(Counters::default());
+            port.counters = Arc::new(port.counters.fresh());
         }
     }
 

@@ -11,6 +11,16 @@
 //! to its interpreter's thread as a Tcl event. A worker with nothing
 //! pending does not wait at all, so it can never take a connection it
 //! would not serve.
+//!
+//! For a pool's workers (not for the low-level `client`, whose handlers
+//! see every connection, as socketservertcl 1.1.3's did), right after
+//! taking a connection the receiver looks whether its client
+//! is still there (`MSG_PEEK`, without waiting: end of file means the
+//! client closed, or half-closed, without sending a byte while it was
+//! queued). Such a connection is closed, counted as abandoned, and the
+//! receiver takes the next one, still armed: no handler runs and the
+//! interpreter is not woken for it. A live connection costs that one
+//! non-blocking system call and no wakeup; nothing of its data is read.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,6 +32,7 @@ use nix::sys::socket::MsgFlags;
 
 use crate::fork_safety;
 use crate::handoff::{self, Connection, ReceiveError, Received};
+use crate::queue_stats::{monotonic_ns, QueueStats};
 use crate::sys::{self, QueueWaiter, Woke};
 
 /// What a receiver hands to its interpreter.
@@ -48,6 +59,9 @@ enum Mode {
 
 struct Shared {
     queue: Arc<OwnedFd>,
+    stats: Arc<QueueStats>,
+    /// Close connections whose client left while queued (see above).
+    drop_abandoned: bool,
     waiter: QueueWaiter,
     mode: Mutex<Mode>,
 }
@@ -60,6 +74,34 @@ impl Shared {
     fn armed(&self) -> bool {
         *self.mode() == Mode::Armed
     }
+
+    /// Takes the next connection without waiting, stamped and counted; a
+    /// connection whose client has left is closed and the next one taken.
+    fn take(&self) -> Result<Received, ReceiveError> {
+        loop {
+            let received = handoff::receive_connection(self.queue.as_fd(), MsgFlags::MSG_DONTWAIT)?;
+            let Received::Connection(mut conn) = received else { return Ok(received) };
+            self.stats.count_taken();
+            if self.drop_abandoned && client_left(&conn) {
+                self.stats.count_abandoned();
+                continue;
+            }
+            conn.taken_at = monotonic_ns();
+            return Ok(Received::Connection(conn));
+        }
+    }
+}
+
+/// Whether the client closed the connection (or its sending side) without
+/// sending anything: end of file, or a reset, before any byte. Data waiting
+/// (a request, a PROXY header, a TLS hello), or nothing yet, is a live client.
+fn client_left(conn: &Connection) -> bool {
+    let mut byte = [0u8; 1];
+    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+    matches!(
+        nix::sys::socket::recv(std::os::fd::AsRawFd::as_raw_fd(&conn.socket), &mut byte, flags),
+        Ok(0) | Err(Errno::ECONNRESET)
+    )
 }
 
 pub struct Receiver {
@@ -69,12 +111,17 @@ pub struct Receiver {
 
 impl Receiver {
     /// Starts the waiting thread (idle). `deliver` runs on that thread.
-    pub fn spawn(queue: Arc<OwnedFd>, deliver: impl Fn(Outcome) + Send + 'static) -> std::io::Result<Receiver> {
+    pub fn spawn(
+        queue: Arc<OwnedFd>,
+        stats: Arc<QueueStats>,
+        drop_abandoned: bool,
+        deliver: impl Fn(Outcome) + Send + 'static,
+    ) -> std::io::Result<Receiver> {
         let waiter = {
             let _no_fork = (!sys::CLOEXEC_IS_ATOMIC).then(fork_safety::hold_off_forks);
             QueueWaiter::new(handoff::turn_of(&queue))?
         };
-        let shared = Arc::new(Shared { queue, waiter, mode: Mutex::new(Mode::Idle) });
+        let shared = Arc::new(Shared { queue, stats, drop_abandoned, waiter, mode: Mutex::new(Mode::Idle) });
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("socketserver-recv".into())
@@ -92,7 +139,7 @@ impl Receiver {
         if *mode != Mode::Idle {
             return Ok(None);
         }
-        let taken = match handoff::receive_connection(self.shared.queue.as_fd(), MsgFlags::MSG_DONTWAIT) {
+        let taken = match self.shared.take() {
             Ok(Received::Connection(conn)) => return Ok(Some(Outcome::Connection(conn))),
             // The queue closed: arm anyway, the receiver reports it.
             Ok(Received::Empty | Received::Closed) => None,
@@ -113,7 +160,7 @@ impl Receiver {
             let spent = self.shared.waiter.leave(self.shared.queue.as_fd());
             *mode = Mode::Idle;
             if spent {
-                pass_on_wakeup(&self.shared.queue);
+                pass_on_wakeup(&self.shared.queue, &self.shared.stats);
             }
         }
     }
@@ -147,7 +194,7 @@ impl Drop for Receiver {
 /// and send it back to the accepting thread, whose re-send wakes the next
 /// idle worker. (When the accept end is gone, the queue reports hang-up to
 /// every waiter, so no wakeup can be lost and we leave it be.)
-fn pass_on_wakeup(queue: &OwnedFd) {
+fn pass_on_wakeup(queue: &OwnedFd, stats: &QueueStats) {
     let mut fds = [PollFd::new(queue.as_fd(), PollFlags::POLLIN)];
     if poll(&mut fds, PollTimeout::ZERO).is_err() {
         return;
@@ -157,6 +204,7 @@ fn pass_on_wakeup(queue: &OwnedFd) {
         return;
     }
     if let Ok(Received::Connection(conn)) = handoff::receive_connection(queue.as_fd(), MsgFlags::MSG_DONTWAIT) {
+        stats.count_taken();
         give_back(queue, conn);
     }
 }
@@ -185,8 +233,8 @@ fn wait_loop(shared: &Shared, deliver: impl Fn(Outcome)) {
             if *mode != Mode::Armed {
                 continue;
             }
-            match handoff::receive_connection(shared.queue.as_fd(), MsgFlags::MSG_DONTWAIT) {
-                // Another worker was quicker; keep waiting.
+            match shared.take() {
+                // Another worker was quicker (or the client left); keep waiting.
                 Ok(Received::Empty) => continue,
                 Ok(Received::Connection(conn)) => {
                     shared.waiter.taken(shared.queue.as_fd());

@@ -195,7 +195,10 @@ impl InterpState {
                     pid: self.pid.get(),
                     queue: Arc::clone(&queue),
                 };
-                let receiver = Receiver::spawn(Arc::clone(&queue), {
+                // A pool's workers drop connections whose client left while
+                // queued; the low-level API hands every one to its handler.
+                let drop_abandoned = matches!(handler, Handler::Native(_));
+                let receiver = Receiver::spawn(Arc::clone(&queue), Arc::clone(&counters.queue), drop_abandoned, {
                     let mailbox = mailbox.clone();
                     move |outcome| mailbox.post(outcome)
                 })
@@ -275,7 +278,9 @@ impl InterpState {
         match handler {
             Handler::Script(mut words) => {
                 let (host, peer_port) = conn.peer_host_and_port();
+                let stamps = crate::queue_time::stamps_of(&conn);
                 let channel = interp.adopt_tcp_socket(conn.socket);
+                crate::queue_time::remember(channel, stamps);
                 let closed = Arc::new(AtomicBool::new(false));
                 channel.on_close(mark_closed, Arc::into_raw(Arc::clone(&closed)).cast_mut().cast());
                 let name = channel.name();
@@ -308,6 +313,9 @@ impl InterpState {
                     receiver::give_back(queue, conn);
                     return;
                 };
+                if conn.accepted_at != 0 {
+                    registration.counters.queue.record_wait(conn.queue_wait_ns());
+                }
                 let handler = registration.handler.take();
                 let proxy = registration.proxy.clone();
                 let after = AfterHeader {

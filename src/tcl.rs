@@ -514,6 +514,31 @@ impl Interp {
         }
     }
 
+    /// The channel `name` of this interpreter, the bottom one of its stack
+    /// (the one `adopt_tcp_socket` made, under a `tls::import`); Tcl's
+    /// error for a name it does not know.
+    pub fn bottom_channel(&self, name: &str) -> TclResult<Channel> {
+        let lookup_error =
+            || TclError::new(format!("can not find channel named \"{name}\""), &["TCL", "LOOKUP", "CHANNEL", name]);
+        let c_name = CString::new(name).map_err(|_| lookup_error())?;
+        // SAFETY: interpreter and name are live; stacked channels are valid
+        // while the top one is.
+        unsafe {
+            let mut channel = stub!(tcl_GetChannel)(self.as_ptr(), c_name.as_ptr(), ptr::null_mut());
+            if channel.is_null() {
+                stub!(tcl_ResetResult)(self.as_ptr());
+                return Err(lookup_error());
+            }
+            loop {
+                let below = stub!(tcl_GetStackedChannel)(channel);
+                if below.is_null() {
+                    return Ok(Channel(channel));
+                }
+                channel = below;
+            }
+        }
+    }
+
     /// Whether the channel `name` of this interpreter is a TCP socket of
     /// Tcl's, or a channel stacked on one (TLS).
     pub fn is_tcp_channel(&self, name: &str) -> bool {
@@ -723,6 +748,11 @@ impl Channel {
     pub fn name(&self) -> String {
         // SAFETY: the channel is open (the caller has just made it).
         unsafe { CStr::from_ptr(stub!(tcl_GetChannelName)(self.0)).to_string_lossy().into_owned() }
+    }
+
+    /// A number that names the channel while it is open.
+    pub fn key(&self) -> usize {
+        self.0 as usize
     }
 
     /// Asks Tcl to call `proc_(data)` when the channel is closed, however it

@@ -46,7 +46,8 @@ fn a_connection_crosses_a_fork_with_its_peer_address() {
     match unsafe { fork() }.expect("fork") {
         ForkResult::Child => {
             // The child is the accepting side: send, then leave at once.
-            let conn = Connection { socket, peer: Some("192.0.2.7:4242".parse().unwrap()) };
+            let conn =
+                Connection { socket, peer: Some("192.0.2.7:4242".parse().unwrap()), accepted_at: 7, taken_at: 0 };
             let ok = send_connection(accept_end.as_fd(), &conn, MsgFlags::empty()).is_ok();
             unsafe { libc::_exit(if ok { 0 } else { 1 }) };
         }
@@ -58,6 +59,7 @@ fn a_connection_crosses_a_fork_with_its_peer_address() {
                 other => panic!("expected a connection, got {other:?}"),
             };
             assert_eq!(conn.peer_host_and_port(), ("192.0.2.7".into(), "4242".into()));
+            assert_eq!(conn.accepted_at, 7, "the accept time crosses with the connection");
             assert!(is_cloexec(&conn.socket), "received descriptors must be close-on-exec");
             // The received descriptor is the same socket: bytes go through.
             let mut received = std::fs::File::from(conn.socket);
@@ -76,7 +78,8 @@ fn one_message_carries_one_connection() {
     for i in 0..3 {
         let (socket, far_end) = stream_pair();
         far_ends.push(far_end);
-        let conn = Connection { socket, peer: Some(format!("127.0.0.1:{i}").parse().unwrap()) };
+        let conn =
+            Connection { socket, peer: Some(format!("127.0.0.1:{i}").parse().unwrap()), accepted_at: 7, taken_at: 0 };
         send_connection(accept_end.as_fd(), &conn, MsgFlags::empty()).unwrap();
     }
     for (i, far_end) in far_ends.iter_mut().enumerate() {
@@ -97,7 +100,7 @@ fn queued_connections_outlive_the_accept_end() {
     let (socket, _far_end) = stream_pair();
     send_connection(
         accept_end.as_fd(),
-        &Connection { socket, peer: Some("[::1]:1".parse().unwrap()) },
+        &Connection { socket, peer: Some("[::1]:1".parse().unwrap()), accepted_at: 7, taken_at: 0 },
         MsgFlags::empty(),
     )
     .unwrap();
@@ -120,7 +123,7 @@ fn a_descriptor_that_does_not_fit_is_reported() {
     let (socket, _far_end) = stream_pair();
     send_connection(
         accept_end.as_fd(),
-        &Connection { socket, peer: Some("127.0.0.1:9".parse().unwrap()) },
+        &Connection { socket, peer: Some("127.0.0.1:9".parse().unwrap()), accepted_at: 7, taken_at: 0 },
         MsgFlags::empty(),
     )
     .unwrap();
@@ -149,7 +152,8 @@ fn a_descriptor_that_does_not_fit_is_reported() {
 fn an_ipv4_peer_on_an_ipv6_socket_is_reported_as_ipv4() {
     let (accept_end, worker_end) = new_queue().unwrap();
     let (socket, _far_end) = stream_pair();
-    let mapped = Connection { socket, peer: Some("[::ffff:127.0.0.1]:80".parse().unwrap()) };
+    let mapped =
+        Connection { socket, peer: Some("[::ffff:127.0.0.1]:80".parse().unwrap()), accepted_at: 7, taken_at: 0 };
     send_connection(accept_end.as_fd(), &mapped, MsgFlags::empty()).unwrap();
     assert_eq!(receive(&worker_end).peer_host_and_port(), ("127.0.0.1".into(), "80".into()));
 }

@@ -3,6 +3,8 @@
 use std::time::Duration;
 
 use crate::command::{command_prefix, non_negative, open_port, parse_port, positive, ServerOptions};
+use crate::port_table;
+use crate::queue_stats::Overload;
 use crate::registration::InterpState;
 use crate::tcl::{Interp, NameTable, Obj, TclError, TclResult, Tcl_Obj};
 
@@ -21,7 +23,7 @@ static SUBCOMMANDS: NameTable<8> = NameTable([
     c"wait".as_ptr(),
     std::ptr::null(),
 ]);
-static CREATE_OPTIONS: NameTable<21> = NameTable([
+static CREATE_OPTIONS: NameTable<23> = NameTable([
     c"-backlog".as_ptr(),
     c"-concurrency".as_ptr(),
     c"-fd".as_ptr(),
@@ -31,7 +33,9 @@ static CREATE_OPTIONS: NameTable<21> = NameTable([
     c"-jitter".as_ptr(),
     c"-log".as_ptr(),
     c"-maxconnections".as_ptr(),
+    c"-maxqueue".as_ptr(),
     c"-myaddr".as_ptr(),
+    c"-overload".as_ptr(),
     c"-proxy".as_ptr(),
     c"-proxyfrom".as_ptr(),
     c"-proxytimeout".as_ptr(),
@@ -44,6 +48,8 @@ static CREATE_OPTIONS: NameTable<21> = NameTable([
     c"-workers".as_ptr(),
     std::ptr::null(),
 ]);
+
+static OVERLOAD_POLICIES: NameTable<3> = NameTable([c"close".as_ptr(), c"pause".as_ptr(), std::ptr::null()]);
 
 /// The names of `privileges::LIMIT_NAMES`, in the same order.
 static LIMITS: NameTable<7> = NameTable([
@@ -153,6 +159,7 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
     };
     let (mut user, mut group, mut limits) = (None, None, Vec::new());
     let mut server = ServerOptions::default();
+    let (mut max_queue, mut overload) = (0, None);
     let mut rest = options;
     while let [option, tail @ ..] = rest {
         let index = interp.get_index(option, &CREATE_OPTIONS, c"option")?;
@@ -174,6 +181,14 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
             "-jitter" => config.jitter = non_negative(interp, value)? as u64,
             "-log" => config.log = Some(value.list_elements(interp)?),
             "-maxconnections" => config.max_connections = non_negative(interp, value)? as u64,
+            "-maxqueue" => max_queue = non_negative(interp, value)? as u64,
+            "-overload" => {
+                overload =
+                    Some(match OVERLOAD_POLICIES.name(interp.get_index(value, &OVERLOAD_POLICIES, c"policy")?) {
+                        "close" => Overload::Close,
+                        _ => Overload::Pause,
+                    })
+            }
             "-signals" => config.signals = value.get_boolean(interp)?,
             "-user" => user = Some(value.to_string_lossy()),
             "-group" => group = Some(value.to_string_lossy()),
@@ -196,6 +211,12 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
     // Names are looked up here, before the port is opened and any worker forked.
     config.privileges = Privileges::new(user.as_deref(), group.as_deref(), &limits)
         .map_err(|(message, code)| TclError::new(message, &code.iter().map(String::as_str).collect::<Vec<_>>()))?;
+    if overload.is_some() && max_queue == 0 {
+        return Err(TclError::new(
+            "-overload needs -maxqueue: it says what happens at the queue's bound",
+            &["SOCKETSERVER", "OVERLOAD"],
+        ));
+    }
     let number = parse_port(interp, port_word)?;
     // Before the port is opened: a worker would keep it, unserved.
     if worker::is_worker() {
@@ -203,6 +224,10 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
     }
     let port = open_port(interp, number, &server)?;
     supervisor::create(interp, state, port, config)?;
+    // Once the pool is ours: a create that failed changes no other pool's port.
+    if let Some(open) = port_table::table().get(port) {
+        open.counters.queue.set_bound(max_queue, overload.unwrap_or(Overload::Pause));
+    }
     Ok(Obj::new_int(port.into()))
 }
 

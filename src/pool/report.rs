@@ -3,6 +3,7 @@
 
 use std::io::Write;
 
+use crate::queue_stats::{Snapshot, BUCKET_BOUNDS};
 use crate::tcl::{Interp, Obj};
 
 use super::lifecycle::{Phase, Pool, Reload};
@@ -47,6 +48,7 @@ impl Pool {
                 ("busy", Obj::new_double(busy)),
             ]));
         }
+        let queue = self.counters.queue.snapshot();
         let phase = match self.phase {
             Phase::Running => "running",
             Phase::Stopping { .. } => "stopping",
@@ -79,6 +81,16 @@ impl Pool {
                     _ => "",
                 }),
             ),
+            ("accepted", Obj::new_int(self.counters.accepted.load(std::sync::atomic::Ordering::Relaxed) as i64)),
+            ("queued", Obj::new_int(queue.depth as i64)),
+            ("maxqueue", Obj::new_int(queue.max_queue as i64)),
+            ("overload", Obj::new_string(queue.overload.name())),
+            ("rejected", Obj::new_int(queue.rejected as i64)),
+            ("abandoned", Obj::new_int(queue.abandoned as i64)),
+            ("paused", Obj::new_int(queue.paused_now.into())),
+            ("pausedtime", Obj::new_double(queue.paused_seconds)),
+            ("pauses", Obj::new_int(queue.pauses as i64)),
+            ("queuewait", queue_wait(&queue)),
             (
                 "proxyerrors",
                 Obj::new_int(
@@ -97,6 +109,18 @@ impl Pool {
             ),
         ])
     }
+}
+
+/// The queue-wait histogram as `pool info` shows it: cumulative counts by
+/// upper bound in seconds (Prometheus `le` buckets), their count and sum.
+fn queue_wait(queue: &Snapshot) -> Obj {
+    let bounds = BUCKET_BOUNDS.iter().map(|(name, _)| *name).chain(["+Inf"]);
+    let buckets = bounds.zip(&queue.buckets).map(|(le, n)| (le, Obj::new_int(*n as i64))).collect();
+    Obj::new_dict(vec![
+        ("buckets", Obj::new_dict(buckets)),
+        ("count", Obj::new_int(queue.waits as i64)),
+        ("sum", Obj::new_double(queue.wait_sum_seconds)),
+    ])
 }
 
 pub(super) fn flush_entries(entries: Vec<LogEntry>) {

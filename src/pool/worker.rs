@@ -395,7 +395,9 @@ fn on_connection(interp: Interp, conn: Connection) {
         let id = w.next_id;
         let (host, peer_port) = conn.peer_host_and_port();
         let peer = format!("{host} {peer_port}");
+        let stamps = crate::queue_time::stamps_of(&conn);
         let channel = interp.adopt_tcp_socket(conn.socket);
+        crate::queue_time::remember(channel, stamps);
         channel.on_close(on_channel_closed, id as usize as *mut c_void);
         w.open.push(OpenChannel { id, since: now_millis(), peer });
         if w.limit.is_some_and(|limit| w.received >= limit) {
