@@ -29,15 +29,24 @@ const PID_DIGITS: usize = 10;
 /// Forks and execs `command` (program, then arguments) with `listeners`
 /// passed on. Returns the child's pid and the read end of its readiness
 /// pipe.
-pub fn spawn_next_generation(command: &[String], listeners: &[RawFd]) -> Result<(Pid, OwnedFd), Errno> {
+/// `environment` is added to this process's (sd_notify's variables, which
+/// the pool took out of it).
+pub fn spawn_next_generation(
+    command: &[String],
+    listeners: &[RawFd],
+    environment: &[(String, String)],
+) -> Result<(Pid, OwnedFd), Errno> {
     let to_c = |s: &str| CString::new(s).map_err(|_| Errno::EINVAL);
     let program = to_c(command.first().ok_or(Errno::EINVAL)?)?;
     let args: Vec<CString> = command.iter().map(|a| to_c(a)).collect::<Result<_, _>>()?;
     let count = listeners.len() as RawFd;
     let ready_fd = 3 + count;
+    let extra = environment;
     let mut environment: Vec<CString> = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
         .filter(|(k, _)| !matches!(k.as_str(), "LISTEN_PID" | "LISTEN_FDS" | "LISTEN_FDNAMES") && k != READY_VARIABLE)
+        .filter(|(k, _)| !extra.iter().any(|(name, _)| name == k))
+        .chain(extra.iter().cloned())
         .map(|(k, v)| to_c(&format!("{k}={v}")))
         .collect::<Result<_, _>>()?;
     environment.push(to_c(&format!("LISTEN_FDS={count}"))?);

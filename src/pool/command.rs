@@ -23,7 +23,7 @@ static SUBCOMMANDS: NameTable<8> = NameTable([
     c"wait".as_ptr(),
     std::ptr::null(),
 ]);
-static CREATE_OPTIONS: NameTable<23> = NameTable([
+static CREATE_OPTIONS: NameTable<24> = NameTable([
     c"-backlog".as_ptr(),
     c"-concurrency".as_ptr(),
     c"-fd".as_ptr(),
@@ -34,6 +34,7 @@ static CREATE_OPTIONS: NameTable<23> = NameTable([
     c"-log".as_ptr(),
     c"-maxconnections".as_ptr(),
     c"-maxqueue".as_ptr(),
+    c"-metrics".as_ptr(),
     c"-myaddr".as_ptr(),
     c"-overload".as_ptr(),
     c"-proxy".as_ptr(),
@@ -156,8 +157,9 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
         log: None,
         signals: true,
         privileges: Default::default(),
+        metrics: None,
     };
-    let (mut user, mut group, mut limits) = (None, None, Vec::new());
+    let (mut user, mut group, mut limits, mut metrics) = (None, None, Vec::new(), None);
     let mut server = ServerOptions::default();
     let (mut max_queue, mut overload) = (0, None);
     let mut rest = options;
@@ -189,6 +191,7 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
                         _ => Overload::Pause,
                     })
             }
+            "-metrics" => metrics = Some(value.to_string_lossy()).filter(|m| !m.is_empty()),
             "-signals" => config.signals = value.get_boolean(interp)?,
             "-user" => user = Some(value.to_string_lossy()),
             "-group" => group = Some(value.to_string_lossy()),
@@ -222,6 +225,8 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
     if worker::is_worker() {
         return Err(supervisor::not_here());
     }
+    // Bound before the port opens: a taken address leaves nothing open.
+    config.metrics = metrics.as_deref().map(super::metrics::bind).transpose()?;
     let port = open_port(interp, number, &server)?;
     supervisor::create(interp, state, port, config)?;
     // Once the pool is ours: a create that failed changes no other pool's port.

@@ -26,8 +26,14 @@ impl Supervisor {
             return Err(TclError::new("an upgrade is already under way", &["SOCKETSERVER", "UPGRADE", "BUSY"]));
         }
         let listeners = port_table::table().listener_fds();
-        let (pid, ready) = crate::upgrade::spawn_next_generation(&command, &listeners)
-            .map_err(|errno| TclError::posix("couldn't start the new generation", errno as i32))?;
+        // The next generation binds the metrics addresses again.
+        self.pools.iter_mut().filter_map(|p| p.metrics.as_mut()).for_each(|m| m.pause());
+        let environment = super::notify::environment_for_next_generation();
+        let spawned = crate::upgrade::spawn_next_generation(&command, &listeners, &environment);
+        let (pid, ready) = spawned.map_err(|errno| {
+            self.resume_metrics();
+            TclError::posix("couldn't start the new generation", errno as i32)
+        })?;
         let thread = tcl::current_thread();
         let watcher = std::thread::Builder::new()
             .name("socketserver-upg".into())
@@ -64,6 +70,7 @@ impl Supervisor {
             });
         if let Err(error) = watcher {
             let _ = kill(pid, Signal::SIGKILL);
+            self.resume_metrics();
             return Err(TclError::posix("couldn't watch the new generation", error.raw_os_error().unwrap_or(0)));
         }
         self.upgrading = Some(pid);
@@ -100,14 +107,30 @@ impl Supervisor {
             self.log.push(entry);
         }
         if outcome.ready {
+            super::notify::handed_over(outcome.pid);
             self.exit_when_stopped = true;
             for port in ports {
                 self.stop(port);
             }
         }
+        if !outcome.ready {
+            self.resume_metrics();
+        }
         // A failed one may close the pipe before it exits: it is reaped
         // with the next SIGCHLD or tick, as every child of ours.
         self.reap_next_generations();
+    }
+
+    /// Serves the metrics endpoints again after a failed upgrade.
+    fn resume_metrics(&mut self) {
+        for index in 0..self.pools.len() {
+            let Some(metrics) = self.pools[index].metrics.as_mut() else { continue };
+            if !metrics.resume() {
+                let address = Obj::new_string(&metrics.address());
+                let entry = self.pools[index].entry("metrics-failed", vec![("address", address)]);
+                self.log.push(entry);
+            }
+        }
     }
 
     /// Collects the next generations that have exited.

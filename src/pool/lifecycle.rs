@@ -62,6 +62,9 @@ pub(super) struct Totals {
     /// PROXY protocol rejections of workers that have exited.
     pub(super) proxy_errors: u64,
     pub(super) proxy_untrusted: u64,
+    /// Connections served and milliseconds busy of workers that have exited.
+    pub(super) served: u64,
+    pub(super) busy_millis: u64,
 }
 
 pub(super) enum Phase {
@@ -118,6 +121,8 @@ pub struct Pool {
     pub(super) phase: Phase,
     /// Whether every worker of the first generation has been ready once.
     pub(super) ready_once: bool,
+    /// The `-metrics` endpoint, served while the pool lives.
+    pub(super) metrics: Option<super::metrics::Endpoint>,
 }
 
 impl Pool {
@@ -152,6 +157,8 @@ impl Pool {
             let message = slot.failure();
             self.totals.proxy_errors += slot.proxy_errors();
             self.totals.proxy_untrusted += slot.proxy_untrusted();
+            self.totals.served += served;
+            self.totals.busy_millis += slot.busy_millis(now_millis());
             slot.free();
             let (status_text, clean, signaled) = match status {
                 WaitStatus::Exited(_, code) => (format!("exit {code}"), code == 0, false),

@@ -9,12 +9,15 @@
 //! user, group and resource limits); `scoreboard` is the
 //! memory they share; `signals` turns signals into events of Tcl's loop;
 //! `after_fork` says what each process keeps of the supervisor's after a
-//! fork, and makes every fork of the process enforce it.
+//! fork, and makes every fork of the process enforce it. `metrics` serves
+//! the pool's figures to Prometheus, `notify` tells systemd where it stands.
 
 mod after_fork;
 mod command;
 mod generation;
 mod lifecycle;
+mod metrics;
+mod notify;
 mod privileges;
 mod report;
 mod scoreboard;

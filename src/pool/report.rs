@@ -2,11 +2,12 @@
 //! line each on stderr) and `pool info`.
 
 use std::io::Write;
+use std::sync::atomic::Ordering::Relaxed;
 
 use crate::queue_stats::{Snapshot, BUCKET_BOUNDS};
 use crate::tcl::{Interp, Obj};
 
-use super::lifecycle::{Phase, Pool, Reload};
+use super::lifecycle::{Child, Phase, Pool, Reload};
 use super::scoreboard::{now_millis, State};
 
 /// A log entry waiting to be handed to the pool's `-log` command, which
@@ -28,15 +29,9 @@ impl Pool {
     pub(super) fn info(&self) -> Obj {
         let now = now_millis();
         let mut workers = Vec::new();
-        let stopping = matches!(self.phase, Phase::Stopping { .. });
         for child in &self.children {
             let slot = self.scoreboard.slot(child.slot);
-            // A worker told to leave is stopping, though it may not know yet.
-            let state = if (stopping || child.retired.is_some()) && slot.state() != State::Starting {
-                State::Stopping
-            } else {
-                slot.state()
-            };
+            let state = self.worker_state(child);
             let since = slot.busy_since();
             let busy = if since == 0 { 0.0 } else { now.saturating_sub(since) as f64 / 1000.0 };
             workers.push(Obj::new_int(child.pid.as_raw().into()));
@@ -65,6 +60,11 @@ impl Pool {
             ("recycled", Obj::new_int(self.totals.recycled as i64)),
             ("timedout", Obj::new_int(self.totals.timed_out as i64)),
             ("backoffs", Obj::new_int(self.totals.backoffs as i64)),
+            ("accepted", Obj::new_int(self.counters.accepted.load(Relaxed) as i64)),
+            ("served", Obj::new_int(self.served_total() as i64)),
+            ("busytime", Obj::new_double(self.busy_millis_total(now) as f64 / 1000.0)),
+            ("reloads", Obj::new_int(self.reloads().into())),
+            ("metrics", Obj::new_string(&self.metrics.as_ref().map(|m| m.address()).unwrap_or_default())),
             (
                 "reload",
                 Obj::new_string(match self.reload {
@@ -81,7 +81,6 @@ impl Pool {
                     _ => "",
                 }),
             ),
-            ("accepted", Obj::new_int(self.counters.accepted.load(std::sync::atomic::Ordering::Relaxed) as i64)),
             ("queued", Obj::new_int(queue.depth as i64)),
             ("maxqueue", Obj::new_int(queue.max_queue as i64)),
             ("overload", Obj::new_string(queue.overload.name())),
@@ -91,22 +90,8 @@ impl Pool {
             ("pausedtime", Obj::new_double(queue.paused_seconds)),
             ("pauses", Obj::new_int(queue.pauses as i64)),
             ("queuewait", queue_wait(&queue)),
-            (
-                "proxyerrors",
-                Obj::new_int(
-                    (self.totals.proxy_errors
-                        + self.children.iter().map(|c| self.scoreboard.slot(c.slot).proxy_errors()).sum::<u64>())
-                        as i64,
-                ),
-            ),
-            (
-                "proxyuntrusted",
-                Obj::new_int(
-                    (self.totals.proxy_untrusted
-                        + self.children.iter().map(|c| self.scoreboard.slot(c.slot).proxy_untrusted()).sum::<u64>())
-                        as i64,
-                ),
-            ),
+            ("proxyerrors", Obj::new_int(self.proxy_errors_total().try_into().unwrap_or(i64::MAX))),
+            ("proxyuntrusted", Obj::new_int(self.proxy_untrusted_total().try_into().unwrap_or(i64::MAX))),
         ])
     }
 }
@@ -121,6 +106,47 @@ fn queue_wait(queue: &Snapshot) -> Obj {
         ("count", Obj::new_int(queue.waits as i64)),
         ("sum", Obj::new_double(queue.wait_sum_seconds)),
     ])
+}
+
+impl Pool {
+    /// A worker's state as the pool sees it: one told to leave is
+    /// stopping, though it may not know yet.
+    pub(super) fn worker_state(&self, child: &Child) -> State {
+        let state = self.scoreboard.slot(child.slot).state();
+        let stopping = matches!(self.phase, Phase::Stopping { .. });
+        if (stopping || child.retired.is_some()) && state != State::Starting {
+            State::Stopping
+        } else {
+            state
+        }
+    }
+
+    /// Connections served by every worker the pool has had.
+    pub(super) fn served_total(&self) -> u64 {
+        self.totals.served + self.children.iter().map(|c| self.scoreboard.slot(c.slot).served()).sum::<u64>()
+    }
+
+    /// Milliseconds that workers have held at least one channel, all of them together.
+    pub(super) fn busy_millis_total(&self, now: u64) -> u64 {
+        self.totals.busy_millis
+            + self.children.iter().map(|c| self.scoreboard.slot(c.slot).busy_millis(now)).sum::<u64>()
+    }
+
+    /// Connections closed for a bad, late or missing PROXY header.
+    pub(super) fn proxy_errors_total(&self) -> u64 {
+        self.totals.proxy_errors + self.children.iter().map(|c| self.scoreboard.slot(c.slot).proxy_errors()).sum::<u64>()
+    }
+
+    /// Connections closed because their peer is not in `-proxyfrom`.
+    pub(super) fn proxy_untrusted_total(&self) -> u64 {
+        self.totals.proxy_untrusted
+            + self.children.iter().map(|c| self.scoreboard.slot(c.slot).proxy_untrusted()).sum::<u64>()
+    }
+
+    /// Reloads started (each gives a new generation number).
+    pub(super) fn reloads(&self) -> u32 {
+        self.newest_generation - 1
+    }
 }
 
 pub(super) fn flush_entries(entries: Vec<LogEntry>) {

@@ -77,6 +77,9 @@ pub struct Slot {
     /// Monotonic milliseconds since its oldest open channel was received;
     /// 0 while it holds none.
     busy_since: AtomicU64,
+    /// Milliseconds of busy periods before the current one (`-metrics`'
+    /// busy seconds): what `busy_since` held each time it moved on.
+    busy_before: AtomicU64,
     /// The peer of that oldest channel, for the timeout's log entry.
     peer_len: AtomicU8,
     peer: [AtomicU8; PEER_BYTES],
@@ -114,10 +117,27 @@ impl Slot {
                     cell.store(*byte, Relaxed);
                 }
                 self.peer_len.store(bytes.len() as u8, Relaxed);
-                self.busy_since.store(since.max(1), Relaxed);
+                // The oldest channel closed, another is open: the worker
+                // was busy all along.
+                let (since, before) = (since.max(1), self.busy_since.load(Relaxed));
+                if before != 0 && since > before {
+                    self.busy_before.fetch_add(since - before, Relaxed);
+                }
+                self.busy_since.store(since, Relaxed);
             }
-            None => self.busy_since.store(0, Relaxed),
+            None => {
+                let before = self.busy_since.swap(0, Relaxed);
+                if before != 0 {
+                    self.busy_before.fetch_add(now_millis().saturating_sub(before), Relaxed);
+                }
+            }
         }
+    }
+
+    /// Milliseconds this worker has held at least one channel, up to `now`.
+    pub fn busy_millis(&self, now: u64) -> u64 {
+        let since = self.busy_since.load(Relaxed);
+        self.busy_before.load(Relaxed) + if since == 0 { 0 } else { now.saturating_sub(since) }
     }
 
     pub fn request_leave(&self) {
@@ -182,6 +202,7 @@ impl Slot {
         self.proxy_errors.store(0, Relaxed);
         self.proxy_untrusted.store(0, Relaxed);
         self.busy_since.store(0, Relaxed);
+        self.busy_before.store(0, Relaxed);
         self.failure_len.store(0, Relaxed);
         self.peer_len.store(0, Relaxed);
         self.set_state(State::Starting);

@@ -55,6 +55,8 @@ pub struct Config {
     pub signals: bool,
     /// What each worker gives up after the fork (`-user`, `-group`, `-rlimit`).
     pub privileges: super::privileges::Privileges,
+    /// `-metrics`: the endpoint's socket, bound, served once the pool runs.
+    pub metrics: Option<super::metrics::Bound>,
 }
 
 /// The pools of a process, on the one thread that runs them. Its signal
@@ -129,7 +131,12 @@ fn release_supervisor_thread() -> bool {
 /// made. The state is never borrowed while Tcl code of the user runs, so
 /// `f` cannot be re-entered.
 pub(super) fn with_supervisor<R>(f: impl FnOnce(&mut Supervisor) -> R) -> R {
-    let result = SUPERVISOR.with(|s| f(&mut s.borrow_mut()));
+    let result = SUPERVISOR.with(|s| {
+        let mut sup = s.borrow_mut();
+        let result = f(&mut sup);
+        super::notify::observe(&sup);
+        result
+    });
     flush_log();
     if SUPERVISOR.with(|s| s.try_borrow().is_ok_and(|s| s.exit_requested)) {
         tcl::exit(0);
@@ -149,10 +156,11 @@ fn unknown_pool(port: u16) -> TclError {
 }
 
 /// Starts a pool on `port`, which is already open in this process.
-pub fn create(interp: Interp, state: *const InterpState, port: u16, config: Config) -> TclResult<()> {
+pub fn create(interp: Interp, state: *const InterpState, port: u16, mut config: Config) -> TclResult<()> {
     if worker::is_worker() {
         return Err(not_here());
     }
+    super::notify::take_environment(interp);
     with_supervisor(|sup| {
         sup.adopt_if_forked();
         if sup.pools.iter().any(|p| p.port == port) {
@@ -178,6 +186,7 @@ pub fn create(interp: Interp, state: *const InterpState, port: u16, config: Conf
             }
         };
         let target = config.workers;
+        let config_metrics = config.metrics.take();
         if !sup.had.contains(&port) {
             sup.had.push(port);
         }
@@ -202,6 +211,7 @@ pub fn create(interp: Interp, state: *const InterpState, port: u16, config: Conf
             to_respawn: 0,
             phase: Phase::Running,
             ready_once: false,
+            metrics: config_metrics.map(|bound| super::metrics::Endpoint::serve(port, bound)),
         });
         let index = sup.pools.len() - 1;
         sup.reconcile(index);
@@ -678,6 +688,7 @@ unsafe extern "C" fn on_tick(_: *mut c_void) {
             let mut sources = after_fork::event_sources();
             sources.tick = Some(tcl::create_timer(TICK_MS, on_tick, std::ptr::null_mut()));
             after_fork::set_event_sources(sources);
+            sup.pools.iter_mut().for_each(Pool::metrics_tick);
             sup.reconcile_all();
         })
     });

@@ -30,3 +30,13 @@ pub fn fill_random(bytes: &mut [u8]) -> bool {
         unsafe { libc::getentropy(chunk.as_mut_ptr().cast(), chunk.len()) == 0 }
     })
 }
+
+/// The address a `NOTIFY_SOCKET` value names: a path (no abstract
+/// namespace here).
+pub fn notify_address(value: &std::ffi::OsStr) -> nix::Result<nix::sys::socket::UnixAddr> {
+    use std::os::unix::ffi::OsStrExt;
+    match value.as_bytes() {
+        [b'@', ..] => Err(nix::errno::Errno::EAFNOSUPPORT),
+        path => nix::sys::socket::UnixAddr::new(path),
+    }
+}

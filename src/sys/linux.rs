@@ -29,3 +29,13 @@ pub fn fill_random(bytes: &mut [u8]) -> bool {
     let filled = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
     filled == bytes.len() as isize
 }
+
+/// The address a `NOTIFY_SOCKET` value names: a path, or `@name` in the
+/// abstract namespace.
+pub fn notify_address(value: &std::ffi::OsStr) -> nix::Result<nix::sys::socket::UnixAddr> {
+    use std::os::unix::ffi::OsStrExt;
+    match value.as_bytes() {
+        [b'@', name @ ..] => nix::sys::socket::UnixAddr::new_abstract(name),
+        path => nix::sys::socket::UnixAddr::new(path),
+    }
+}
