@@ -36,7 +36,9 @@ use super::supervisor::with_supervisor;
 
 /// The most a scraper may send before its request ends.
 const MAX_REQUEST: usize = 8192;
-/// How long a scraper has, from its connect to the last byte of the answer.
+/// How long a scraper has, from its connect to the last byte of the answer
+/// (Prometheus's default scrape timeout is 10 s, its requests take
+/// milliseconds).
 const DEADLINE: Duration = Duration::from_secs(5);
 /// Scrapers served at once; more are closed at once.
 const MAX_CLIENTS: usize = 16;
@@ -236,8 +238,13 @@ impl Endpoint {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(_) => return,
             };
-            if self.clients.len() >= MAX_CLIENTS || stream.set_nonblocking(true).is_err() {
+            if stream.set_nonblocking(true).is_err() {
                 continue;
+            }
+            if self.clients.len() >= MAX_CLIENTS {
+                // The one that has waited longest makes room: a flood of
+                // silent connections cannot lock Prometheus out.
+                self.clients.remove(0);
             }
             let mut stream = Owned::new(stream);
             drop(no_fork);
@@ -284,11 +291,11 @@ impl Endpoint {
         }
         let request = &client.request;
         let end = request.windows(4).any(|w| w == b"\r\n\r\n") || request.windows(2).any(|w| w == b"\n\n");
-        if end {
+        if request.len() > MAX_REQUEST {
+            Some(Err(b"431 Request Header Fields Too Large"))
+        } else if end {
             let line = request.split(|&b| b == b'\n').next().unwrap_or_default();
             Some(Ok(String::from_utf8_lossy(line).trim_end().to_string()))
-        } else if request.len() > MAX_REQUEST {
-            Some(Err(b"431 Request Header Fields Too Large"))
         } else {
             None
         }
