@@ -121,6 +121,7 @@ bench: build build-portable
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/portable.tcl $(PORTABLEBENCHFLAGS)
 	$(MAKE) --no-print-directory build-baseline
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/queue.tcl -baseline $(CURDIR)/$(BASELINEDIR)/src/build $(QUEUEBENCHFLAGS)
+	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/metrics.tcl $(METRICSBENCHFLAGS)
 
 # The tree bench/queue.tcl compares with (BASELINE: a git revision, main by
 # default), built as it builds itself, into build/baseline.

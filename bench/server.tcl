@@ -9,7 +9,8 @@
 #	Usage: tclsh server.tcl socketserver|pool|poolevent|poolproxy|pooluser|poolproxyfrom|tcl WORKERS SLOW_PERCENT ?K? ?MAXCONNECTIONS?
 #	(poolproxy: a pool whose connections begin with a PROXY protocol header;
 #	pooluser: a pool whose workers run as nobody; poolproxyfrom: poolproxy
-#	that believes headers only from 10.0.0.0/8 and 127.0.0.0/8)
+#	that believes headers only from 10.0.0.0/8 and 127.0.0.0/8;
+#	poolmetrics: a pool with -metrics on the port in $env(METRICS_PORT))
 #	Prints "port P pids PID..." when ready; stops on SIGTERM.
 
 lassign $argv mode workerCount slowPercent concurrency maxConnections
@@ -95,13 +96,15 @@ switch -- $mode {
         set listener [socket -server tclAccept -myaddr 127.0.0.1 0]
         set port [lindex [fconfigure $listener -sockname] 2]
     }
-    pool - poolevent - poolproxy - pooluser - poolproxyfrom {
+    pool - poolevent - poolproxy - pooluser - poolproxyfrom - poolmetrics {
         package require socketserver
         set handler [expr {$mode eq "poolevent" ? "eventAccept" : "poolAccept"}]
         set proxy [dict get {
             pool {} poolevent {} poolproxy {-proxy any}
             pooluser {-user nobody} poolproxyfrom {-proxy any -proxyfrom {10.0.0.0/8 127.0.0.0/8}}
+            poolmetrics {-metrics $::env(METRICS_PORT)}
         } $mode]
+        set proxy [subst $proxy]
         set port [::socketserver::pool create -myaddr 127.0.0.1 -workers $workerCount {*}$proxy \
             -concurrency [expr {$concurrency eq "" ? 1 : $concurrency}] -log {} \
             -maxconnections [expr {$maxConnections eq "" ? 0 : $maxConnections}] -jitter 100 \

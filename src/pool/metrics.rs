@@ -136,12 +136,8 @@ pub struct Bound {
 /// The `-metrics` value: `port`, `addr:port` or `[ipv6]:port`; loopback
 /// where no address is given (SPEC 12: operator endpoints stay local).
 pub fn bind(spec: &str) -> TclResult<Bound> {
-    let bad = || {
-        TclError::new(
-            format!("expected port or address:port but got \"{spec}\""),
-            &["TCL", "VALUE", "METRICS"],
-        )
-    };
+    let bad =
+        || TclError::new(format!("expected port or address:port but got \"{spec}\""), &["TCL", "VALUE", "METRICS"]);
     let (host, port) = match spec.rsplit_once(':') {
         Some((host, port)) => (host.trim_start_matches('[').trim_end_matches(']'), port),
         None => ("127.0.0.1", spec),
@@ -204,6 +200,13 @@ impl Endpoint {
     /// Where it listens, as `pool info` shows it ("127.0.0.1:9100").
     pub fn address(&self) -> String {
         self.address.to_string()
+    }
+
+    /// The thread's notifier is gone (the thread ends): its sockets are
+    /// closed without removing their file handlers.
+    pub fn forget_handlers(&mut self) {
+        self.listener.iter_mut().for_each(|l| l.handled = false);
+        self.clients.iter_mut().for_each(|c| c.stream.handled = false);
     }
 
     /// Stops listening while a next generation starts (it binds the same
@@ -368,11 +371,7 @@ impl Pool {
                         let text = self.exposition();
                         let body = if method == "HEAD" { Vec::new() } else { text.clone().into_bytes() };
                         let length = format!("Content-Length: {}", text.len());
-                        response(
-                            b"200 OK",
-                            &["Content-Type: text/plain; version=0.0.4; charset=utf-8", &length],
-                            &body,
-                        )
+                        response(b"200 OK", &["Content-Type: text/plain; version=0.0.4; charset=utf-8", &length], &body)
                     }
                     (_, "/metrics") => response(b"405 Method Not Allowed", &["Allow: GET, HEAD"], b""),
                     _ => response(b"404 Not Found", &[], b""),
@@ -446,7 +445,11 @@ impl Pool {
             "1 when the last reload was abandoned (the previous generation serves on).",
             if matches!(self.reload, Reload::Failed { .. }) { 1.0 } else { 0.0 },
         );
-        out.gauge("stopping", "1 while the pool stops.", if matches!(self.phase, Phase::Stopping { .. }) { 1.0 } else { 0.0 });
+        out.gauge(
+            "stopping",
+            "1 while the pool stops.",
+            if matches!(self.phase, Phase::Stopping { .. }) { 1.0 } else { 0.0 },
+        );
         out.text
     }
 }

@@ -71,10 +71,8 @@ pub(super) fn take_environment(interp: Interp) {
     *read = Some(getpid());
     let Some(socket) = std::env::var_os(NOTIFY_SOCKET).filter(|s| !s.is_empty()) else { return };
     let watchdog_usec = std::env::var(WATCHDOG_USEC).ok().and_then(|v| v.parse::<u64>().ok()).filter(|&u| u > 0);
-    let for_us = std::env::var(WATCHDOG_PID)
-        .ok()
-        .and_then(|v| v.parse::<i32>().ok())
-        .is_none_or(|pid| pid == getpid().as_raw());
+    let for_us =
+        std::env::var(WATCHDOG_PID).ok().and_then(|v| v.parse::<i32>().ok()).is_none_or(|pid| pid == getpid().as_raw());
     let watchdog_usec = watchdog_usec.filter(|_| for_us);
     for name in [NOTIFY_SOCKET, WATCHDOG_USEC, WATCHDOG_PID] {
         let script = Obj::new_list(&[

@@ -134,7 +134,8 @@ impl Pool {
 
     /// Connections closed for a bad, late or missing PROXY header.
     pub(super) fn proxy_errors_total(&self) -> u64 {
-        self.totals.proxy_errors + self.children.iter().map(|c| self.scoreboard.slot(c.slot).proxy_errors()).sum::<u64>()
+        self.totals.proxy_errors
+            + self.children.iter().map(|c| self.scoreboard.slot(c.slot).proxy_errors()).sum::<u64>()
     }
 
     /// Connections closed because their peer is not in `-proxyfrom`.

@@ -348,6 +348,8 @@ impl Drop for Supervisor {
             children.extend(self.next_generations.iter().map(|&pid| (pid, None)));
             reap_in_background(children);
         }
+        // Tcl's notifier of this thread is gone: no file handler to remove.
+        self.pools.iter_mut().filter_map(|p| p.metrics.as_mut()).for_each(|m| m.forget_handlers());
         self.pools.clear();
         if release_supervisor_thread() {
             signals::release_all();
