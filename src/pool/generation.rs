@@ -112,8 +112,7 @@ impl Supervisor {
             for port in ports {
                 self.stop(port);
             }
-        }
-        if !outcome.ready {
+        } else {
             self.resume_metrics();
         }
         // A failed one may close the pipe before it exits: it is reaped
