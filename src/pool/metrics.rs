@@ -437,6 +437,35 @@ impl Pool {
             out.family(name, "counter", help);
             out.sample(name, None, value);
         }
+        let queue = self.counters.queue.snapshot();
+        out.gauge("queue_depth", "Connections accepted and not yet taken by a worker.", queue.depth as f64);
+        out.gauge("queue_max", "The bound of the queue (-maxqueue; 0: none).", queue.max_queue as f64);
+        out.gauge(
+            "queue_paused",
+            "1 while accepting is paused at -maxqueue.",
+            if queue.paused_now { 1.0 } else { 0.0 },
+        );
+        let queue_counters: [(&str, &str, f64); 4] = [
+            ("rejected_total", "Connections closed at once at -maxqueue (-overload close).", queue.rejected as f64),
+            (
+                "abandoned_total",
+                "Connections whose client left while queued, closed before any handler.",
+                queue.abandoned as f64,
+            ),
+            ("pauses_total", "Times accepting paused at -maxqueue.", queue.pauses as f64),
+            ("paused_seconds_total", "Seconds accepting was paused at -maxqueue.", queue.paused_seconds),
+        ];
+        for (name, help, value) in queue_counters {
+            out.family(name, "counter", help);
+            out.sample(name, None, value);
+        }
+        out.family("queue_wait_seconds", "histogram", "How long connections waited between accept and a worker.");
+        let bounds = crate::queue_stats::BUCKET_BOUNDS.iter().map(|(le, _)| *le).chain(["+Inf"]);
+        for (le, count) in bounds.zip(&queue.buckets) {
+            out.sample("queue_wait_seconds_bucket", Some(("le", le)), *count as f64);
+        }
+        out.sample("queue_wait_seconds_sum", None, queue.wait_sum_seconds);
+        out.sample("queue_wait_seconds_count", None, queue.waits as f64);
         out.family("reloads_total", "counter", "Rolling reloads started.");
         out.sample("reloads_total", None, self.reloads().into());
         out.gauge("generation", "The generation of workers the pool serves with.", self.generation.into());
