@@ -78,6 +78,11 @@ pub fn hold_accepting() {
     HELD.store(true, Ordering::SeqCst);
 }
 
+/// Whether the accepting threads are held (`hold_accepting`).
+pub fn accepting_held() -> bool {
+    HELD.load(Ordering::SeqCst)
+}
+
 /// Lets the accepting threads take connections.
 pub fn release_accepting() {
     HELD.store(false, Ordering::SeqCst);
@@ -389,7 +394,10 @@ impl Accepter {
             match self.take(listener) {
                 Ok(conn) => {
                     self.shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
-                    if !self.shared.reject_at_bound() {
+                    // Other threads may have filled the queue while this one
+                    // waited in accept4: it holds the connection until there
+                    // is room, so that the queue never passes its bound.
+                    if !self.shared.reject_at_bound() && self.shared.wait_for_room() {
                         self.shared.send(&conn);
                     }
                     self.release(conn);

@@ -219,12 +219,17 @@ impl QueueStats {
         }
     }
 
-    /// An accepting thread resumes; the last one adds the time paused.
+    /// An accepting thread resumes; the last one adds the time paused. One
+    /// that leaves others paused rings for them: the worker's ring woke
+    /// only one (the others would sleep out their poll, and `paused` would
+    /// stay set with room in the queue).
     pub fn leave_pause(&self) {
         let f = self.figures();
         let started = f.pause_started.load(SeqCst);
         if f.paused_threads.fetch_sub(1, SeqCst) == 1 {
             f.paused_ns.fetch_add(monotonic_ns().saturating_sub(started), Relaxed);
+        } else {
+            self.ring();
         }
     }
 

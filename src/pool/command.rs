@@ -1,5 +1,6 @@
 //! `::socketserver::pool`: argument parsing and the subcommands.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::command::{command_prefix, non_negative, open_port, parse_port, positive, ServerOptions};
@@ -227,11 +228,30 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
     }
     // Bound before the port opens: a taken address leaves nothing open.
     config.metrics = metrics.as_deref().map(super::metrics::bind).transpose()?;
-    let port = open_port(interp, number, &server)?;
-    supervisor::create(interp, state, port, config)?;
-    // Once the pool is ours: a create that failed changes no other pool's port.
-    if let Some(open) = port_table::table().get(port) {
-        open.counters.queue.set_bound(max_queue, overload.unwrap_or(Overload::Pause));
+    // The bound holds from the moment the port accepts (a socket passed by
+    // systemd may have a backlog already), not only once the workers are
+    // forked: the new port's threads are held until it is set. A create
+    // that fails puts the port's previous bound back.
+    let hold = !crate::accept_loop::accepting_held();
+    if hold {
+        crate::accept_loop::hold_accepting();
+    }
+    let opened = open_port(interp, number, &server);
+    let queue =
+        opened.as_ref().ok().and_then(|&port| port_table::table().get(port).map(|open| Arc::clone(&open.counters)));
+    let previous = queue.as_ref().map(|counters| counters.queue.bound());
+    if let Some(counters) = &queue {
+        counters.queue.set_bound(max_queue, overload.unwrap_or(Overload::Pause));
+    }
+    if hold {
+        crate::accept_loop::release_accepting();
+    }
+    let port = opened?;
+    if let Err(error) = supervisor::create(interp, state, port, config) {
+        if let (Some(counters), Some((max_queue, overload))) = (&queue, previous) {
+            counters.queue.set_bound(max_queue, overload);
+        }
+        return Err(error);
     }
     Ok(Obj::new_int(port.into()))
 }

@@ -192,6 +192,11 @@ impl Pool {
                 // `-init` that exits, no descriptor left to register) failed.
                 self.totals.recycled += 1;
                 fields.push(("recycled", Obj::new_int(1)));
+                // One forked since the last failure that served and left
+                // (-maxconnections) has shown that the code works now.
+                if current && self.failed_at.is_some_and(|at| child.forked > at) {
+                    self.end_failures();
+                }
             } else if current {
                 self.to_respawn += 1;
                 let failed = child.killed.is_none() && (signaled || !received);
@@ -239,8 +244,11 @@ impl Pool {
             && child.generation == self.generation
             && child.retired.is_none()
             && child.killed.is_none()
-            && child.forked.elapsed() >= YOUNG
             && matches!(self.scoreboard.slot(child.slot).state(), State::Idle | State::Busy)
+            // Lived a while, or served: a pool that recycles after a few
+            // connections (-maxconnections) has workers that never live
+            // long under load, and must not stay backed off for ever.
+            && (child.forked.elapsed() >= YOUNG || self.scoreboard.slot(child.slot).served() > 0)
     }
 
     /// A worker of the current generation forked after the last failure,
