@@ -396,8 +396,11 @@ impl Accepter {
                     self.shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
                     // Other threads may have filled the queue while this one
                     // waited in accept4: it holds the connection until there
-                    // is room, so that the queue never passes its bound.
-                    if !self.shared.reject_at_bound() && self.shared.wait_for_room() {
+                    // is room, so that the queue never passes its bound. A
+                    // stop meanwhile still queues it: what was accepted is
+                    // served (the workers drain the queue).
+                    if !self.shared.reject_at_bound() {
+                        self.shared.wait_for_room();
                         self.shared.send(&conn);
                     }
                     self.release(conn);

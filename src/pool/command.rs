@@ -243,7 +243,9 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
     if let Some(counters) = &queue {
         counters.queue.set_bound(max_queue, overload.unwrap_or(Overload::Pause));
     }
-    if hold {
+    // A next generation that has not said ready stays held (opening the
+    // port read that from the environment): it releases itself when ready.
+    if hold && !crate::inherited::ready_pending() {
         crate::accept_loop::release_accepting();
     }
     let port = opened?;
