@@ -39,3 +39,14 @@ pub fn notify_address(value: &std::ffi::OsStr) -> nix::Result<nix::sys::socket::
         path => nix::sys::socket::UnixAddr::new(path),
     }
 }
+
+/// The calling process's resident memory in bytes (`/proc/self/statm`,
+/// second field, in pages); `None` if it cannot be read.
+pub fn resident_bytes() -> Option<u64> {
+    use std::io::Read;
+    let mut text = [0u8; 128];
+    let mut file = std::fs::File::open("/proc/self/statm").ok()?;
+    let len = file.read(&mut text).ok()?;
+    let pages: u64 = std::str::from_utf8(&text[..len]).ok()?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * super::page_size())
+}
