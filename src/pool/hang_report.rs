@@ -226,7 +226,11 @@ impl Pool {
             let pid = child.pid;
             entries.push(self.entry(
                 "timeout",
-                vec![("pid", Obj::new_int(pid.as_raw().into())), ("peer", peer.clone()), ("busy", Obj::new_double(busy))],
+                vec![
+                    ("pid", Obj::new_int(pid.as_raw().into())),
+                    ("peer", peer.clone()),
+                    ("busy", Obj::new_double(busy)),
+                ],
             ));
             let cell = self.hangs.for_worker(self.children[index].slot);
             if let Some(cell) = cell {

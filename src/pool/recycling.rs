@@ -48,25 +48,25 @@ pub struct Policy {
 #[derive(Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub enum Reason {
-    MaxConnections = 1,
-    MaxRss = 2,
-    MaxLifetime = 3,
+    Connections = 1,
+    Memory = 2,
+    Age = 3,
 }
 
 impl Reason {
     pub fn name(self) -> &'static str {
         match self {
-            Reason::MaxConnections => "maxconnections",
-            Reason::MaxRss => "maxrss",
-            Reason::MaxLifetime => "maxlifetime",
+            Reason::Connections => "maxconnections",
+            Reason::Memory => "maxrss",
+            Reason::Age => "maxlifetime",
         }
     }
 
     fn from_u32(value: u32) -> Option<Reason> {
         match value {
-            1 => Some(Reason::MaxConnections),
-            2 => Some(Reason::MaxRss),
-            3 => Some(Reason::MaxLifetime),
+            1 => Some(Reason::Connections),
+            2 => Some(Reason::Memory),
+            3 => Some(Reason::Age),
             _ => None,
         }
     }
@@ -142,7 +142,7 @@ impl InWorker {
     /// After a connection was received: due once it was the last allowed.
     pub fn received(&self, received: u64) {
         if self.limit.is_some_and(|limit| received >= limit) {
-            mark_due(self.slot, Reason::MaxConnections);
+            mark_due(self.slot, Reason::Connections);
         }
     }
 
@@ -154,7 +154,7 @@ impl InWorker {
         if let Some(rss) = crate::sys::resident_bytes() {
             self.slot.rss.store(rss, Ordering::Relaxed);
             if rss > self.max_rss {
-                mark_due(self.slot, Reason::MaxRss);
+                mark_due(self.slot, Reason::Memory);
             }
         }
     }
@@ -221,12 +221,11 @@ impl Pool {
         let mut waiting: Vec<usize> = Vec::new();
         for (index, child) in self.children.iter().enumerate() {
             let slot = self.scoreboard.slot(child.slot);
-            if child.retired.is_some() || child.killed.is_some() || !matches!(slot.state(), State::Idle | State::Busy)
-            {
+            if child.retired.is_some() || child.killed.is_some() || !matches!(slot.state(), State::Idle | State::Busy) {
                 continue;
             }
             if child.recycle_at.is_some_and(|at| now >= at) {
-                mark_due(slot, Reason::MaxLifetime);
+                mark_due(slot, Reason::Age);
             }
             if due(slot).is_some() && slot.turn.load(Ordering::SeqCst) == 0 {
                 waiting.push(index);
@@ -255,7 +254,7 @@ impl Pool {
 
     /// `pool info`'s `recycledby` and `leaving`, and a worker's `rss` and `due`.
     pub(super) fn recycling_info(&self) -> Vec<(&'static str, Obj)> {
-        let by = [Reason::MaxConnections, Reason::MaxRss, Reason::MaxLifetime]
+        let by = [Reason::Connections, Reason::Memory, Reason::Age]
             .iter()
             .map(|r| (r.name(), Obj::new_int(self.recycling.recycled[*r as usize - 1] as i64)))
             .collect();

@@ -52,7 +52,14 @@ pub fn resident_bytes() -> Option<u64> {
     // SAFETY: sysctl writes at most `len` bytes into `info` and the
     // length it wrote into `len`.
     let rc = unsafe {
-        libc::sysctl(mib.as_mut_ptr(), mib.len() as libc::c_uint, (&mut info as *mut libc::kinfo_proc).cast(), &mut len, std::ptr::null(), 0)
+        libc::sysctl(
+            mib.as_mut_ptr(),
+            mib.len() as libc::c_uint,
+            (&mut info as *mut libc::kinfo_proc).cast(),
+            &mut len,
+            std::ptr::null(),
+            0,
+        )
     };
     (rc == 0 && len >= std::mem::size_of::<libc::kinfo_proc>()).then(|| info.ki_rssize as u64 * super::page_size())
 }

@@ -69,7 +69,13 @@ pub fn resident_bytes() -> Option<u64> {
     // SAFETY: proc_pidinfo writes at most `size` bytes into `info` and
     // returns how many it wrote.
     let written = unsafe {
-        libc::proc_pidinfo(std::process::id() as libc::c_int, libc::PROC_PIDTASKINFO, 0, (&mut info as *mut libc::proc_taskinfo).cast(), size)
+        libc::proc_pidinfo(
+            std::process::id() as libc::c_int,
+            libc::PROC_PIDTASKINFO,
+            0,
+            (&mut info as *mut libc::proc_taskinfo).cast(),
+            size,
+        )
     };
     (written == size).then_some(info.pti_resident_size)
 }
