@@ -211,9 +211,8 @@ pub(super) fn lifetime_deadline(policy: &Policy, forked: Instant) -> Option<Inst
 
 impl Pool {
     /// Marks workers past their lifetime due, and gives turns to those
-    /// that wait for one (longest due first... in the order they were
-    /// forked, oldest first): the supervisor retires them, they leave
-    /// after their current connections, and are replaced at once.
+    /// that wait for one, oldest first: the supervisor retires them, they
+    /// leave after their current connections, and are replaced at once.
     pub(super) fn recycle(&mut self, entries: &mut Vec<LogEntry>) {
         let bound = (self.target / WORKERS_PER_TURN).max(1) as u32;
         self.recycling.turns().bound.store(bound, Ordering::SeqCst);
