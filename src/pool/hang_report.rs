@@ -10,9 +10,10 @@
 //! (a loop that never ends included) or in the event loop, and it writes
 //! the stack, `info frame` by `info frame` in the form of `errorInfo`,
 //! into the shared memory. A worker blocked in a system call (`after
-//! 60000`, a blocking read) runs no command: after `GRACE` the log says
-//! the stack could not be read. Either way the worker is then killed, as
-//! it was before this report existed. `pool info` keeps the last report.
+//! 60000`, a blocking read) runs no command: `GRACE` after its control
+//! thread took the question, the log says the stack could not be read.
+//! Either way the worker is then killed, as it was before this report
+//! existed. `pool info` keeps the last report.
 
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicI64, AtomicPtr, AtomicU32, AtomicU8, Ordering};
@@ -32,7 +33,12 @@ use super::signals;
 /// The signal that asks a worker for its stack.
 pub const REPORT_SIGNAL: Signal = Signal::SIGWINCH;
 /// How long a worker has to answer before the log says it cannot.
+/// How long a worker's Tcl thread has to answer once its control thread
+/// has taken the question...
 const GRACE: Duration = Duration::from_millis(500);
+/// ...and how long its control thread has to take it, on a machine so
+/// loaded that it has not run yet.
+const TAKE_LIMIT: Duration = Duration::from_secs(3);
 /// Room for one stack text.
 const REPORT_BYTES: usize = 4000;
 /// Room for one command of the stack.
@@ -40,6 +46,8 @@ const COMMAND_CHARS: usize = 200;
 
 const ASKED: u32 = 1;
 const ANSWERED: u32 = 2;
+/// Taken by the control thread, the async handler marked.
+const TAKEN: u32 = 3;
 
 /// The stack of the code the async handler interrupted, innermost first,
 /// as `errorInfo` words it: the procedure it was in (Tcl keeps no frame
@@ -85,7 +93,8 @@ static BASE: AtomicI64 = AtomicI64::new(0);
 /// One worker's report, in memory shared with the supervisor.
 #[repr(C)]
 pub struct Cell {
-    /// 0, `ASKED` (by the supervisor) or `ANSWERED` (by the worker).
+    /// 0, `ASKED` (by the supervisor), `TAKEN` (by the worker's control
+    /// thread) or `ANSWERED` (by its Tcl thread).
     state: AtomicU32,
     len: AtomicU32,
     text: [AtomicU8; REPORT_BYTES],
@@ -138,7 +147,8 @@ fn cell() -> Option<&'static Cell> {
 /// In a worker's control thread: `REPORT_SIGNAL` came; if the supervisor
 /// asked, the Tcl thread answers at its next command.
 pub fn signalled() {
-    if cell().is_some_and(|cell| cell.state.load(Ordering::SeqCst) == ASKED) {
+    let taken = |cell: &Cell| cell.state.compare_exchange(ASKED, TAKEN, Ordering::SeqCst, Ordering::SeqCst).is_ok();
+    if cell().is_some_and(taken) {
         if let Some(handler) = HANDLER.get() {
             handler.mark();
         }
@@ -147,7 +157,9 @@ pub fn signalled() {
 
 unsafe extern "C" fn on_async(_: *mut c_void, running: *mut Tcl_Interp, code: c_int) -> c_int {
     let _ = std::panic::catch_unwind(|| {
-        let Some(cell) = cell().filter(|cell| cell.state.load(Ordering::SeqCst) == ASKED) else { return };
+        let Some(cell) = cell().filter(|cell| matches!(cell.state.load(Ordering::SeqCst), ASKED | TAKEN)) else {
+            return;
+        };
         let interp = if running.is_null() { INTERP.load(Ordering::SeqCst) } else { running };
         if interp.is_null() {
             return;
@@ -192,6 +204,9 @@ impl InPool {
 /// Where a busy timeout stands for one worker.
 pub(super) struct Asked {
     at: Instant,
+    /// When the supervisor first saw the question taken: the grace runs
+    /// from then.
+    taken: Option<Instant>,
     peer: Obj,
     busy: f64,
 }
@@ -238,28 +253,42 @@ impl Pool {
                 cell.state.store(ASKED, Ordering::SeqCst);
                 let _ = kill(pid, REPORT_SIGNAL);
             }
-            self.children[index].hang = Some(Asked { at: Instant::now(), peer, busy });
+            self.children[index].hang = Some(Asked { at: Instant::now(), taken: None, peer, busy });
             self.answer_or_kill(index, entries);
         }
     }
 
     fn answer_or_kill(&mut self, index: usize, entries: &mut Vec<LogEntry>) {
-        let child = &self.children[index];
-        let Some(asked) = &child.hang else { return };
-        let cell = self.hangs.for_worker(child.slot);
-        let answered = cell.is_some_and(|cell| cell.state.load(Ordering::SeqCst) == ANSWERED);
-        let (stack, note) = match cell {
-            Some(cell) if answered => (cell.read(), String::new()),
-            Some(_) if asked.at.elapsed() < GRACE => return,
-            Some(_) => (
+        let cell = self.hangs.for_worker(self.children[index].slot);
+        let Some(asked) = &mut self.children[index].hang else { return };
+        let state = cell.map(|cell| cell.state.load(Ordering::SeqCst));
+        if state == Some(TAKEN) && asked.taken.is_none() {
+            asked.taken = Some(Instant::now());
+        }
+        let (stack, note) = match (cell, state) {
+            (Some(cell), Some(ANSWERED)) => (cell.read(), String::new()),
+            (Some(_), Some(TAKEN)) if asked.taken.is_some_and(|at| at.elapsed() < GRACE) => return,
+            (Some(_), Some(TAKEN)) => (
                 String::new(),
                 format!(
                     "the stack could not be read: the worker ran no Tcl command for {} s (blocked in a system call?)",
                     GRACE.as_secs_f64()
                 ),
             ),
-            None => (String::new(), "the stack could not be read: the pool leaves signals alone (-signals 0)".into()),
+            (Some(_), _) if asked.at.elapsed() < TAKE_LIMIT => return,
+            (Some(_), _) => (
+                String::new(),
+                format!(
+                    "the stack could not be read: the worker did not take the question in {} s",
+                    TAKE_LIMIT.as_secs()
+                ),
+            ),
+            (None, _) => {
+                (String::new(), "the stack could not be read: the pool leaves signals alone (-signals 0)".into())
+            }
         };
+        let child = &self.children[index];
+        let Some(asked) = &child.hang else { return };
         let pid = child.pid;
         let fields = vec![
             ("pid", Obj::new_int(pid.as_raw().into())),
