@@ -119,6 +119,7 @@ bench: build build-portable
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/httpd.tcl $(HTTPDBENCHFLAGS)
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/security.tcl $(SECURITYBENCHFLAGS)
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/portable.tcl $(PORTABLEBENCHFLAGS)
+	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/recycle.tcl $(RECYCLEBENCHFLAGS)
 	$(MAKE) --no-print-directory build-baseline
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/queue.tcl -baseline $(CURDIR)/$(BASELINEDIR)/src/build $(QUEUEBENCHFLAGS)
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/metrics.tcl $(METRICSBENCHFLAGS)

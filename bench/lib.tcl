@@ -52,7 +52,7 @@ set ::serverTclsh [info nameofexecutable]
 #	Returns a dict: pipe, port, pids (every process of the server).
 proc startServer {kind workers slow {concurrency 1}} {
     switch -- $kind {
-        socketserver - tcl - pool - poolevent - poolproxy - pooluser - poolproxyfrom - poolmetrics {
+        socketserver - tcl - pool - poolevent - poolproxy - pooluser - poolproxyfrom - poolmetrics - poolmaxrss {
             set command [list $::serverTclsh [file join $::here server.tcl] $kind $workers $slow $concurrency]
         }
         native {set command [list $::native 0 $workers shared $slow]}

@@ -6,11 +6,13 @@
 #	handler and -concurrency K on the pool, or on Tcl's own socket -server
 #	in one process.
 #
-#	Usage: tclsh server.tcl socketserver|pool|poolevent|poolproxy|pooluser|poolproxyfrom|tcl WORKERS SLOW_PERCENT ?K? ?MAXCONNECTIONS?
+#	Usage: tclsh server.tcl socketserver|pool|poolevent|poolproxy|pooluser|poolproxyfrom|poolmaxrss|tcl WORKERS SLOW_PERCENT ?K? ?MAXCONNECTIONS?
 #	(poolproxy: a pool whose connections begin with a PROXY protocol header;
 #	pooluser: a pool whose workers run as nobody; poolproxyfrom: poolproxy
 #	that believes headers only from 10.0.0.0/8 and 127.0.0.0/8;
-#	poolmetrics: a pool with -metrics on the port in $env(METRICS_PORT))
+#	poolmetrics: a pool with -metrics on the port in $env(METRICS_PORT);
+#	poolmaxrss: a pool with -maxrss 1G, whose workers measure their memory
+#	after each connection)
 #	Prints "port P pids PID..." when ready; stops on SIGTERM.
 
 lassign $argv mode workerCount slowPercent concurrency maxConnections
@@ -96,13 +98,14 @@ switch -- $mode {
         set listener [socket -server tclAccept -myaddr 127.0.0.1 0]
         set port [lindex [fconfigure $listener -sockname] 2]
     }
-    pool - poolevent - poolproxy - pooluser - poolproxyfrom - poolmetrics {
+    pool - poolevent - poolproxy - pooluser - poolproxyfrom - poolmetrics - poolmaxrss {
         package require socketserver
         set handler [expr {$mode eq "poolevent" ? "eventAccept" : "poolAccept"}]
         set proxy [dict get {
             pool {} poolevent {} poolproxy {-proxy any}
             pooluser {-user nobody} poolproxyfrom {-proxy any -proxyfrom {10.0.0.0/8 127.0.0.0/8}}
             poolmetrics {-metrics $::env(METRICS_PORT)}
+            poolmaxrss {-maxrss 1G}
         } $mode]
         set proxy [subst $proxy]
         set port [::socketserver::pool create -myaddr 127.0.0.1 -workers $workerCount {*}$proxy \

@@ -836,3 +836,57 @@ fn tcl_interp_command() -> Option<ObjCmdProc> {
     // that stays loaded as long as the process.
     Some(unsafe { std::mem::transmute::<usize, ObjCmdProc>(address) })
 }
+
+/// A Tcl async handler (`Tcl_AsyncCreate`): marked from any thread, its
+/// procedure runs on the thread that made it, between two commands of
+/// whatever Tcl code runs there, or in its event loop.
+#[derive(Clone, Copy)]
+pub struct AsyncHandler(tcl_sys::Tcl_AsyncHandler);
+
+// SAFETY: Tcl_AsyncMark is documented as callable from any thread (and
+// from a signal handler); the handler is only marked, never freed.
+unsafe impl Send for AsyncHandler {}
+// SAFETY: as for Send: marking is the only use from other threads.
+unsafe impl Sync for AsyncHandler {}
+
+/// The procedure of an async handler: client data, the interpreter that
+/// was running (null when called from the event loop), and the code that
+/// it must return unchanged.
+pub type AsyncProc = unsafe extern "C" fn(*mut c_void, *mut Tcl_Interp, c_int) -> c_int;
+
+/// Makes an async handler for the calling thread.
+pub fn create_async(proc_: AsyncProc, data: *mut c_void) -> AsyncHandler {
+    // SAFETY: Tcl keeps the procedure and its data until deleted, which we
+    // never do (the handler lives as long as the worker process).
+    AsyncHandler(unsafe { stub!(tcl_AsyncCreate)(Some(proc_), data) })
+}
+
+impl AsyncHandler {
+    /// Asks for the handler to run on its thread at the next chance.
+    pub fn mark(self) {
+        // SAFETY: a handler made by `create_async` and never deleted.
+        unsafe { stub!(tcl_AsyncMark)(self.0) }
+    }
+}
+
+impl Interp {
+    /// Evaluates `script` where the interpreter stands now (not at global
+    /// level), leaving its result and error state as they were: for code
+    /// that runs between two commands of another (an async handler).
+    /// Returns the script's result, or on error the message.
+    pub fn eval_in_place(&self, script: &Obj) -> Result<Obj, String> {
+        // SAFETY: interpreter and script are live on this thread; the
+        // saved state is restored (and freed) before returning.
+        unsafe {
+            let saved = stub!(tcl_SaveInterpState)(self.as_ptr(), 0);
+            let code = stub!(tcl_EvalObjEx)(self.as_ptr(), script.as_ptr(), 0);
+            let result = Obj::from_raw(stub!(tcl_GetObjResult)(self.as_ptr()));
+            stub!(tcl_RestoreInterpState)(self.as_ptr(), saved);
+            if code == TCL_OK {
+                Ok(result)
+            } else {
+                Err(result.to_string_lossy())
+            }
+        }
+    }
+}

@@ -24,17 +24,21 @@ static SUBCOMMANDS: NameTable<8> = NameTable([
     c"wait".as_ptr(),
     std::ptr::null(),
 ]);
-static CREATE_OPTIONS: NameTable<24> = NameTable([
+static CREATE_OPTIONS: NameTable<28> = NameTable([
     c"-backlog".as_ptr(),
     c"-concurrency".as_ptr(),
     c"-fd".as_ptr(),
     c"-graceful".as_ptr(),
     c"-group".as_ptr(),
     c"-init".as_ptr(),
+    c"-inittimeout".as_ptr(),
     c"-jitter".as_ptr(),
+    c"-lifetimejitter".as_ptr(),
     c"-log".as_ptr(),
     c"-maxconnections".as_ptr(),
+    c"-maxlifetime".as_ptr(),
     c"-maxqueue".as_ptr(),
+    c"-maxrss".as_ptr(),
     c"-metrics".as_ptr(),
     c"-myaddr".as_ptr(),
     c"-overload".as_ptr(),
@@ -159,6 +163,8 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
         signals: true,
         privileges: Default::default(),
         metrics: None,
+        recycling: Default::default(),
+        init_timeout: None,
     };
     let (mut user, mut group, mut limits, mut metrics) = (None, None, Vec::new(), None);
     let mut server = ServerOptions::default();
@@ -193,6 +199,10 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
                     })
             }
             "-metrics" => metrics = Some(value.to_string_lossy()).filter(|m| !m.is_empty()),
+            "-maxrss" => config.recycling.max_rss = size(value)?,
+            "-maxlifetime" => config.recycling.max_lifetime = optional_seconds(interp, value)?,
+            "-lifetimejitter" => config.recycling.lifetime_jitter = Some(seconds(interp, value)?),
+            "-inittimeout" => config.init_timeout = optional_seconds(interp, value)?,
             "-signals" => config.signals = value.get_boolean(interp)?,
             "-user" => user = Some(value.to_string_lossy()),
             "-group" => group = Some(value.to_string_lossy()),
@@ -306,4 +316,36 @@ fn seconds(interp: Interp, value: &Obj) -> TclResult<Duration> {
         ));
     }
     Ok(Duration::from_secs_f64(s))
+}
+
+/// Seconds, 0 meaning none.
+fn optional_seconds(interp: Interp, value: &Obj) -> TclResult<Option<Duration>> {
+    let seconds = seconds(interp, value)?;
+    Ok((!seconds.is_zero()).then_some(seconds))
+}
+
+/// A size in bytes: a non-negative integer, or one followed by K, M or G
+/// (powers of 1024, either case, an optional B after them): `50M`, `1G`.
+fn size(value: &Obj) -> TclResult<u64> {
+    let text = value.to_string_lossy();
+    let trimmed = text.trim();
+    let body = trimmed.strip_suffix(['b', 'B']).filter(|b| b.ends_with(|c: char| c.is_ascii_alphabetic()));
+    let body = body.unwrap_or(trimmed);
+    let (digits, shift) = match body.char_indices().last() {
+        Some((at, 'k' | 'K')) => (&body[..at], 10),
+        Some((at, 'm' | 'M')) => (&body[..at], 20),
+        Some((at, 'g' | 'G')) => (&body[..at], 30),
+        _ => (body, 0),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .filter(|_| digits.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .ok_or_else(|| {
+            TclError::new(
+                format!("expected size in bytes (an integer, or with K, M or G) but got \"{text}\""),
+                &["TCL", "VALUE", "NUMBER"],
+            )
+        })
 }

@@ -8,7 +8,6 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{ForkResult, Pid};
 
@@ -23,6 +22,9 @@ use super::signals;
 use super::supervisor::Config;
 use super::worker::{self, Assignment};
 
+/// The reason a worker killed for not being ready in time is killed: a
+/// failure, unlike the other kills.
+pub(super) const INIT_TIMEOUT: &str = "inittimeout";
 /// A worker forked after the last failure that is ready (its `-init`
 /// done, registered) and this old ends a run of failures.
 const YOUNG: Duration = Duration::from_secs(1);
@@ -38,6 +40,8 @@ const BACKOFF_CAP: Duration = Duration::from_secs(30);
 pub(super) enum Retired {
     Reload,
     Resize,
+    /// Its turn to leave for recycling (`recycling`).
+    Recycle,
 }
 
 pub(super) struct Child {
@@ -50,6 +54,10 @@ pub(super) struct Child {
     pub(super) retired: Option<Retired>,
     /// Set once we have sent it SIGKILL, with the reason.
     pub(super) killed: Option<&'static str>,
+    /// When it is due by age (`-maxlifetime`).
+    pub(super) recycle_at: Option<Instant>,
+    /// Past its busy timeout, asked for its stack (`hang_report`).
+    pub(super) hang: Option<super::hang_report::Asked>,
 }
 
 #[derive(Default)]
@@ -58,6 +66,8 @@ pub(super) struct Totals {
     pub(super) respawned: u64,
     pub(super) recycled: u64,
     pub(super) timed_out: u64,
+    /// Killed for not being ready within `-inittimeout`.
+    pub(super) init_timed_out: u64,
     pub(super) backoffs: u64,
     /// PROXY protocol rejections of workers that have exited.
     pub(super) proxy_errors: u64,
@@ -123,6 +133,8 @@ pub struct Pool {
     pub(super) ready_once: bool,
     /// The `-metrics` endpoint, served while the pool lives.
     pub(super) metrics: Option<super::metrics::Endpoint>,
+    pub(super) recycling: super::recycling::InPool,
+    pub(super) hangs: super::hang_report::InPool,
 }
 
 impl Pool {
@@ -159,12 +171,14 @@ impl Pool {
             self.totals.proxy_untrusted += slot.proxy_untrusted();
             self.totals.served += served;
             self.totals.busy_millis += slot.busy_millis(now_millis());
-            slot.free();
             let (status_text, clean, signaled) = match status {
                 WaitStatus::Exited(_, code) => (format!("exit {code}"), code == 0, false),
                 WaitStatus::Signaled(_, signal, _) => (format!("signal {}", signal.as_str()), false, true),
                 other => (format!("{other:?}"), false, false),
             };
+            let recycled = (left_by_itself && clean && received) || child.retired == Some(Retired::Recycle);
+            let cause = self.recycled_reason(child.slot, recycled);
+            self.scoreboard.slot(child.slot).free();
             let mut fields = vec![
                 ("pid", Obj::new_int(pid.as_raw().into())),
                 ("generation", Obj::new_int(child.generation.into())),
@@ -177,13 +191,17 @@ impl Pool {
             let stopping = matches!(self.phase, Phase::Stopping { .. });
             let current = child.generation == self.generation;
             let mut backoff_entry = None;
-            if child.retired.is_some() {
+            if child.retired == Some(Retired::Recycle) && !stopping {
+                // Its turn to leave came: replaced when it was retired.
+                self.totals.recycled += 1;
+                fields.push(("recycled", Obj::new_int(1)));
+            } else if child.retired.is_some() {
                 // Asked to leave: nothing to replace.
             } else if stopping {
                 // Nothing to replace; but one started to serve what was
                 // queued at the stop that fails is backed off, and the stop
                 // gives up on the queue after a few (`supervisor::reconcile`).
-                if child.killed.is_none() && !clean {
+                if (child.killed.is_none() || child.killed == Some(INIT_TIMEOUT)) && !clean {
                     let reason = if message.is_empty() { status_text.clone() } else { message.clone() };
                     let _ = self.count_failure(reason, Some(child.forked));
                 }
@@ -199,7 +217,7 @@ impl Pool {
                 }
             } else if current {
                 self.to_respawn += 1;
-                let failed = child.killed.is_none() && (signaled || !received);
+                let failed = (child.killed.is_none() || child.killed == Some(INIT_TIMEOUT)) && (signaled || !received);
                 if failed {
                     let reason = if message.is_empty() { status_text.clone() } else { message.clone() };
                     if let Some(delay) = self.count_failure(reason, Some(child.forked)) {
@@ -224,6 +242,9 @@ impl Pool {
             }
             if let Some(reason) = child.killed {
                 fields.push(("killed", Obj::new_string(reason)));
+            }
+            if let Some(cause) = cause {
+                fields.push(("cause", Obj::new_string(cause)));
             }
             entries.push(self.entry("exit", fields));
             entries.extend(backoff_entry);
@@ -351,35 +372,6 @@ impl Pool {
         matches!(nix::sys::socket::recv(self.queue.as_raw_fd(), &mut byte, flags), Ok(1..))
     }
 
-    /// Kills workers busy on one connection for longer than `-timeout`.
-    pub(super) fn kill_stuck(&mut self, entries: &mut Vec<LogEntry>) {
-        let Some(timeout) = self.config.timeout else { return };
-        let now = now_millis();
-        let limit = timeout.as_millis() as u64;
-        for index in 0..self.children.len() {
-            let child = &self.children[index];
-            let slot = self.scoreboard.slot(child.slot);
-            let since = slot.busy_since();
-            if child.killed.is_some() || since == 0 || now.saturating_sub(since) <= limit {
-                continue;
-            }
-            let peer = slot.peer();
-            let _ = kill(child.pid, Signal::SIGKILL);
-            self.children[index].killed = Some("timeout");
-            self.totals.timed_out += 1;
-            let (host, port) = peer.rsplit_once(' ').unwrap_or((&peer, ""));
-            let entry = self.entry(
-                "timeout",
-                vec![
-                    ("pid", Obj::new_int(self.children[index].pid.as_raw().into())),
-                    ("peer", Obj::new_list(&[Obj::new_string(host), Obj::new_string(port)])),
-                    ("busy", Obj::new_double(now.saturating_sub(since) as f64 / 1000.0)),
-                ],
-            );
-            entries.push(entry);
-        }
-    }
-
     /// Workers of the current generation that count toward the target:
     /// not asked to leave, not leaving by themselves, not killed.
     pub(super) fn serving(&self) -> impl Iterator<Item = &Child> {
@@ -482,7 +474,14 @@ impl Pool {
             let fields = vec![
                 ("pid", Obj::new_int(child.pid.as_raw().into())),
                 ("generation", Obj::new_int(child.generation.into())),
-                ("reason", Obj::new_string(if reason == Retired::Reload { "reload" } else { "resize" })),
+                (
+                    "reason",
+                    Obj::new_string(match reason {
+                        Retired::Reload => "reload",
+                        Retired::Resize => "resize",
+                        Retired::Recycle => "recycle",
+                    }),
+                ),
             ];
             entries.push(self.entry("retire", fields));
         }
@@ -513,6 +512,9 @@ impl Pool {
         };
         let limit = (pool.config.max_connections > 0)
             .then(|| pool.config.max_connections + random_below(pool.config.jitter + 1));
+        let recycling =
+            pool.recycling.for_worker(pool.scoreboard.leak_slot(slot), pool.config.recycling.max_rss, limit);
+        let hang_report = pool.hangs.for_worker(slot);
         // SAFETY: the child runs only `worker::run`, which never returns into
         // the caller's frames.
         match signals::fork_worker(|| unsafe { crate::process::fork_flushed(pool.interp) }) {
@@ -523,7 +525,8 @@ impl Pool {
                 handler: pool.config.handler.clone(),
                 init: pool.config.init.clone(),
                 concurrency: pool.config.concurrency,
-                limit,
+                recycling,
+                hang_report,
                 slot: pool.scoreboard.leak_slot(slot),
                 leave: leave_read,
                 signals: pool.config.signals,
@@ -544,6 +547,8 @@ impl Pool {
                     leave: Some(leave_write),
                     retired: None,
                     killed: None,
+                    recycle_at: super::recycling::lifetime_deadline(&pool.config.recycling, Instant::now()),
+                    hang: None,
                 });
                 pool.totals.started += 1;
                 let mut fields = vec![
@@ -575,7 +580,7 @@ fn backoff(failures: u32) -> Duration {
 }
 
 /// A random number in `0..bound`, for the recycling jitter.
-fn random_below(bound: u64) -> u64 {
+pub(super) fn random_below(bound: u64) -> u64 {
     let mut bytes = [0u8; 8];
     if !crate::sys::fill_random(&mut bytes) || bound == 0 {
         return 0;

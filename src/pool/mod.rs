@@ -11,16 +11,23 @@
 //! `after_fork` says what each process keeps of the supervisor's after a
 //! fork, and makes every fork of the process enforce it. `metrics` serves
 //! the pool's figures to Prometheus, `notify` tells systemd where it stands.
+//! `recycling` (memory, age, connections; one worker leaving at a time),
+//! `init_timeout` and `hang_report` (what a worker past its busy timeout
+//! was doing) are rooms of `lifecycle`.
 
 mod after_fork;
 mod command;
 mod generation;
+mod hang_report;
+mod init_timeout;
 mod lifecycle;
 mod metrics;
 mod notify;
 mod privileges;
+mod recycling;
 mod report;
 mod scoreboard;
+mod shared_memory;
 mod signals;
 mod supervisor;
 mod worker;

@@ -35,20 +35,22 @@ impl Pool {
             let since = slot.busy_since();
             let busy = if since == 0 { 0.0 } else { now.saturating_sub(since) as f64 / 1000.0 };
             workers.push(Obj::new_int(child.pid.as_raw().into()));
-            workers.push(Obj::new_dict(vec![
+            let mut fields = vec![
                 ("state", Obj::new_string(state.name())),
                 ("generation", Obj::new_int(child.generation.into())),
                 ("served", Obj::new_int(slot.served() as i64)),
                 ("open", Obj::new_int(slot.open().into())),
                 ("busy", Obj::new_double(busy)),
-            ]));
+            ];
+            fields.extend(self.worker_recycling_info(child.slot));
+            workers.push(Obj::new_dict(fields));
         }
         let queue = self.counters.queue.snapshot();
         let phase = match self.phase {
             Phase::Running => "running",
             Phase::Stopping { .. } => "stopping",
         };
-        Obj::new_dict(vec![
+        let mut fields = vec![
             ("port", Obj::new_int(self.port.into())),
             ("state", Obj::new_string(phase)),
             ("generation", Obj::new_int(self.generation.into())),
@@ -92,7 +94,11 @@ impl Pool {
             ("queuewait", queue_wait(&queue)),
             ("proxyerrors", Obj::new_int(self.proxy_errors_total().try_into().unwrap_or(i64::MAX))),
             ("proxyuntrusted", Obj::new_int(self.proxy_untrusted_total().try_into().unwrap_or(i64::MAX))),
-        ])
+            ("inittimedout", Obj::new_int(self.totals.init_timed_out as i64)),
+            ("lasthang", self.hangs.last.clone().unwrap_or_else(|| Obj::new_string(""))),
+        ];
+        fields.extend(self.recycling_info());
+        Obj::new_dict(fields)
     }
 }
 

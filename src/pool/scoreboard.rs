@@ -88,6 +88,12 @@ pub struct Slot {
     /// messages go to the pool's log, not to a stderr that may be closed.
     failure_len: AtomicU8,
     failure: [AtomicU8; FAILURE_BYTES],
+    /// Recycling (`recycling`): why the worker is due to leave (0: it is
+    /// not), whether it holds one of the pool's turns to leave, and its
+    /// resident memory when it last looked (bytes; 0: not measured).
+    pub(super) due: AtomicU32,
+    pub(super) turn: AtomicU32,
+    pub(super) rss: AtomicU64,
 }
 
 impl Slot {
@@ -205,6 +211,9 @@ impl Slot {
         self.busy_before.store(0, Relaxed);
         self.failure_len.store(0, Relaxed);
         self.peer_len.store(0, Relaxed);
+        self.due.store(0, Relaxed);
+        self.turn.store(0, Relaxed);
+        self.rss.store(0, Relaxed);
         self.set_state(State::Starting);
     }
 

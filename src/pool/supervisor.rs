@@ -27,7 +27,9 @@ use crate::tcl::{self, Interp, Obj, TclError, TclResult};
 
 use super::after_fork::{self, EventSources};
 use super::generation::{default_command, DEFAULT_UPGRADE_TIMEOUT};
+use super::hang_report::InPool as HangsInPool;
 use super::lifecycle::{Phase, Pool, Reload, Totals, RELOAD_FAILURES};
+use super::recycling::InPool as RecyclingInPool;
 use super::report::{flush_entries, LogEntry};
 use super::scoreboard::Scoreboard;
 use super::signals;
@@ -57,6 +59,10 @@ pub struct Config {
     pub privileges: super::privileges::Privileges,
     /// `-metrics`: the endpoint's socket, bound, served once the pool runs.
     pub metrics: Option<super::metrics::Bound>,
+    /// `-maxrss`, `-maxlifetime`, `-lifetimejitter` (`recycling`).
+    pub recycling: super::recycling::Policy,
+    /// `-inittimeout` (`init_timeout`).
+    pub init_timeout: Option<Duration>,
 }
 
 /// The pools of a process, on the one thread that runs them. Its signal
@@ -174,11 +180,16 @@ pub fn create(interp: Interp, state: *const InterpState, port: u16, mut config: 
             .map(|p| (Arc::clone(&p.worker_end), Arc::clone(&p.counters)))
             .ok_or_else(|| unknown_pool(port))?;
         claim_supervisor_thread()?;
+        let reports_wanted = config.timeout.is_some() && config.signals;
         let started = Scoreboard::new(MAX_WORKERS * 2)
+            .and_then(|scoreboard| Ok((scoreboard, RecyclingInPool::new()?)))
+            .and_then(|(scoreboard, recycling)| {
+                Ok((scoreboard, recycling, HangsInPool::new(reports_wanted, MAX_WORKERS * 2)?))
+            })
             .map_err(|e| TclError::posix("couldn't create the scoreboard", e as i32))
-            .and_then(|scoreboard| sup.start_watching(config.signals).map(|()| scoreboard));
-        let scoreboard = match started {
-            Ok(scoreboard) => scoreboard,
+            .and_then(|shared| sup.start_watching(config.signals).map(|()| shared));
+        let (scoreboard, recycling, hangs) = match started {
+            Ok(shared) => shared,
             Err(error) => {
                 // A pool that could not start leaves nothing taken behind.
                 sup.after_pool_gone();
@@ -212,6 +223,8 @@ pub fn create(interp: Interp, state: *const InterpState, port: u16, mut config: 
             phase: Phase::Running,
             ready_once: false,
             metrics: config_metrics.map(|bound| super::metrics::Endpoint::serve(port, bound)),
+            recycling,
+            hangs,
         });
         let index = sup.pools.len() - 1;
         sup.reconcile(index);
@@ -571,9 +584,11 @@ impl Supervisor {
         pool.settle_reload(&mut entries);
         let now = Instant::now();
         pool.kill_stuck(&mut entries);
+        pool.kill_slow_starters(&mut entries);
         match pool.phase {
             Phase::Running => {
                 pool.retire_surplus(&mut entries);
+                pool.recycle(&mut entries);
                 let wanted = pool.missing();
                 let fork_now = pool.forks_allowed(now, wanted);
                 self.log.append(&mut entries);

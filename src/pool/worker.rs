@@ -9,7 +9,8 @@
 //!
 //! It leaves when its leave pipe reaches end of file (the supervisor closed
 //! its end: reload, resize, or the supervisor died), when the queue closes
-//! (the pool stopped), or after its last connection (`-maxconnections`);
+//! (the pool stopped), or when it is due to be recycled and its turn
+//! has come (`recycling`: `-maxconnections`, `-maxrss`, `-maxlifetime`);
 //! in each case only once the channels it holds are closed.
 
 use std::cell::RefCell;
@@ -25,7 +26,7 @@ use crate::registration::{self, Handler, InterpState, NativeHandler};
 use crate::tcl::{self, Interp, Obj};
 
 use super::scoreboard::{now_millis, Slot, State};
-use super::signals;
+use super::{hang_report, recycling, signals};
 
 /// Scripts run in each interpreter of the worker's thread (lambdas, so
 /// that no global variable of the script is touched).
@@ -113,8 +114,10 @@ pub struct Assignment {
     pub handler: Vec<Obj>,
     pub init: Option<Obj>,
     pub concurrency: usize,
-    /// Connections to serve before leaving (`-maxconnections` with jitter).
-    pub limit: Option<u64>,
+    /// When to leave for recycling (`-maxconnections`, `-maxrss`).
+    pub recycling: recycling::InWorker,
+    /// Where to answer the supervisor's question after a busy timeout.
+    pub hang_report: Option<&'static hang_report::Cell>,
     pub slot: &'static Slot,
     pub leave: OwnedFd,
     /// Whether the pool handles signals (the worker then handles its own).
@@ -151,7 +154,7 @@ struct Worker {
     state: *const InterpState,
     handler: Vec<Obj>,
     concurrency: usize,
-    limit: Option<u64>,
+    recycling: recycling::InWorker,
     slot: &'static Slot,
     /// Open for as long as the process lives: the control thread polls it.
     _leave: OwnedFd,
@@ -230,7 +233,8 @@ fn serve(assignment: Assignment) -> ! {
         handler,
         init,
         concurrency,
-        limit,
+        recycling,
+        hang_report,
         slot,
         leave,
         signals,
@@ -241,7 +245,7 @@ fn serve(assignment: Assignment) -> ! {
         privileges,
     } = assignment;
     signals::reset_in_worker();
-    let signal_pipe = if signals { watch_signals() } else { None };
+    let signal_pipe = if signals { watch_signals(hang_report.is_some()) } else { None };
     if let Some(tick) = tick {
         tcl::delete_timer(tick);
     }
@@ -265,6 +269,9 @@ fn serve(assignment: Assignment) -> ! {
     if let Err(error) = spawn_control(leave.as_raw_fd(), signal_pipe, slot) {
         give_up(slot, &format!("couldn't start: {error}"));
     }
+    if let Some(cell) = hang_report {
+        hang_report::arm(interp, cell);
+    }
     if let Some(script) = init {
         if let Err(message) = interp.eval_global(&script) {
             give_up(slot, &format!("-init failed: {message}"));
@@ -285,7 +292,7 @@ fn serve(assignment: Assignment) -> ! {
             state,
             handler,
             concurrency,
-            limit,
+            recycling,
             slot,
             _leave: leave,
             queue,
@@ -365,6 +372,7 @@ impl Worker {
         }
         if self.open.is_empty() {
             self.done = true;
+            self.recycling.done();
         }
         self.publish();
     }
@@ -400,7 +408,8 @@ fn on_connection(interp: Interp, conn: Connection) {
         crate::queue_time::remember(channel, stamps);
         channel.on_close(on_channel_closed, id as usize as *mut c_void);
         w.open.push(OpenChannel { id, since: now_millis(), peer });
-        if w.limit.is_some_and(|limit| w.received >= limit) {
+        w.recycling.received(w.received);
+        if w.recycling.leave_now() {
             // Recycled: the supervisor starts the replacement now.
             w.leave();
             signals::notify_supervisor();
@@ -435,8 +444,13 @@ unsafe extern "C" fn on_channel_closed(data: *mut c_void) {
             let Some(index) = w.open.iter().position(|c| c.id == id) else { return };
             w.open.remove(index);
             w.slot.count_served();
+            w.recycling.closed();
             if w.leaving {
                 w.leave();
+            } else if w.recycling.leave_now() {
+                // Its turn to be recycled came.
+                w.leave();
+                signals::notify_supervisor();
             } else {
                 w.register();
             }
@@ -449,13 +463,17 @@ unsafe extern "C" fn on_channel_closed(data: *mut c_void) {
 /// the whole process group (Ctrl-C, a terminal that hangs up, `kill -HUP
 /// -pgid`): they are the supervisor's to act on (a graceful stop, a
 /// reload, a resize, an upgrade), and a worker caught by their default
-/// action would die mid-reply (HUP, USR2) or stop (TTIN, TTOU). Returns
-/// the read end of the worker's signal pipe.
-fn watch_signals() -> Option<RawFd> {
+/// action would die mid-reply (HUP, USR2) or stop (TTIN, TTOU). With
+/// `report`, also `hang_report::REPORT_SIGNAL`, the supervisor's question
+/// after a busy timeout. Returns the read end of the worker's signal pipe.
+fn watch_signals(report: bool) -> Option<RawFd> {
     use nix::sys::signal::Signal;
     let read_end = signals::pipe_read_end().ok()?;
     for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGTTIN, Signal::SIGTTOU, Signal::SIGUSR2] {
         let _ = signals::watch(signal);
+    }
+    if report {
+        let _ = signals::watch(hang_report::REPORT_SIGNAL);
     }
     Some(read_end)
 }
@@ -507,6 +525,9 @@ fn wait_for_leave(leave: RawFd, signal_pipe: Option<RawFd>) {
         }
         if let Some(fd) = signal_pipe {
             let (received, _) = signals::drain(fd.as_raw_fd());
+            if received.contains(&hang_report::REPORT_SIGNAL) {
+                hang_report::signalled();
+            }
             if received.contains(&nix::sys::signal::Signal::SIGTERM) {
                 return;
             }

@@ -40,3 +40,26 @@ pub fn notify_address(value: &std::ffi::OsStr) -> nix::Result<nix::sys::socket::
         path => nix::sys::socket::UnixAddr::new(path),
     }
 }
+
+/// The calling process's resident memory in bytes (`ki_rssize` of
+/// `sysctl kern.proc.pid`, in pages); `None` if it cannot be read.
+pub fn resident_bytes() -> Option<u64> {
+    let mut mib = [libc::CTL_KERN, libc::KERN_PROC, libc::KERN_PROC_PID, std::process::id() as libc::c_int];
+    // SAFETY: all-zero is a valid kinfo_proc (integers, arrays, pointers
+    // that sysctl overwrites).
+    let mut info: libc::kinfo_proc = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::kinfo_proc>();
+    // SAFETY: sysctl writes at most `len` bytes into `info` and the
+    // length it wrote into `len`.
+    let rc = unsafe {
+        libc::sysctl(
+            mib.as_mut_ptr(),
+            mib.len() as libc::c_uint,
+            (&mut info as *mut libc::kinfo_proc).cast(),
+            &mut len,
+            std::ptr::null(),
+            0,
+        )
+    };
+    (rc == 0 && len >= std::mem::size_of::<libc::kinfo_proc>()).then(|| info.ki_rssize as u64 * super::page_size())
+}

@@ -39,3 +39,24 @@ pub fn notify_address(value: &std::ffi::OsStr) -> nix::Result<nix::sys::socket::
         path => nix::sys::socket::UnixAddr::new(path),
     }
 }
+
+/// The calling process's resident memory in bytes (`/proc/self/statm`,
+/// second field, in pages); `None` if it cannot be read. The file stays
+/// open, and is read again from its start (one pread, where opening it
+/// each time costs eight times as much); a process forked since opens
+/// its own.
+pub fn resident_bytes() -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    static STATM: std::sync::Mutex<Option<(u32, std::fs::File)>> = std::sync::Mutex::new(None);
+    let mut statm = STATM.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let pid = std::process::id();
+    if statm.as_ref().is_none_or(|(opened_by, _)| *opened_by != pid) {
+        // Close-on-exec, as std opens every file.
+        *statm = Some((pid, std::fs::File::open("/proc/self/statm").ok()?));
+    }
+    let (_, file) = statm.as_ref()?;
+    let mut text = [0u8; 128];
+    let len = file.read_at(&mut text, 0).ok()?;
+    let pages: u64 = std::str::from_utf8(&text[..len]).ok()?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * super::page_size())
+}

@@ -59,3 +59,23 @@ pub fn notify_address(value: &std::ffi::OsStr) -> nix::Result<nix::sys::socket::
         path => nix::sys::socket::UnixAddr::new(path),
     }
 }
+
+/// The calling process's resident memory in bytes (`pti_resident_size`
+/// of `proc_pidinfo(PROC_PIDTASKINFO)`); `None` if it cannot be read.
+pub fn resident_bytes() -> Option<u64> {
+    // SAFETY: all-zero is a valid proc_taskinfo (integers only).
+    let mut info: libc::proc_taskinfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::proc_taskinfo>() as libc::c_int;
+    // SAFETY: proc_pidinfo writes at most `size` bytes into `info` and
+    // returns how many it wrote.
+    let written = unsafe {
+        libc::proc_pidinfo(
+            std::process::id() as libc::c_int,
+            libc::PROC_PIDTASKINFO,
+            0,
+            (&mut info as *mut libc::proc_taskinfo).cast(),
+            size,
+        )
+    };
+    (written == size).then_some(info.pti_resident_size)
+}

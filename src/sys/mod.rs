@@ -151,3 +151,11 @@ pub fn install_interrupt_handler() {
 
 /// The signal that `install_interrupt_handler` catches.
 pub const INTERRUPT_SIGNAL: libc::c_int = libc::SIGURG;
+
+/// The size of a memory page, asked once.
+pub fn page_size() -> u64 {
+    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *PAGE.get_or_init(|| {
+        nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().map_or(4096, |size| size as u64)
+    })
+}

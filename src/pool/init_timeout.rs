@@ -1,0 +1,40 @@
+//! `-inittimeout`: a worker that is not ready (its `-init` done, waiting
+//! for connections) in time is killed, and counted as a failed start, so
+//! that an `-init` that hangs backs off as one that fails does (`reap`).
+//! Apart from the busy `-timeout`, which is for workers that serve.
+
+use nix::sys::signal::{kill, Signal};
+
+use crate::tcl::Obj;
+
+use super::lifecycle::{Pool, INIT_TIMEOUT};
+use super::report::LogEntry;
+use super::scoreboard::State;
+
+impl Pool {
+    pub(super) fn kill_slow_starters(&mut self, entries: &mut Vec<LogEntry>) {
+        let Some(limit) = self.config.init_timeout else { return };
+        for index in 0..self.children.len() {
+            let child = &self.children[index];
+            if child.killed.is_some()
+                || child.retired.is_some()
+                || self.scoreboard.slot(child.slot).state() != State::Starting
+                || child.forked.elapsed() <= limit
+            {
+                continue;
+            }
+            let pid = child.pid;
+            let _ = kill(pid, Signal::SIGKILL);
+            self.children[index].killed = Some(INIT_TIMEOUT);
+            self.totals.init_timed_out += 1;
+            entries.push(self.entry(
+                "inittimeout",
+                vec![
+                    ("pid", Obj::new_int(pid.as_raw().into())),
+                    ("generation", Obj::new_int(self.children[index].generation.into())),
+                    ("after", Obj::new_double(limit.as_secs_f64())),
+                ],
+            ));
+        }
+    }
+}
