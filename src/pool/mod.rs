@@ -22,6 +22,7 @@ mod privileges;
 mod report;
 mod scoreboard;
 mod signals;
+mod sizing;
 mod supervisor;
 mod worker;
 

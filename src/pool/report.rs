@@ -48,7 +48,7 @@ impl Pool {
             Phase::Running => "running",
             Phase::Stopping { .. } => "stopping",
         };
-        Obj::new_dict(vec![
+        let mut fields = vec![
             ("port", Obj::new_int(self.port.into())),
             ("state", Obj::new_string(phase)),
             ("generation", Obj::new_int(self.generation.into())),
@@ -92,7 +92,9 @@ impl Pool {
             ("queuewait", queue_wait(&queue)),
             ("proxyerrors", Obj::new_int(self.proxy_errors_total().try_into().unwrap_or(i64::MAX))),
             ("proxyuntrusted", Obj::new_int(self.proxy_untrusted_total().try_into().unwrap_or(i64::MAX))),
-        ])
+        ];
+        fields.extend(self.sizing_info());
+        Obj::new_dict(fields)
     }
 }
 

@@ -57,6 +57,8 @@ pub struct Config {
     pub privileges: super::privileges::Privileges,
     /// `-metrics`: the endpoint's socket, bound, served once the pool runs.
     pub metrics: Option<super::metrics::Bound>,
+    /// `-workers min-max`, the spare targets, and what sizing did last.
+    pub sizing: super::sizing::Sizing,
 }
 
 /// The pools of a process, on the one thread that runs them. Its signal
@@ -253,8 +255,8 @@ pub fn reload(port: u16) {
     with_supervisor(|sup| sup.reload(port));
 }
 
-pub fn resize(port: u16, workers: usize) {
-    with_supervisor(|sup| sup.resize(port, workers));
+pub fn resize(port: u16, min: usize, max: usize) {
+    with_supervisor(|sup| sup.resize(port, min, max));
 }
 
 /// A graceful stop: the port closes now, workers leave when done.
@@ -478,11 +480,9 @@ impl Supervisor {
         self.reconcile(index);
     }
 
-    fn resize(&mut self, port: u16, workers: usize) {
+    fn resize(&mut self, port: u16, min: usize, max: usize) {
         let Some(index) = self.index(port) else { return };
-        let pool = &mut self.pools[index];
-        pool.target = workers;
-        let entry = pool.entry("resize", vec![("workers", Obj::new_int(workers as i64))]);
+        let entry = self.pools[index].set_range(min, max);
         self.log.push(entry);
         self.reconcile(index);
     }
@@ -541,13 +541,8 @@ impl Supervisor {
                 Signal::SIGTTIN | Signal::SIGTTOU => {
                     for &port in &ports {
                         if let Some(index) = self.index(port) {
-                            let target = self.pools[index].target;
-                            let target = if *signal == Signal::SIGTTIN {
-                                (target + 1).min(MAX_WORKERS)
-                            } else {
-                                target.saturating_sub(1).max(1)
-                            };
-                            self.resize(port, target);
+                            let (min, max) = self.pools[index].config.sizing.shifted(*signal == Signal::SIGTTIN);
+                            self.resize(port, min, max);
                         }
                     }
                 }
@@ -573,6 +568,7 @@ impl Supervisor {
         pool.kill_stuck(&mut entries);
         match pool.phase {
             Phase::Running => {
+                pool.size_to_load(now, &mut entries);
                 pool.retire_surplus(&mut entries);
                 let wanted = pool.missing();
                 let fork_now = pool.forks_allowed(now, wanted);
