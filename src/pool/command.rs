@@ -9,16 +9,18 @@ use crate::registration::InterpState;
 use crate::tcl::{Interp, NameTable, Obj, TclError, TclResult, Tcl_Obj};
 
 use super::generation;
+use super::hooks;
 use super::privileges::{self, Privileges, LIMIT_NAMES};
 use super::sizing::{self, Sizing};
 use super::supervisor::{self, Config};
 use super::worker;
 
-static SUBCOMMANDS: NameTable<8> = NameTable([
+static SUBCOMMANDS: NameTable<9> = NameTable([
     c"create".as_ptr(),
     c"info".as_ptr(),
     c"reload".as_ptr(),
     c"resize".as_ptr(),
+    c"signal".as_ptr(),
     c"stop".as_ptr(),
     c"upgrade".as_ptr(),
     c"wait".as_ptr(),
@@ -114,6 +116,7 @@ pub fn dispatch(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj]) -> T
             supervisor::resize(port, min, max);
             empty()
         }
+        "signal" => hooks::command(interp, objv, &args),
         "stop" => {
             supervisor::ports(optional_port("?port?")?)?.into_iter().for_each(supervisor::stop);
             empty()
@@ -237,6 +240,9 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
     // Before the port is opened: a worker would keep it, unserved.
     if worker::is_worker() {
         return Err(supervisor::not_here());
+    }
+    if config.signals {
+        hooks::check_pool_signals()?;
     }
     // Bound before the port opens: a taken address leaves nothing open.
     config.metrics = metrics.as_deref().map(super::metrics::bind).transpose()?;

@@ -50,6 +50,8 @@ pub(super) struct Child {
     pub(super) retired: Option<Retired>,
     /// Set once we have sent it SIGKILL, with the reason.
     pub(super) killed: Option<&'static str>,
+    /// The signals it was started with hooks for (`hooks::mask`).
+    pub(super) hooks: u64,
 }
 
 #[derive(Default)]
@@ -536,6 +538,7 @@ impl Pool {
                     leave: Some(leave_write),
                     retired: None,
                     killed: None,
+                    hooks: super::hooks::mask(super::hooks::worker_signals()),
                 });
                 pool.totals.started += 1;
                 let mut fields = vec![

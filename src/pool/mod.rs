@@ -15,6 +15,7 @@
 mod after_fork;
 mod command;
 mod generation;
+mod hooks;
 mod lifecycle;
 mod metrics;
 mod notify;

@@ -30,6 +30,7 @@ use super::generation::{default_command, DEFAULT_UPGRADE_TIMEOUT};
 use super::lifecycle::{Phase, Pool, Reload, Totals, RELOAD_FAILURES};
 use super::report::{flush_entries, LogEntry};
 use super::scoreboard::Scoreboard;
+use super::hooks;
 use super::signals;
 use super::worker;
 
@@ -38,7 +39,7 @@ const TICK_MS: u32 = 100;
 /// Scoreboard slots per pool: room for a full generation beside another.
 pub const MAX_WORKERS: usize = 512;
 /// The signals a pool with `-signals 1` acts on.
-const ACTED_ON: [Signal; 6] =
+pub(super) const ACTED_ON: [Signal; 6] =
     [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGTTIN, Signal::SIGTTOU, Signal::SIGUSR2];
 
 pub struct Config {
@@ -259,6 +260,20 @@ pub fn resize(port: u16, min: usize, max: usize) {
     with_supervisor(|sup| sup.resize(port, min, max));
 }
 
+/// Whether a pool of this process acts on its signals (`-signals 1`).
+pub(super) fn pools_act_on_signals() -> bool {
+    with_supervisor(|sup| sup.pools.iter().any(|p| p.config.signals))
+}
+
+/// Holds what the pools and the hooks need now, if there is a pool.
+pub(super) fn hold_signals_now() {
+    with_supervisor(|sup| {
+        if !sup.pools.is_empty() {
+            let _ = sup.hold_signals(false);
+        }
+    });
+}
+
 /// A graceful stop: the port closes now, workers leave when done.
 pub fn stop(port: u16) {
     with_supervisor(|sup| sup.stop(port));
@@ -317,6 +332,7 @@ pub fn interp_deleted(interp: Interp) {
                 pool.config.signals = false;
             }
         }
+        hooks::interp_deleted(interp);
         // What no pool acts on any more is given back now, not when the
         // pool is gone.
         let _ = sup.hold_signals(false);
@@ -451,6 +467,7 @@ impl Supervisor {
         if new_pool_acts || self.pools.iter().any(|p| p.config.signals) {
             wanted.extend(ACTED_ON);
         }
+        wanted.extend(hooks::signals());
         signals::hold_exactly(&wanted)
     }
 
@@ -666,13 +683,16 @@ fn flush_log() {
 /// attention.
 unsafe extern "C" fn on_pipe(_: *mut c_void, _mask: std::ffi::c_int) {
     let _ = std::panic::catch_unwind(|| {
-        with_supervisor(|sup| {
+        let hooked = with_supervisor(|sup| {
             // Only the supervisor thread of the supervisor has this handler.
-            let Some(pipe) = after_fork::event_sources().pipe else { return };
+            let Some(pipe) = after_fork::event_sources().pipe else { return Vec::new() };
             let (received, _notified) = signals::drain(pipe);
             sup.on_signals(&received);
+            let hooked = hooks::forward(sup, &received);
             sup.reconcile_all();
-        })
+            hooked
+        });
+        hooks::run(&hooked);
     });
 }
 
