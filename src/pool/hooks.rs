@@ -113,17 +113,22 @@ pub fn command(interp: Interp, objv: &[*mut Tcl_Obj], args: &[Obj]) -> TclResult
         Ok(HOOKABLE_SIGNALS[interp.get_index(&bare, &HOOKABLE, c"signal")?])
     };
     match words {
-        [] if words.len() == args.len() => Ok(Obj::new_list(
-            &hooks().iter().map(|h| Obj::new_string(&h.signal.as_str()[3..])).collect::<Vec<_>>(),
-        )),
+        [] if words.len() == args.len() => {
+            Ok(Obj::new_list(&hooks().iter().map(|h| Obj::new_string(&h.signal.as_str()[3..])).collect::<Vec<_>>()))
+        }
         [name] if words.len() == args.len() => {
             let signal = signal(name)?;
-            Ok(hooks().into_iter().find(|h| h.signal == signal).map(|h| h.script).unwrap_or_else(|| Obj::new_string("")))
+            Ok(hooks()
+                .into_iter()
+                .find(|h| h.signal == signal)
+                .map(|h| h.script)
+                .unwrap_or_else(|| Obj::new_string("")))
         }
         [name, script] => {
             let signal = signal(name)?;
             let script = script.clone();
-            if !script.to_string_lossy().is_empty() && ACTED_ON.contains(&signal) && supervisor::pools_act_on_signals() {
+            if !script.to_string_lossy().is_empty() && ACTED_ON.contains(&signal) && supervisor::pools_act_on_signals()
+            {
                 return Err(TclError::new(
                     format!(
                         "signal \"{}\" is the pool's: create the pools of this process with -signals 0 to hook it",
@@ -218,8 +223,7 @@ pub fn run(signals: &[Signal]) {
 /// worker's Tcl thread. Returns whether SIGTERM is among them unhooked
 /// (the pool's stop signal: the worker leaves).
 pub fn in_worker(thread: tcl::ThreadId, received: &[Signal], hooked: u64) -> bool {
-    let to_run: Vec<i32> =
-        received.iter().filter(|s| hooked & mask([**s]) != 0).map(|s| *s as i32).collect();
+    let to_run: Vec<i32> = received.iter().filter(|s| hooked & mask([**s]) != 0).map(|s| *s as i32).collect();
     if !to_run.is_empty() {
         tcl::queue_event(thread, run_in_worker, to_run);
     }

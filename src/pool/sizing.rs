@@ -177,7 +177,10 @@ impl Pool {
         if since_last.is_some_and(|since| since < INTERVAL) {
             return;
         }
-        let counts = format!("{idle} idle, {busy} busy{}", if starting > 0 { format!(", {starting} starting") } else { String::new() });
+        let counts = format!(
+            "{idle} idle, {busy} busy{}",
+            if starting > 0 { format!(", {starting} starting") } else { String::new() }
+        );
         let (event, reason) = if self.target < sizing.max && idle + starting < sizing.min_spare {
             ("grow", counts)
         } else if self.target < sizing.max && starting == 0 && self.queue_pending() {
@@ -200,8 +203,7 @@ impl Pool {
         let sizing = &mut self.config.sizing;
         sizing.last_change = Some(now);
         sizing.reason = format!("{event}: {reason}");
-        let mut fields =
-            vec![("workers", Obj::new_int(self.target as i64)), ("reason", Obj::new_string(&reason))];
+        let mut fields = vec![("workers", Obj::new_int(self.target as i64)), ("reason", Obj::new_string(&reason))];
         if let Some(since) = since_last {
             fields.push(("after", Obj::new_double((since.as_secs_f64() * 1000.0).round() / 1000.0)));
         }

@@ -27,10 +27,10 @@ use crate::tcl::{self, Interp, Obj, TclError, TclResult};
 
 use super::after_fork::{self, EventSources};
 use super::generation::{default_command, DEFAULT_UPGRADE_TIMEOUT};
+use super::hooks;
 use super::lifecycle::{Phase, Pool, Reload, Totals, RELOAD_FAILURES};
 use super::report::{flush_entries, LogEntry};
 use super::scoreboard::Scoreboard;
-use super::hooks;
 use super::signals;
 use super::worker;
 
