@@ -108,7 +108,7 @@ pub fn dispatch(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj]) -> T
         }
         "resize" => {
             let [port, workers] = args.as_slice() else {
-                return Err(interp.wrong_num_args(objv, 2, "port workers|min-max"));
+                return Err(interp.wrong_num_args(objv, 2, "port workers"));
             };
             let port = parse_port(interp, port)?;
             let (min, max) = sizing::parse_workers(interp, workers)?;
