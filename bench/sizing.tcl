@@ -56,13 +56,13 @@ proc children {pid} {
 }
 
 # sample pid --
-#	Every 100 ms while ::sampling: the workers' RSS added up, and their count.
-proc sample {pid} {
-    if {!$::sampling} return
+#	Every 100 ms while ::sampling is $token: the workers' RSS added up, and their count.
+proc sample {pid token} {
+    if {$token != $::sampling} return
     set workers [children $pid]
     lappend ::rssSamples [tcl::mathop::+ 0 {*}[lmap w $workers {rssKb $w}]]
     set ::mostWorkers [expr {max($::mostWorkers, [llength $workers])}]
-    after 100 [list sample $pid]
+    after 100 [list sample $pid $token]
 }
 
 # step workers --
@@ -75,10 +75,12 @@ proc step {workers} {
     try {
         # The first worker registered and paged in, at concurrency 1.
         exec ab -q -r -n 20 -c 1 http://127.0.0.1:$port/ >/dev/null 2>@1
-        set ::sampling 1
+        # A new token: the chain of samples of the step before ends.
+        set token [incr ::samplingToken]
+        set ::sampling $token
         set ::rssSamples {}
         set ::mostWorkers 0
-        sample $pid
+        sample $pid $token
         set started [clock microseconds]
         set complete 0
         set failed 0
