@@ -5,7 +5,8 @@
 //! rest of the pool (`lifecycle`) follows it as it follows `pool resize`:
 //! a missing worker is started, a surplus one retired (idle ones first).
 //! One more worker is wanted when fewer than `-minspare` are idle or
-//! starting, or when a connection waits in the queue and none is starting;
+//! starting, or when more connections wait in the queue than workers are
+//! starting (the queue's depth, `pool info`'s `queued`);
 //! one fewer when more than `-maxspare` have been idle for `-idletimeout`.
 //! Never more than one change per `INTERVAL`, never while the last change
 //! is still under way (a start not yet forked, a back-off after failures,
@@ -177,14 +178,17 @@ impl Pool {
         if since_last.is_some_and(|since| since < INTERVAL) {
             return;
         }
+        // Accepted and not yet taken by a worker (`pool info`'s `queued`):
+        // more than the workers starting will take.
+        let queued = usize::try_from(self.counters.queue.depth()).unwrap_or(usize::MAX);
         let counts = format!(
             "{idle} idle, {busy} busy{}",
             if starting > 0 { format!(", {starting} starting") } else { String::new() }
         );
         let (event, reason) = if self.target < sizing.max && idle + starting < sizing.min_spare {
             ("grow", counts)
-        } else if self.target < sizing.max && starting == 0 && self.queue_pending() {
-            ("grow", format!("{counts}, connections queued"))
+        } else if self.target < sizing.max && queued > starting {
+            ("grow", format!("{counts}, {queued} queued"))
         } else if self.target > sizing.min
             && surplus_since.is_some_and(|since| now.saturating_duration_since(since) >= sizing.idle_timeout)
         {
