@@ -123,6 +123,7 @@ bench: build build-portable
 	$(MAKE) --no-print-directory build-baseline
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/queue.tcl -baseline $(CURDIR)/$(BASELINEDIR)/src/build $(QUEUEBENCHFLAGS)
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/metrics.tcl $(METRICSBENCHFLAGS)
+	TCLLIBPATH=$(CURDIR)/build $(TCLSH) bench/sizing.tcl $(SIZINGBENCHFLAGS)
 
 # The tree bench/queue.tcl compares with (BASELINE: a git revision, main by
 # default), built as it builds itself, into build/baseline.

@@ -10,26 +10,30 @@ use crate::registration::InterpState;
 use crate::tcl::{Interp, NameTable, Obj, TclError, TclResult, Tcl_Obj};
 
 use super::generation;
+use super::hooks;
 use super::privileges::{self, Privileges, LIMIT_NAMES};
-use super::supervisor::{self, Config, MAX_WORKERS};
+use super::sizing::{self, Sizing};
+use super::supervisor::{self, Config};
 use super::worker;
 
-static SUBCOMMANDS: NameTable<8> = NameTable([
+static SUBCOMMANDS: NameTable<9> = NameTable([
     c"create".as_ptr(),
     c"info".as_ptr(),
     c"reload".as_ptr(),
     c"resize".as_ptr(),
+    c"signal".as_ptr(),
     c"stop".as_ptr(),
     c"upgrade".as_ptr(),
     c"wait".as_ptr(),
     std::ptr::null(),
 ]);
-static CREATE_OPTIONS: NameTable<28> = NameTable([
+static CREATE_OPTIONS: NameTable<31> = NameTable([
     c"-backlog".as_ptr(),
     c"-concurrency".as_ptr(),
     c"-fd".as_ptr(),
     c"-graceful".as_ptr(),
     c"-group".as_ptr(),
+    c"-idletimeout".as_ptr(),
     c"-init".as_ptr(),
     c"-inittimeout".as_ptr(),
     c"-jitter".as_ptr(),
@@ -39,7 +43,9 @@ static CREATE_OPTIONS: NameTable<28> = NameTable([
     c"-maxlifetime".as_ptr(),
     c"-maxqueue".as_ptr(),
     c"-maxrss".as_ptr(),
+    c"-maxspare".as_ptr(),
     c"-metrics".as_ptr(),
+    c"-minspare".as_ptr(),
     c"-myaddr".as_ptr(),
     c"-overload".as_ptr(),
     c"-proxy".as_ptr(),
@@ -110,11 +116,12 @@ pub fn dispatch(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj]) -> T
                 return Err(interp.wrong_num_args(objv, 2, "port workers"));
             };
             let port = parse_port(interp, port)?;
-            let workers = worker_count(interp, workers)?;
+            let (min, max) = sizing::parse_workers(interp, workers)?;
             supervisor::ports(Some(port))?;
-            supervisor::resize(port, workers);
+            supervisor::resize(port, min, max);
             empty()
         }
+        "signal" => hooks::command(interp, objv, &args),
         "stop" => {
             supervisor::ports(optional_port("?port?")?)?.into_iter().for_each(supervisor::stop);
             empty()
@@ -165,7 +172,9 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
         metrics: None,
         recycling: Default::default(),
         init_timeout: None,
+        sizing: Sizing::fixed(DEFAULT_WORKERS),
     };
+    let (mut min_spare, mut max_spare) = (None, None);
     let (mut user, mut group, mut limits, mut metrics) = (None, None, Vec::new(), None);
     let mut server = ServerOptions::default();
     let (mut max_queue, mut overload) = (0, None);
@@ -211,10 +220,17 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
                 let timeout = seconds(interp, value)?;
                 config.timeout = (!timeout.is_zero()).then_some(timeout);
             }
-            _ => config.workers = worker_count(interp, value)?,
+            "-minspare" => min_spare = Some(non_negative(interp, value)? as usize),
+            "-maxspare" => max_spare = Some(non_negative(interp, value)? as usize),
+            "-idletimeout" => config.sizing.idle_timeout = seconds(interp, value)?,
+            _ => {
+                let (min, max) = sizing::parse_workers(interp, value)?;
+                (config.workers, config.sizing.min, config.sizing.max) = (min, min, max);
+            }
         }
         rest = tail;
     }
+    config.sizing.set_spares(min_spare, max_spare)?;
     config.handler = command_prefix(interp, handler)?;
     if let Some(log) = &config.log {
         // An empty -log means no log; anything else must be a command.
@@ -235,6 +251,9 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
     // Before the port is opened: a worker would keep it, unserved.
     if worker::is_worker() {
         return Err(supervisor::not_here());
+    }
+    if config.signals {
+        hooks::check_pool_signals()?;
     }
     // Bound before the port opens: a taken address leaves nothing open.
     config.metrics = metrics.as_deref().map(super::metrics::bind).transpose()?;
@@ -294,17 +313,6 @@ fn rlimits(interp: Interp, value: &Obj) -> TclResult<Vec<(&'static str, u64)>> {
         limits.push((name, amount));
     }
     Ok(limits)
-}
-
-fn worker_count(interp: Interp, value: &Obj) -> TclResult<usize> {
-    let n = positive(interp, value)? as usize;
-    if n > MAX_WORKERS {
-        return Err(TclError::new(
-            format!("too many workers \"{n}\": must be at most {MAX_WORKERS}"),
-            &["TCL", "VALUE", "NUMBER"],
-        ));
-    }
-    Ok(n)
 }
 
 fn seconds(interp: Interp, value: &Obj) -> TclResult<Duration> {

@@ -58,6 +58,8 @@ pub(super) struct Child {
     pub(super) recycle_at: Option<Instant>,
     /// Past its busy timeout, asked for its stack (`hang_report`).
     pub(super) hang: Option<super::hang_report::Asked>,
+    /// The signals it was started with hooks for (`hooks::mask`).
+    pub(super) hooks: u64,
 }
 
 #[derive(Default)]
@@ -549,6 +551,7 @@ impl Pool {
                     killed: None,
                     recycle_at: super::recycling::lifetime_deadline(&pool.config.recycling, Instant::now()),
                     hang: None,
+                    hooks: super::hooks::mask(super::hooks::worker_signals()),
                 });
                 pool.totals.started += 1;
                 let mut fields = vec![

@@ -19,6 +19,7 @@ mod after_fork;
 mod command;
 mod generation;
 mod hang_report;
+mod hooks;
 mod init_timeout;
 mod lifecycle;
 mod metrics;
@@ -29,6 +30,7 @@ mod report;
 mod scoreboard;
 mod shared_memory;
 mod signals;
+mod sizing;
 mod supervisor;
 mod worker;
 

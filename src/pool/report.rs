@@ -98,6 +98,7 @@ impl Pool {
             ("lasthang", self.hangs.last.clone().unwrap_or_else(|| Obj::new_string(""))),
         ];
         fields.extend(self.recycling_info());
+        fields.extend(self.sizing_info());
         Obj::new_dict(fields)
     }
 }

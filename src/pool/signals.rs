@@ -27,7 +27,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use nix::sys::signal::{pthread_sigmask, sigaction, SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal};
@@ -40,6 +40,15 @@ static WRITE_END: AtomicI32 = AtomicI32::new(-1);
 /// Where `notify_supervisor` writes: the supervisor's pipe (in the
 /// supervisor itself, the same as `WRITE_END`).
 static SUPERVISOR_END: AtomicI32 = AtomicI32::new(-1);
+
+/// The signals (`hooks::mask`) a worker handles itself: its fork keeps our
+/// handler on them (writing nowhere until the worker watches them), so a
+/// signal sent on to it before then is lost, not fatal.
+static KEPT_IN_WORKERS: AtomicU64 = AtomicU64::new(0);
+
+pub fn keep_in_workers(mask: u64) {
+    KEPT_IN_WORKERS.store(mask, Ordering::SeqCst);
+}
 
 /// The signals this process handles through its pipe.
 struct Handling {
@@ -186,7 +195,11 @@ pub fn in_child() {
     WRITE_END.store(-1, Ordering::SeqCst);
     let mut own_write_end = -1;
     if let Some(handling) = guard.take() {
-        give_back(&handling.previous);
+        let kept = if worker { KEPT_IN_WORKERS.load(Ordering::SeqCst) } else { 0 };
+        // One at a time: no allocation in a forked child.
+        for previous in handling.previous.iter().filter(|(s, _)| kept & 1 << (*s as i32) == 0) {
+            give_back(std::slice::from_ref(previous));
+        }
         own_write_end = handling.write_end.as_raw_fd();
         if worker {
             // Now the worker's, for `notify_supervisor`, until it exits.

@@ -28,6 +28,7 @@ use crate::tcl::{self, Interp, Obj, TclError, TclResult};
 use super::after_fork::{self, EventSources};
 use super::generation::{default_command, DEFAULT_UPGRADE_TIMEOUT};
 use super::hang_report::InPool as HangsInPool;
+use super::hooks;
 use super::lifecycle::{Phase, Pool, Reload, Totals, RELOAD_FAILURES};
 use super::recycling::InPool as RecyclingInPool;
 use super::report::{flush_entries, LogEntry};
@@ -40,7 +41,7 @@ const TICK_MS: u32 = 100;
 /// Scoreboard slots per pool: room for a full generation beside another.
 pub const MAX_WORKERS: usize = 512;
 /// The signals a pool with `-signals 1` acts on.
-const ACTED_ON: [Signal; 6] =
+pub(super) const ACTED_ON: [Signal; 6] =
     [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGTTIN, Signal::SIGTTOU, Signal::SIGUSR2];
 
 pub struct Config {
@@ -63,6 +64,8 @@ pub struct Config {
     pub recycling: super::recycling::Policy,
     /// `-inittimeout` (`init_timeout`).
     pub init_timeout: Option<Duration>,
+    /// `-workers min-max`, the spare targets, and what sizing did last.
+    pub sizing: super::sizing::Sizing,
 }
 
 /// The pools of a process, on the one thread that runs them. Its signal
@@ -266,8 +269,22 @@ pub fn reload(port: u16) {
     with_supervisor(|sup| sup.reload(port));
 }
 
-pub fn resize(port: u16, workers: usize) {
-    with_supervisor(|sup| sup.resize(port, workers));
+pub fn resize(port: u16, min: usize, max: usize) {
+    with_supervisor(|sup| sup.resize(port, min, max));
+}
+
+/// Whether a pool of this process acts on its signals (`-signals 1`).
+pub(super) fn pools_act_on_signals() -> bool {
+    with_supervisor(|sup| sup.pools.iter().any(|p| p.config.signals))
+}
+
+/// Holds what the pools and the hooks need now, if there is a pool.
+pub(super) fn hold_signals_now() {
+    with_supervisor(|sup| {
+        if !sup.pools.is_empty() {
+            let _ = sup.hold_signals(false);
+        }
+    });
 }
 
 /// A graceful stop: the port closes now, workers leave when done.
@@ -328,6 +345,7 @@ pub fn interp_deleted(interp: Interp) {
                 pool.config.signals = false;
             }
         }
+        hooks::interp_deleted(interp);
         // What no pool acts on any more is given back now, not when the
         // pool is gone.
         let _ = sup.hold_signals(false);
@@ -462,6 +480,7 @@ impl Supervisor {
         if new_pool_acts || self.pools.iter().any(|p| p.config.signals) {
             wanted.extend(ACTED_ON);
         }
+        wanted.extend(hooks::signals());
         signals::hold_exactly(&wanted)
     }
 
@@ -491,11 +510,9 @@ impl Supervisor {
         self.reconcile(index);
     }
 
-    fn resize(&mut self, port: u16, workers: usize) {
+    fn resize(&mut self, port: u16, min: usize, max: usize) {
         let Some(index) = self.index(port) else { return };
-        let pool = &mut self.pools[index];
-        pool.target = workers;
-        let entry = pool.entry("resize", vec![("workers", Obj::new_int(workers as i64))]);
+        let entry = self.pools[index].set_range(min, max);
         self.log.push(entry);
         self.reconcile(index);
     }
@@ -554,13 +571,8 @@ impl Supervisor {
                 Signal::SIGTTIN | Signal::SIGTTOU => {
                     for &port in &ports {
                         if let Some(index) = self.index(port) {
-                            let target = self.pools[index].target;
-                            let target = if *signal == Signal::SIGTTIN {
-                                (target + 1).min(MAX_WORKERS)
-                            } else {
-                                target.saturating_sub(1).max(1)
-                            };
-                            self.resize(port, target);
+                            let (min, max) = self.pools[index].config.sizing.shifted(*signal == Signal::SIGTTIN);
+                            self.resize(port, min, max);
                         }
                     }
                 }
@@ -587,6 +599,7 @@ impl Supervisor {
         pool.kill_slow_starters(&mut entries);
         match pool.phase {
             Phase::Running => {
+                pool.size_to_load(now, &mut entries);
                 pool.retire_surplus(&mut entries);
                 pool.recycle(&mut entries);
                 let wanted = pool.missing();
@@ -685,13 +698,16 @@ fn flush_log() {
 /// attention.
 unsafe extern "C" fn on_pipe(_: *mut c_void, _mask: std::ffi::c_int) {
     let _ = std::panic::catch_unwind(|| {
-        with_supervisor(|sup| {
+        let hooked = with_supervisor(|sup| {
             // Only the supervisor thread of the supervisor has this handler.
-            let Some(pipe) = after_fork::event_sources().pipe else { return };
+            let Some(pipe) = after_fork::event_sources().pipe else { return Vec::new() };
             let (received, _notified) = signals::drain(pipe);
             sup.on_signals(&received);
+            let hooked = hooks::forward(sup, &received);
             sup.reconcile_all();
-        })
+            hooked
+        });
+        hooks::run(&hooked);
     });
 }
 

@@ -245,7 +245,12 @@ fn serve(assignment: Assignment) -> ! {
         privileges,
     } = assignment;
     signals::reset_in_worker();
-    let signal_pipe = if signals { watch_signals(hang_report.is_some()) } else { None };
+    let hooked = super::hooks::worker_signals();
+    let signal_pipe = if signals || !hooked.is_empty() {
+        watch_signals(signals, &hooked, signals && hang_report.is_some())
+    } else {
+        None
+    };
     if let Some(tick) = tick {
         tcl::delete_timer(tick);
     }
@@ -266,7 +271,7 @@ fn serve(assignment: Assignment) -> ! {
     // copy of a connection the accepting threads were handling.
     crate::listener::close_copied_connections(&listening);
     PHASE.store(IN_INIT, Ordering::SeqCst);
-    if let Err(error) = spawn_control(leave.as_raw_fd(), signal_pipe, slot) {
+    if let Err(error) = spawn_control(leave.as_raw_fd(), signal_pipe, super::hooks::mask(hooked), slot) {
         give_up(slot, &format!("couldn't start: {error}"));
     }
     if let Some(cell) = hang_report {
@@ -463,13 +468,19 @@ unsafe extern "C" fn on_channel_closed(data: *mut c_void) {
 /// the whole process group (Ctrl-C, a terminal that hangs up, `kill -HUP
 /// -pgid`): they are the supervisor's to act on (a graceful stop, a
 /// reload, a resize, an upgrade), and a worker caught by their default
-/// action would die mid-reply (HUP, USR2) or stop (TTIN, TTOU). With
-/// `report`, also `hang_report::REPORT_SIGNAL`, the supervisor's question
-/// after a busy timeout. Returns the read end of the worker's signal pipe.
-fn watch_signals(report: bool) -> Option<RawFd> {
+/// action would die mid-reply (HUP, USR2) or stop (TTIN, TTOU). Signals
+/// with hooks (`hooks`) are read from the same pipe; with `report`, also
+/// `hang_report::REPORT_SIGNAL`, the supervisor's question after a busy
+/// timeout. Returns the read end of the worker's signal pipe.
+fn watch_signals(pools_own: bool, hooked: &[nix::sys::signal::Signal], report: bool) -> Option<RawFd> {
     use nix::sys::signal::Signal;
     let read_end = signals::pipe_read_end().ok()?;
-    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGTTIN, Signal::SIGTTOU, Signal::SIGUSR2] {
+    let own: &[Signal] = if pools_own {
+        &[Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGTTIN, Signal::SIGTTOU, Signal::SIGUSR2]
+    } else {
+        &[]
+    };
+    for &signal in own.iter().chain(hooked) {
         let _ = signals::watch(signal);
     }
     if report {
@@ -484,11 +495,11 @@ fn watch_signals(report: bool) -> Option<RawFd> {
 /// after, it queues a Tcl event. A thread, not a Tcl file handler: a file
 /// handler would make Tcl's notifier thread take part in every wait of
 /// the worker's loop, two more context switches per connection.
-fn spawn_control(leave: RawFd, signal_pipe: Option<RawFd>, slot: &'static Slot) -> std::io::Result<()> {
+fn spawn_control(leave: RawFd, signal_pipe: Option<RawFd>, hooked: u64, slot: &'static Slot) -> std::io::Result<()> {
     let thread = tcl::current_thread();
     std::thread::Builder::new().name("socketserver-ctl".into()).stack_size(crate::THREAD_STACK_SIZE).spawn(
         move || {
-            wait_for_leave(leave, signal_pipe);
+            wait_for_leave(leave, signal_pipe, thread, hooked);
             if PHASE.compare_exchange(IN_INIT, LEFT_IN_INIT, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
                 // Left by itself, as it would have after `-init`: not a failure.
                 slot.set_state(State::Stopping);
@@ -503,7 +514,7 @@ fn spawn_control(leave: RawFd, signal_pipe: Option<RawFd>, slot: &'static Slot) 
     Ok(())
 }
 
-fn wait_for_leave(leave: RawFd, signal_pipe: Option<RawFd>) {
+fn wait_for_leave(leave: RawFd, signal_pipe: Option<RawFd>, thread: tcl::ThreadId, hooked: u64) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use std::os::fd::BorrowedFd;
     // SAFETY: both descriptors stay open until the process exits: the leave
@@ -528,7 +539,7 @@ fn wait_for_leave(leave: RawFd, signal_pipe: Option<RawFd>) {
             if received.contains(&hang_report::REPORT_SIGNAL) {
                 hang_report::signalled();
             }
-            if received.contains(&nix::sys::signal::Signal::SIGTERM) {
+            if super::hooks::in_worker(thread, &received, hooked) {
                 return;
             }
         }
