@@ -49,6 +49,8 @@ struct Notifier {
     had_pools: bool,
     ready: bool,
     reloading: bool,
+    /// A reload was seen; RELOADING=1 (then READY=1) is owed until sent.
+    reload_seen: bool,
     stopping: bool,
     handed_over: bool,
     status: String,
@@ -93,6 +95,7 @@ pub(super) fn take_environment(interp: Interp) {
         had_pools: false,
         ready: false,
         reloading: false,
+        reload_seen: false,
         stopping: false,
         handed_over: false,
         status: String::new(),
@@ -137,30 +140,45 @@ pub(super) fn observe(sup: &Supervisor) {
         let stopping = n.had_pools && pools.iter().all(|p| matches!(p.phase, Phase::Stopping { .. }));
         let ready = !pools.is_empty() && pools.iter().all(|p| p.ready_once);
         let reloading = pools.iter().any(|p| matches!(p.reload, Reload::Running { .. }));
+        // A state is said once it was sent: one lost to a full receiver
+        // (watchdog pings fill a slow one) is sent again at the next look.
         if stopping {
-            if !n.stopping {
+            if !n.stopping && n.send(&format!("STOPPING=1\nSTATUS={}\n", status(sup))) {
                 n.stopping = true;
-                n.send(&format!("STOPPING=1\nSTATUS={}\n", status(sup)));
             }
             return;
+        }
+        if n.stopping {
+            // The pools were stopped and new ones made: say READY again.
+            n.stopping = false;
+            n.ready = false;
         }
         if !n.ready {
             if ready {
-                n.ready = true;
-                n.status = status(sup);
-                n.status_at = now;
-                n.send(&format!("READY=1\nSTATUS={}\n", n.status));
+                let text = status(sup);
+                if n.send(&format!("READY=1\nSTATUS={text}\n")) {
+                    n.ready = true;
+                    n.status = text;
+                    n.status_at = now;
+                }
             }
             return;
         }
-        if reloading && !n.reloading {
-            n.reloading = true;
-            n.send(&format!("RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=reloading\n", monotonic_usec()));
+        n.reload_seen |= reloading;
+        if n.reload_seen && !n.reloading {
+            // Owed even if the reload is over by now: systemd waits for
+            // RELOADING=1 then READY=1.
+            if n.send(&format!("RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=reloading\n", monotonic_usec())) {
+                n.reloading = true;
+            }
         } else if !reloading && n.reloading {
-            n.reloading = false;
-            n.status = status(sup);
-            n.status_at = now;
-            n.send(&format!("READY=1\nSTATUS={}\n", n.status));
+            let text = status(sup);
+            if n.send(&format!("READY=1\nSTATUS={text}\n")) {
+                n.reloading = false;
+                n.reload_seen = false;
+                n.status = text;
+                n.status_at = now;
+            }
         } else if now.duration_since(n.status_at) >= STATUS_EVERY {
             n.status_at = now;
             let text = status(sup);
@@ -178,19 +196,23 @@ pub(super) fn handed_over(pid: Pid) {
     let _ = NOTIFIER.try_with(|n| {
         let Ok(mut n) = n.try_borrow_mut() else { return };
         let Some(n) = n.as_mut().filter(|n| n.pid == getpid()) else { return };
-        n.send(&format!("MAINPID={pid}\nSTATUS=handed over to pid {pid}\n"));
+        // READY=1 with it: under NotifyAccess=main systemd drops what the
+        // new process said before it became the main one (its own READY=1
+        // often arrives first).
+        n.send(&format!("MAINPID={pid}\nREADY=1\nSTATUS=handed over to pid {pid}\n"));
         n.handed_over = true;
     });
 }
 
 impl Notifier {
-    fn send(&self, message: &str) {
-        let Ok(address) = crate::sys::notify_address(&self.socket) else { return };
+    /// Whether the message went out (not when the receiver is gone or
+    /// full: the service goes on).
+    fn send(&self, message: &str) -> bool {
+        let Ok(address) = crate::sys::notify_address(&self.socket) else { return false };
         let Ok(socket) = crate::sys::socket_cloexec_nonblock(AddressFamily::Unix, SockType::Datagram) else {
-            return;
+            return false;
         };
-        // Lost if the receiver is gone or full: the service goes on.
-        let _ = sendto(std::os::fd::AsRawFd::as_raw_fd(&socket), message.as_bytes(), &address, MsgFlags::empty());
+        sendto(std::os::fd::AsRawFd::as_raw_fd(&socket), message.as_bytes(), &address, MsgFlags::empty()).is_ok()
     }
 }
 
