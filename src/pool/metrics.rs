@@ -139,7 +139,15 @@ pub fn bind(spec: &str) -> TclResult<Bound> {
     let bad =
         || TclError::new(format!("expected port or address:port but got \"{spec}\""), &["TCL", "VALUE", "METRICS"]);
     let (host, port) = match spec.rsplit_once(':') {
-        Some((host, port)) => (host.trim_start_matches('[').trim_end_matches(']'), port),
+        // An IPv6 address is in brackets, whole: `[::1]:9100`.
+        Some((host, port)) if host.starts_with('[') || host.ends_with(']') => {
+            match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+                Some(inner) if inner.contains(':') => (inner, port),
+                _ => return Err(bad()),
+            }
+        }
+        Some((host, _)) if host.contains(':') || host.contains('[') || host.contains(']') => return Err(bad()),
+        Some((host, port)) => (host, port),
         None => ("127.0.0.1", spec),
     };
     let port: u16 = port.parse().map_err(|_| bad())?;
