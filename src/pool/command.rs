@@ -209,7 +209,7 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
             }
             "-metrics" => metrics = Some(value.to_string_lossy()).filter(|m| !m.is_empty()),
             "-maxrss" => config.recycling.max_rss = size(value)?,
-            "-maxlifetime" => config.recycling.max_lifetime = optional_seconds(interp, value)?,
+            "-maxlifetime" => config.recycling.max_lifetime = max_lifetime(interp, value)?,
             "-lifetimejitter" => config.recycling.lifetime_jitter = Some(seconds(interp, value)?),
             "-inittimeout" => config.init_timeout = optional_seconds(interp, value)?,
             "-signals" => config.signals = value.get_boolean(interp)?,
@@ -330,6 +330,21 @@ fn seconds(interp: Interp, value: &Obj) -> TclResult<Duration> {
 fn optional_seconds(interp: Interp, value: &Obj) -> TclResult<Option<Duration>> {
     let seconds = seconds(interp, value)?;
     Ok((!seconds.is_zero()).then_some(seconds))
+}
+
+/// The shortest `-maxlifetime` (0 is none): a worker replaced more often
+/// than once a second is a fork storm, not recycling.
+const MIN_LIFETIME: Duration = Duration::from_secs(1);
+
+fn max_lifetime(interp: Interp, value: &Obj) -> TclResult<Option<Duration>> {
+    let lifetime = optional_seconds(interp, value)?;
+    if lifetime.is_some_and(|l| l < MIN_LIFETIME) {
+        return Err(TclError::new(
+            format!("-maxlifetime must be 0 (none) or at least 1 second but got \"{}\"", value.to_string_lossy()),
+            &["TCL", "VALUE", "NUMBER"],
+        ));
+    }
+    Ok(lifetime)
 }
 
 /// A size in bytes: a non-negative integer, or one followed by K, M or G

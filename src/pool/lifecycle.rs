@@ -537,6 +537,7 @@ impl Pool {
                 queue: Arc::clone(&pool.queue),
                 counters: Arc::clone(&pool.counters),
                 privileges: pool.config.privileges.clone(),
+                graceful: pool.config.graceful,
             }),
             Ok(ForkResult::Parent { child }) => {
                 drop(leave_read);

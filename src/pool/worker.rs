@@ -131,6 +131,9 @@ pub struct Assignment {
     pub counters: Arc<Counters>,
     /// What the worker gives up before anything else (`privileges`).
     pub privileges: super::privileges::Privileges,
+    /// The pool's `-graceful`: how long a worker whose supervisor died may
+    /// take to leave before it ends itself.
+    pub graceful: std::time::Duration,
 }
 
 /// The exit status of a worker that could not start (`-init` failed).
@@ -243,6 +246,7 @@ fn serve(assignment: Assignment) -> ! {
         queue,
         counters,
         privileges,
+        graceful,
     } = assignment;
     signals::reset_in_worker();
     let hooked = super::hooks::worker_signals();
@@ -271,7 +275,7 @@ fn serve(assignment: Assignment) -> ! {
     // copy of a connection the accepting threads were handling.
     crate::listener::close_copied_connections(&listening);
     PHASE.store(IN_INIT, Ordering::SeqCst);
-    if let Err(error) = spawn_control(leave.as_raw_fd(), signal_pipe, super::hooks::mask(hooked), slot) {
+    if let Err(error) = spawn_control(leave.as_raw_fd(), signal_pipe, super::hooks::mask(hooked), slot, graceful) {
         give_up(slot, &format!("couldn't start: {error}"));
     }
     if let Some(cell) = hang_report {
@@ -495,8 +499,15 @@ fn watch_signals(pools_own: bool, hooked: &[nix::sys::signal::Signal], report: b
 /// after, it queues a Tcl event. A thread, not a Tcl file handler: a file
 /// handler would make Tcl's notifier thread take part in every wait of
 /// the worker's loop, two more context switches per connection.
-fn spawn_control(leave: RawFd, signal_pipe: Option<RawFd>, hooked: u64, slot: &'static Slot) -> std::io::Result<()> {
+fn spawn_control(
+    leave: RawFd,
+    signal_pipe: Option<RawFd>,
+    hooked: u64,
+    slot: &'static Slot,
+    graceful: std::time::Duration,
+) -> std::io::Result<()> {
     let thread = tcl::current_thread();
+    let supervisor = nix::unistd::getppid();
     std::thread::Builder::new().name("socketserver-ctl".into()).stack_size(crate::THREAD_STACK_SIZE).spawn(
         move || {
             wait_for_leave(leave, signal_pipe, thread, hooked);
@@ -509,6 +520,18 @@ fn spawn_control(leave: RawFd, signal_pipe: Option<RawFd>, hooked: u64, slot: &'
                 unsafe { libc::_exit(0) }
             }
             tcl::queue_event(thread, on_leave, ());
+            // A worker that leaves ends this thread with it. One still here
+            // after the pool's graceful period whose supervisor died has
+            // nobody left to kill it (a handler in an endless loop never
+            // runs the event above): it ends itself. (Its parent is read
+            // only then: the leave pipe closes while the dying supervisor
+            // is still its parent.)
+            std::thread::sleep(graceful);
+            if nix::unistd::getppid() != supervisor {
+                // SAFETY: _exit ends the process at once; its connections
+                // close with it, as they would under the supervisor's kill.
+                unsafe { libc::_exit(EXIT_FAILED) }
+            }
         },
     )?;
     Ok(())
