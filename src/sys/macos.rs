@@ -42,23 +42,7 @@ pub const PEER_CLOSED_EVENTS: libc::c_short = 0;
 /// Tcl's notifier on macOS (CoreFoundation) renews itself after fork.
 pub const NOTIFIER_AFTER_FORK: NotifierAfterFork = NotifierAfterFork::Nothing;
 
-/// Fills `bytes` from the kernel's random source; false if it could not.
-pub fn fill_random(bytes: &mut [u8]) -> bool {
-    bytes.chunks_mut(256).all(|chunk| {
-        // SAFETY: getentropy writes exactly `chunk.len()` bytes into `chunk`.
-        unsafe { libc::getentropy(chunk.as_mut_ptr().cast(), chunk.len()) == 0 }
-    })
-}
-
-/// The address a `NOTIFY_SOCKET` value names: a path (no abstract
-/// namespace here).
-pub fn notify_address(value: &std::ffi::OsStr) -> nix::Result<nix::sys::socket::UnixAddr> {
-    use std::os::unix::ffi::OsStrExt;
-    match value.as_bytes() {
-        [b'@', ..] => Err(nix::errno::Errno::EAFNOSUPPORT),
-        path => nix::sys::socket::UnixAddr::new(path),
-    }
-}
+pub use super::bsd::{fill_random, notify_address};
 
 /// The calling process's resident memory in bytes (`pti_resident_size`
 /// of `proc_pidinfo(PROC_PIDTASKINFO)`); `None` if it cannot be read.

@@ -25,6 +25,8 @@ mod linux;
 #[cfg(target_os = "linux")]
 pub use linux::*;
 
+#[cfg(any(target_os = "freebsd", target_os = "macos"))]
+mod bsd;
 #[cfg(target_os = "freebsd")]
 mod freebsd;
 #[cfg(target_os = "freebsd")]
