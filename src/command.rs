@@ -11,7 +11,7 @@ use crate::inherited;
 use crate::listener::{self, OpenError};
 use crate::port_table::{self, Port};
 use crate::proxy_protocol;
-use crate::registration::{Handler, InterpState};
+use crate::registration::{Handler, InterpState, ScriptHandler};
 use crate::tcl::{self, Interp, NameTable, Obj, TclError, TclResult, Tcl_Obj};
 
 static SUBCOMMANDS: NameTable<6> = NameTable([
@@ -71,7 +71,7 @@ pub fn dispatch(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj]) -> T
             [channel] => crate::queue_time::query(interp, channel),
             _ => Err(interp.wrong_num_args(objv, 2, "channel")),
         },
-        _ => server(interp, objv, &args),
+        _ => server(state, interp, objv, &args),
     }
 }
 
@@ -139,7 +139,7 @@ impl ServerOptions {
 
 /// `server ?-myaddr addr? ?-backlog n? ?-threads n? ?-fd fd? ?-systemd name? ?port?`
 /// (the port may be left out when the listeners are inherited).
-fn server(interp: Interp, objv: &[*mut Tcl_Obj], args: &[Obj]) -> TclResult<Obj> {
+fn server(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Obj]) -> TclResult<Obj> {
     let (options, port_word) = match args.len() % 2 {
         1 => (&args[..args.len() - 1], args.last()),
         _ => (args, None),
@@ -157,6 +157,7 @@ fn server(interp: Interp, objv: &[*mut Tcl_Obj], args: &[Obj]) -> TclResult<Obj>
         None => 0,
     };
     let port = open_port(interp, number, &server)?;
+    state.note_opened(port);
     // A script may open its sockets before it makes its pools: a next
     // generation says "ready" once it waits for events, if the pools it
     // has made by then are ready (or later, when they are), not here.
@@ -335,14 +336,14 @@ fn client(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
         [handler] => (None, handler),
         [option, port, handler] => {
             interp.get_index(option, &CLIENT_OPTIONS, c"option")?;
-            (Some(parse_port(interp, port)?), handler)
+            // `-port 0` is the default port, as in 1.1.3.
+            (Some(parse_port(interp, port)?).filter(|&number| number != 0), handler)
         }
         _ => return Err(interp.wrong_num_args(objv, 2, CLIENT_USAGE)),
     };
-    let words = command_prefix(interp, handler)?;
     let (number, queue, counters) = {
         let table = port_table::table();
-        let number = match port.or_else(|| table.default_port()) {
+        let number = match port.or_else(|| state.default_port(&table)) {
             Some(number) => number,
             None => {
                 return Err(TclError::new(
@@ -354,12 +355,13 @@ fn client(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
         let entry = table.get(number).ok_or_else(|| unknown_port(number))?;
         (number, Arc::clone(&entry.worker_end), Arc::clone(&entry.counters))
     };
-    state.register(number, Handler::Script(words), queue, counters)?;
+    state.register(number, Handler::Script(ScriptHandler::new(interp, handler.clone())), queue, counters)?;
     Ok(Obj::new_string(""))
 }
 
 /// A command prefix's words, checked as Tcl checks a command: its first
-/// word must name a command, found from the global namespace.
+/// word must name a command, found from the global namespace (a pool's
+/// `-handler`; `client` checks nothing before a connection comes).
 pub(crate) fn command_prefix(interp: Interp, prefix: &Obj) -> TclResult<Vec<Obj>> {
     let words = prefix.list_elements(interp)?;
     let command = words.first().map(Obj::to_string_lossy).unwrap_or_default();

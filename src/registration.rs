@@ -24,11 +24,57 @@ use crate::tcl::{self, Event, Interp, Obj, TclError, TclResult, Tcl_Event, Threa
 
 /// What a registration does with the connection it receives.
 pub enum Handler {
-    /// A Tcl command prefix, called at global level with the channel, the
+    /// A Tcl script, evaluated at global level with the channel, the
     /// peer's address and the peer's port appended (the `client` command).
-    Script(Vec<Obj>),
+    Script(ScriptHandler),
     /// Rust code on the interpreter's thread (a pool's worker).
     Native(NativeHandler),
+}
+
+/// The handler of `client`, kept as it was given: nothing in it is looked
+/// up before a connection comes (as with Tcl's `socket -server`, `after`
+/// and `fileevent`), so it may name a command defined later, one that
+/// `unknown` loads, or be a script of several commands.
+pub struct ScriptHandler {
+    script: Obj,
+    /// The words, when the handler is one command with exactly these words
+    /// (`h`, `[list obj method]`): then it is called with `Tcl_EvalObjv`,
+    /// not parsed again for every connection.
+    words: Option<Vec<Obj>>,
+    /// The namespace `client` was called from, when not the global one: a
+    /// handler's command name is looked up there first (then globally).
+    namespace: Option<String>,
+}
+
+impl ScriptHandler {
+    /// The handler `script`, registered from `interp`'s current namespace.
+    pub fn new(interp: Interp, script: Obj) -> ScriptHandler {
+        let words = script.as_command_words();
+        let namespace = Some(interp.current_namespace()).filter(|n| n != "::");
+        ScriptHandler { script, words, namespace }
+    }
+
+    /// Calls the handler with `tail` (channel, address, port) appended, at
+    /// global level; a failure is a background error. Returns whether it
+    /// succeeded.
+    fn call(self, interp: Interp, tail: [Obj; 3]) -> bool {
+        match self.words {
+            Some(mut words) => {
+                // Resolved now, from the registering namespace: `::app::h`
+                // for `h` registered in `::app`, else what Tcl finds
+                // globally. A name that is no command now stays as given,
+                // for `unknown` (auto_index) to find at global level.
+                if let Some(namespace) = &self.namespace {
+                    if let Some(full_name) = interp.resolve_command_in(&words[0], namespace) {
+                        words[0] = full_name;
+                    }
+                }
+                words.extend(tail);
+                interp.eval_global_in_background(&words)
+            }
+            None => interp.eval_script_global_in_background(&self.script.concat_words(&Obj::new_list(&tail))),
+        }
+    }
 }
 
 /// The callbacks of a `Handler::Native`.
@@ -62,6 +108,10 @@ pub struct InterpState {
     /// The process this state was made in; a forked child resets it.
     pid: Cell<Pid>,
     registrations: RefCell<Vec<Registration>>,
+    /// The ports this interpreter opened with `server`, in order: `client`
+    /// without `-port` waits on the first of them still open (each
+    /// interpreter had its own table in 1.1.3).
+    opened: RefCell<Vec<u16>>,
 }
 
 /// A pointer to an `InterpState` that a receiver thread carries to the
@@ -162,7 +212,24 @@ impl InterpState {
             thread: tcl::current_thread(),
             pid: Cell::new(getpid()),
             registrations: RefCell::new(Vec::new()),
+            opened: RefCell::new(Vec::new()),
         }
+    }
+
+    /// Notes that this interpreter opened `port` (or asked for it with
+    /// `server` while it was open already).
+    pub fn note_opened(&self, port: u16) {
+        let mut opened = self.opened.borrow_mut();
+        if !opened.contains(&port) {
+            opened.push(port);
+        }
+    }
+
+    /// The port `client` waits on without `-port`: the first port this
+    /// interpreter opened that is still open, else the process's first.
+    pub fn default_port(&self, table: &port_table::PortTable) -> Option<u16> {
+        let opened = self.opened.borrow();
+        opened.iter().copied().find(|&port| table.get(port).is_some()).or_else(|| table.default_port())
     }
 
     /// In a forked child, the receiver threads stayed behind in the parent
@@ -276,7 +343,7 @@ impl InterpState {
     fn hand_over(&self, interp: Interp, handler: Handler, conn: crate::handoff::Connection, counters: &Counters) {
         counters.received.fetch_add(1, Ordering::Relaxed);
         match handler {
-            Handler::Script(mut words) => {
+            Handler::Script(handler) => {
                 let (host, peer_port) = conn.peer_host_and_port();
                 let stamps = crate::queue_time::stamps_of(&conn);
                 let channel = interp.adopt_tcp_socket(conn.socket);
@@ -284,13 +351,12 @@ impl InterpState {
                 let closed = Arc::new(AtomicBool::new(false));
                 channel.on_close(mark_closed, Arc::into_raw(Arc::clone(&closed)).cast_mut().cast());
                 let name = channel.name();
-                words.push(Obj::new_string(&name));
-                words.push(Obj::new_string(&host));
-                words.push(Obj::new_string(&peer_port));
-                // A handler that fails leaves nobody to close its channel:
-                // close it, as Tcl's own `socket -server` does. Unless it was
+                let tail = [Obj::new_string(&name), Obj::new_string(&host), Obj::new_string(&peer_port)];
+                // A handler that fails (a command that does not exist by
+                // now included) leaves nobody to close its channel: close
+                // it, as Tcl's own `socket -server` does. Unless it was
                 // closed (its name may be another channel's by now) or moved.
-                if !interp.eval_global_in_background(&words)
+                if !handler.call(interp, tail)
                     && !closed.load(Ordering::Acquire)
                     && interp.holds_channel(&name, channel)
                 {

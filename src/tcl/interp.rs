@@ -86,6 +86,68 @@ impl Interp {
         !command.is_null()
     }
 
+    /// The fully qualified name of the namespace the interpreter is in
+    /// now (`::` at global level, `::app` inside a proc of `::app`).
+    pub fn current_namespace(&self) -> String {
+        // SAFETY: the interpreter is live; its current namespace is live
+        // while it runs, and its full name is a NUL-terminated string.
+        unsafe {
+            let namespace = stub!(tcl_GetCurrentNamespace)(self.as_ptr());
+            if namespace.is_null() || (*namespace).fullName.is_null() {
+                return "::".to_string();
+            }
+            CStr::from_ptr((*namespace).fullName).to_string_lossy().into_owned()
+        }
+    }
+
+    /// The fully qualified name of the command that `name` calls when it
+    /// is called from namespace `namespace` (looked up there, along its
+    /// path, then in the global namespace, as Tcl does), now. `None` when
+    /// no such command exists, or the namespace no longer does: the
+    /// namespace is found again by name, never kept across calls.
+    pub fn resolve_command_in(&self, name: &Obj, namespace: &str) -> Option<Obj> {
+        let namespace = CString::new(namespace).ok()?;
+        // SAFETY: the interpreter and `name` are live on this thread; the
+        // namespace and command tokens are used before anything can run
+        // that could delete them; Tcl appends the full name to a new,
+        // unshared object.
+        unsafe {
+            let found = stub!(tcl_FindNamespace)(
+                self.as_ptr(),
+                namespace.as_ptr(),
+                ptr::null_mut(),
+                tcl_sys::TCL_GLOBAL_ONLY as c_int,
+            );
+            if found.is_null() {
+                return None;
+            }
+            let command_name = stub!(tcl_GetString)(name.as_ptr());
+            let command = stub!(tcl_FindCommand)(self.as_ptr(), command_name, found, 0);
+            if command.is_null() {
+                return None;
+            }
+            let full_name = Obj::from_raw(stub!(tcl_NewObj)());
+            stub!(tcl_GetCommandFullName)(self.as_ptr(), command, full_name.as_ptr());
+            Some(full_name)
+        }
+    }
+
+    /// Evaluates `script` at global level; a non-OK outcome is reported
+    /// with `Tcl_BackgroundException`. Returns whether it succeeded.
+    pub fn eval_script_global_in_background(&self, script: &Obj) -> bool {
+        // SAFETY: interpreter and script are live; Tcl_Preserve keeps the
+        // interpreter's memory valid even if the script deletes it.
+        unsafe {
+            stub!(tcl_Preserve)(self.as_ptr().cast());
+            let code = stub!(tcl_EvalObjEx)(self.as_ptr(), script.as_ptr(), tcl_sys::TCL_EVAL_GLOBAL as c_int);
+            if code != TCL_OK {
+                stub!(tcl_BackgroundException)(self.as_ptr(), code);
+            }
+            stub!(tcl_Release)(self.as_ptr().cast());
+            code == TCL_OK
+        }
+    }
+
     /// Evaluates `words` as one command at global level; a non-OK outcome
     /// is reported with `Tcl_BackgroundException`, as Tcl's own
     /// `socket -server` does for its accept callback. Returns whether the

@@ -97,6 +97,62 @@ impl Obj {
         }
     }
 
+    /// The bytes of the value's string form, as Tcl holds them.
+    fn string_bytes(&self) -> &[u8] {
+        let mut len: Size = 0;
+        // SAFETY: the object is live while `self` is; Tcl returns a pointer
+        // to `len` bytes it owns, valid until the value's string changes,
+        // which nothing does while the slice is borrowed from `self`.
+        unsafe {
+            let bytes = stub!(tcl_GetStringFromObj)(self.as_ptr(), &mut len);
+            std::slice::from_raw_parts(bytes.cast::<u8>(), len as usize)
+        }
+    }
+
+    /// The words of the value when evaluating it as a script is calling one
+    /// command with exactly those words: a list that has no string form
+    /// (made by `list`), or a string in the form Tcl gives a list of those
+    /// words (`h`, `obj method`). `None` for anything else that a script
+    /// reads otherwise (`h $x`, `hA; hB`, `{}`), or that is not a list.
+    pub fn as_command_words(&self) -> Option<Vec<Obj>> {
+        let mut count: Size = 0;
+        let mut elements: *mut *mut Tcl_Obj = ptr::null_mut();
+        // SAFETY: the object is live; the type table is Tcl's own; with no
+        // interpreter Tcl_ListObjGetElements leaves no message; the element
+        // pointers stay valid while the list is unchanged, and we take our
+        // own references at once.
+        let (pure, words) = unsafe {
+            let list_type = stub!(tcl_GetObjType)(c"list".as_ptr());
+            let object = self.as_ptr();
+            let pure = (*object).bytes.is_null() && !list_type.is_null() && ptr::eq((*object).typePtr, list_type);
+            if stub!(tcl_ListObjGetElements)(ptr::null_mut(), object, &mut count, &mut elements) != TCL_OK {
+                return None;
+            }
+            (pure, (0..count as usize).map(|i| Obj::from_raw(*elements.add(i))).collect::<Vec<Obj>>())
+        };
+        if words.is_empty() {
+            return None;
+        }
+        if pure || Obj::new_list(&words).string_bytes() == self.string_bytes() {
+            Some(words)
+        } else {
+            None
+        }
+    }
+
+    /// A new value: this one's string, a space, then `tail`'s string (as
+    /// Tcl's `socket -server` appends its words to the script it was given).
+    pub fn concat_words(&self, tail: &Obj) -> Obj {
+        // SAFETY: both objects are live; the duplicate is ours alone (one
+        // reference), so appending to it changes nothing else.
+        unsafe {
+            let joined = Obj::from_raw(stub!(tcl_DuplicateObj)(self.as_ptr()));
+            stub!(tcl_AppendToObj)(joined.as_ptr(), c" ".as_ptr(), 1);
+            stub!(tcl_AppendObjToObj)(joined.as_ptr(), tail.as_ptr());
+            joined
+        }
+    }
+
     /// The value as an `int`, with Tcl's own error message when it is not one.
     pub fn get_int(&self, interp: Interp) -> TclResult<i32> {
         let mut value: c_int = 0;
