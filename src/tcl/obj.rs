@@ -133,7 +133,7 @@ impl Obj {
         if words.is_empty() {
             return None;
         }
-        if pure || Obj::new_list(&words).string_bytes() == self.string_bytes() {
+        if pure || is_plain_words(self.string_bytes()) || Obj::new_list(&words).string_bytes() == self.string_bytes() {
             Some(words)
         } else {
             None
@@ -195,6 +195,22 @@ impl Obj {
             Ok((0..count as usize).map(|i| Obj::from_raw(*elements.add(i))).collect())
         }
     }
+}
+
+/// Whether `text` is words of no character a script or a list treats
+/// specially, one space apart (`h`, `obj method`): then it is already the
+/// form Tcl gives the list of those words, with no list made to compare.
+fn is_plain_words(text: &[u8]) -> bool {
+    !text.is_empty()
+        && text.first() != Some(&b' ')
+        && text.last() != Some(&b' ')
+        && !text.windows(2).any(|pair| pair == b"  ")
+        && !text.iter().any(|&b| {
+            matches!(
+                b,
+                b'{' | b'}' | b'[' | b']' | b'$' | b'"' | b'\\' | b';' | b'#' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c | 0
+            )
+        })
 }
 
 impl Clone for Obj {
