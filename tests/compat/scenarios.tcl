@@ -35,8 +35,8 @@ set ::compatPrelude {
         set pid [fork]
         if {$pid == 0} {
             after 6000 {exit 0}
-            # The parent's control port is the parent's to serve.
-            close $::control
+            # The parent's reading end is the parent's to read.
+            close $::readyIn
             uplevel #0 $script
             vwait ::forever
             exit 0
@@ -90,24 +90,20 @@ set ::compatPrelude {
         puts $chan [list $who $addr]
         close $chan
     }
-    # Waits until a forked child says it is ready (it connects to this
-    # control port and sends one line).
+    # Waits until a forked child says it is ready: a line on a pipe (each
+    # child closes its copy of the reading end, so only the parent reads).
     set ::ready {}
-    set ::control [socket -server {apply {{chan args} {
-        fconfigure $chan -buffering line -blocking 0
-        fileevent $chan readable [list apply {{chan} {
-            if {[gets $chan line] >= 0} {lappend ::ready $line}
-            if {[eof $chan]} {close $chan}
-        }} $chan]
-    }}} -myaddr 127.0.0.1 0]
-    set ::controlPort [lindex [fconfigure $::control -sockname] 2]
+    lassign [chan pipe] ::readyIn ::readyOut
+    fconfigure $::readyIn -blocking 0 -buffering line
+    fconfigure $::readyOut -buffering line
+    fileevent $::readyIn readable {
+        if {[gets $::readyIn line] >= 0} {lappend ::ready $line}
+    }
     proc waitReady {n} {
         while {[llength $::ready] < $n} {vwait ::ready}
     }
     proc sayReady {what} {
-        set s [socket 127.0.0.1 $::controlPort]
-        puts $s $what
-        close $s
+        puts $::readyOut $what
     }
 }
 
@@ -483,8 +479,18 @@ proc compatFreePort {} {
 
 # compatRun script --
 #	Runs a scenario in a new tclsh (the package found through TCLLIBPATH)
-#	and returns its output, the port it served written PORT.
+#	and returns its output, the port it served written PORT. A scenario
+#	whose own server found its free port taken meanwhile by another
+#	process of the machine runs again on other ports.
 proc compatRun {script} {
+    for {set try 0} {$try < 3} {incr try} {
+        set output [compatRunOnce $script]
+        if {![string match "couldn't open socket: address already in use*" $output]} break
+    }
+    return $output
+}
+
+proc compatRunOnce {script} {
     set port [compatFreePort]
     set port2 [compatFreePort]
     while {$port2 == $port} {set port2 [compatFreePort]}
