@@ -280,7 +280,7 @@ set ::compatScenarios {
     }
 
     listening-at-return
-    {server listens when it returns}
+    {server listens when it returns (1.1.3: refused in 19 of 20 runs)}
     {refused} {connected} {} {
         ::socketserver::socket server $port
         if {[catch {close [socket 127.0.0.1 $port]}]} {
