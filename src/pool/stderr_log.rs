@@ -15,7 +15,6 @@
 //! pool made after TclX's `fork`) forgets the copy and makes its own.
 
 use std::cell::RefCell;
-use std::io::Write;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -86,8 +85,18 @@ fn start() -> Option<Writer> {
         .stack_size(crate::THREAD_STACK_SIZE)
         .spawn(move || {
             for line in lines {
-                // A closed stderr loses the line; nothing else to do.
-                let _ = std::io::stderr().write_all(line.as_bytes());
+                // Straight to descriptor 2, not through Rust's `Stderr`:
+                // its lock, held here while a full pipe blocks us, would
+                // be held for good in every child forked meanwhile. A
+                // closed stderr loses the line; nothing else to do.
+                let mut rest = line.as_bytes();
+                while !rest.is_empty() {
+                    match nix::unistd::write(std::io::stderr(), rest) {
+                        Ok(n) => rest = &rest[n..],
+                        Err(nix::errno::Errno::EINTR) => {}
+                        Err(_) => break,
+                    }
+                }
                 written.fetch_sub(1, Relaxed);
             }
         })
