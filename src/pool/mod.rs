@@ -11,6 +11,9 @@
 //! `after_fork` says what each process keeps of the supervisor's after a
 //! fork, and makes every fork of the process enforce it. `metrics` serves
 //! the pool's figures to Prometheus, `notify` tells systemd where it stands.
+//! `stderr_log` writes the default log without ever blocking the
+//! supervisor, `pidfile` is `-pidfile`, and `signal_watch` notices a pool's
+//! signal taken over by the script.
 //! `recycling` (memory, age, connections; one worker leaving at a time),
 //! `init_timeout` and `hang_report` (what a worker past its busy timeout
 //! was doing) are rooms of `lifecycle`.
