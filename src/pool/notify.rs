@@ -56,6 +56,10 @@ const STATUS_EVERY: Duration = Duration::from_secs(1);
 /// How long an exiting old generation keeps offering `MAINPID=` to a
 /// receiver that is full.
 const HANDOVER_AT_EXIT: Duration = Duration::from_secs(10);
+/// How long a next generation stays silent at most, waiting for the old
+/// one's word (a variable set by hand, naming a pipe nobody writes, must
+/// not silence a service for good).
+const HANDOVER_WAIT: Duration = Duration::from_secs(60);
 
 /// The hand-over pipe's ends in this process (-1: none), closed in every
 /// child of a fork: a worker has nothing to say about the hand-over.
@@ -79,8 +83,9 @@ struct Notifier {
     handed_over: bool,
     /// An upgrade's `MAINPID=`, sent at each look until the receiver took it.
     owed: Option<Pid>,
-    /// A next generation: silent until the old one says it handed over.
-    waiting_for_handover: bool,
+    /// A next generation: silent until the old one says it handed over,
+    /// or until then.
+    waiting_for_handover: Option<Instant>,
     status: String,
     status_at: Instant,
 }
@@ -131,7 +136,7 @@ pub(super) fn take_environment(interp: Interp) {
         stopping: false,
         handed_over: false,
         owed: None,
-        waiting_for_handover: handover,
+        waiting_for_handover: handover.then(|| now + HANDOVER_WAIT),
         status: String::new(),
         status_at: now,
     };
@@ -164,12 +169,13 @@ pub(super) fn observe(sup: &Supervisor) {
         if n.pid != getpid() || n.handed_over {
             return;
         }
-        if n.waiting_for_handover && !handover_done() {
+        if n.waiting_for_handover.is_some_and(|until| Instant::now() < until) && !handover_done() {
             // The previous generation is the service's main process until
             // systemd has our pid from it: nothing we say would count.
             return;
         }
-        n.waiting_for_handover = false;
+        n.waiting_for_handover = None;
+        close_handover(&HANDOVER_READ);
         let pools = &sup.pools;
         n.had_pools |= !pools.is_empty();
         let now = Instant::now();
