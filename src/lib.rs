@@ -100,6 +100,8 @@ fn init(interp: Interp) -> tcl::TclResult<()> {
         notifier_fork::watch_forks();
     }
     pool::watch_forks();
+    // Before any script runs `cd`: where the default upgrade command runs.
+    pool::remember_starting_directory();
     let mut state = interp.get_assoc_data(ASSOC_KEY);
     if state.is_null() {
         state = Box::into_raw(Box::new(InterpState::new(interp))).cast::<c_void>();

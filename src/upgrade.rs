@@ -13,15 +13,22 @@
 //! it (the new program failed).
 //!
 //! Everything the child needs is prepared before the fork: between fork and
-//! exec it makes only system calls (`getpid`, `fcntl`, `dup2`, `execve`).
+//! exec it makes only system calls (`getpid`, `chdir`, `dup2`, `execve`).
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 
 use nix::errno::Errno;
 use nix::unistd::Pid;
 
 use crate::inherited::READY_VARIABLE;
+
+/// The variable naming, in the new generation, the read end of a pipe on
+/// which the old one says that it handed the service over (sd_notify's
+/// `MAINPID=`); see `pool::notify`.
+pub const HANDOVER_VARIABLE: &str = "SOCKETSERVER_HANDOVER_FD";
 
 /// Digits reserved for the child's pid in `LISTEN_PID=`.
 const PID_DIGITS: usize = 10;
@@ -30,13 +37,20 @@ const PID_DIGITS: usize = 10;
 /// passed on. Returns the child's pid and the read end of its readiness
 /// pipe.
 /// `environment` is added to this process's (sd_notify's variables, which
-/// the pool took out of it).
+/// the pool took out of it); `directory`, if given, is where it runs (the
+/// one the process started in, for the default command: its script's
+/// path may be relative to it). A child that cannot enter it exits with
+/// status 125. `handover`, if given, is passed on after the readiness
+/// pipe, named by `HANDOVER_VARIABLE`.
 pub fn spawn_next_generation(
     command: &[String],
     listeners: &[RawFd],
     environment: &[(String, String)],
+    directory: Option<&Path>,
+    handover: Option<RawFd>,
 ) -> Result<(Pid, OwnedFd), Errno> {
     let to_c = |s: &str| CString::new(s).map_err(|_| Errno::EINVAL);
+    let directory = directory.map(|d| CString::new(d.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)).transpose()?;
     let program = to_c(command.first().ok_or(Errno::EINVAL)?)?;
     let args: Vec<CString> = command.iter().map(|a| to_c(a)).collect::<Result<_, _>>()?;
     let count = listeners.len() as RawFd;
@@ -44,7 +58,8 @@ pub fn spawn_next_generation(
     let extra = environment;
     let mut environment: Vec<CString> = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-        .filter(|(k, _)| !matches!(k.as_str(), "LISTEN_PID" | "LISTEN_FDS" | "LISTEN_FDNAMES") && k != READY_VARIABLE)
+        .filter(|(k, _)| !matches!(k.as_str(), "LISTEN_PID" | "LISTEN_FDS" | "LISTEN_FDNAMES"))
+        .filter(|(k, _)| k != READY_VARIABLE && k != HANDOVER_VARIABLE)
         .filter(|(k, _)| !extra.iter().any(|(name, _)| name == k))
         .chain(extra.iter().cloned())
         .map(|(k, v)| to_c(&format!("{k}={v}")))
@@ -52,6 +67,9 @@ pub fn spawn_next_generation(
     environment.push(to_c(&format!("LISTEN_FDS={count}"))?);
     environment.push(to_c(&format!("LISTEN_FDNAMES={}", vec!["socketserver"; listeners.len()].join(":")))?);
     environment.push(to_c(&format!("{READY_VARIABLE}={ready_fd}"))?);
+    if handover.is_some() {
+        environment.push(to_c(&format!("{HANDOVER_VARIABLE}={}", ready_fd + 1))?);
+    }
     // The pid is written in by the child, over the zeros.
     let mut pid_variable = format!("LISTEN_PID={}", "0".repeat(PID_DIGITS)).into_bytes();
     pid_variable.push(0);
@@ -73,8 +91,8 @@ pub fn spawn_next_generation(
     // so that a low descriptor limit (systemd services often run with 1024
     // or less) is no obstacle.
     let mut scratch: Vec<OwnedFd> = Vec::new();
-    for fd in listeners.iter().copied().chain(std::iter::once(ready_write.as_raw_fd())) {
-        let copy = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(ready_fd + 1))?;
+    for fd in listeners.iter().copied().chain([ready_write.as_raw_fd()]).chain(handover) {
+        let copy = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(ready_fd + 2))?;
         // SAFETY: fcntl just made this descriptor.
         scratch.push(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(copy) });
     }
@@ -90,6 +108,11 @@ pub fn spawn_next_generation(
             for i in (0..PID_DIGITS).rev() {
                 *pid_digits.add(digits_at + i) = b'0' + (pid % 10) as u8;
                 pid /= 10;
+            }
+            if let Some(directory) = &directory {
+                if libc::chdir(directory.as_ptr()) < 0 {
+                    libc::_exit(125);
+                }
             }
             for (i, &fd) in sources.iter().enumerate() {
                 // dup2 leaves the new descriptor without close-on-exec.

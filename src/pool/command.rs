@@ -27,7 +27,7 @@ static SUBCOMMANDS: NameTable<9> = NameTable([
     c"wait".as_ptr(),
     std::ptr::null(),
 ]);
-static CREATE_OPTIONS: NameTable<31> = NameTable([
+static CREATE_OPTIONS: NameTable<32> = NameTable([
     c"-backlog".as_ptr(),
     c"-concurrency".as_ptr(),
     c"-fd".as_ptr(),
@@ -48,6 +48,7 @@ static CREATE_OPTIONS: NameTable<31> = NameTable([
     c"-minspare".as_ptr(),
     c"-myaddr".as_ptr(),
     c"-overload".as_ptr(),
+    c"-pidfile".as_ptr(),
     c"-proxy".as_ptr(),
     c"-proxyfrom".as_ptr(),
     c"-proxytimeout".as_ptr(),
@@ -178,6 +179,7 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
     let (mut user, mut group, mut limits, mut metrics) = (None, None, Vec::new(), None);
     let mut server = ServerOptions::default();
     let (mut max_queue, mut overload) = (0, None);
+    let mut pidfile = None;
     let mut rest = options;
     while let [option, tail @ ..] = rest {
         let index = interp.get_index(option, &CREATE_OPTIONS, c"option")?;
@@ -208,6 +210,7 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
                     })
             }
             "-metrics" => metrics = Some(value.to_string_lossy()).filter(|m| !m.is_empty()),
+            "-pidfile" => pidfile = Some(value.to_string_lossy()).filter(|p| !p.is_empty()),
             "-maxrss" => config.recycling.max_rss = size(value)?,
             "-maxlifetime" => config.recycling.max_lifetime = max_lifetime(interp, value)?,
             "-lifetimejitter" => config.recycling.lifetime_jitter = Some(seconds(interp, value)?),
@@ -257,6 +260,11 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
     }
     // Bound before the port opens: a taken address leaves nothing open.
     config.metrics = metrics.as_deref().map(super::metrics::bind).transpose()?;
+    // Written before the port opens too; taken back if the pool fails.
+    if let Some(path) = &pidfile {
+        super::pidfile::write(path)?;
+    }
+    let unwrite = || pidfile.as_deref().into_iter().for_each(super::pidfile::remove);
     // The bound holds from the moment the port accepts (a socket passed by
     // systemd may have a backlog already), not only once the workers are
     // forked: the new port's threads are held until it is set. A create
@@ -277,11 +285,12 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
     if hold && !crate::inherited::ready_pending() {
         crate::accept_loop::release_accepting();
     }
-    let port = opened?;
+    let port = opened.inspect_err(|_| unwrite())?;
     if let Err(error) = supervisor::create(interp, state, port, config) {
         if let (Some(counters), Some((max_queue, overload))) = (&queue, previous) {
             counters.queue.set_bound(max_queue, overload);
         }
+        unwrite();
         return Err(error);
     }
     Ok(Obj::new_int(port.into()))

@@ -2,9 +2,15 @@
 //! SIGUSR2): started with the listeners, watched until it says it serves
 //! (this one then stops gracefully), fails or is not ready in time (it is
 //! killed: this one serves on, and may upgrade again), and reaped either
-//! way.
+//! way. A failed one is reported with its exit status once reaped, and the
+//! metrics endpoints it took over are bound again only then (its sockets
+//! are closed by its death, not by our kill), and again at each tick until
+//! the address is free.
 
+use std::cell::RefCell;
 use std::os::fd::{AsFd, AsRawFd};
+use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -20,16 +26,73 @@ use super::supervisor::{with_supervisor, Supervisor};
 /// without `-timeout`, SIGUSR2).
 pub const DEFAULT_UPGRADE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// What the upgrades of the supervisor's thread are waiting for, beside
+/// the supervisor's own state (`upgrading`, `next_generations`).
+#[derive(Default)]
+struct Pending {
+    /// Next generations that failed, with why, until reaped: their
+    /// `upgrade-failed` entry waits for the exit status.
+    failed: Vec<(Pid, Option<&'static str>)>,
+    /// Statuses of next generations reaped before their outcome came.
+    reaped: Vec<(Pid, String)>,
+    /// The service is the next generation's: the metrics addresses are its.
+    handed_over: bool,
+    /// Pools whose metrics endpoint could not listen again (logged once).
+    metrics_failed: Vec<u16>,
+}
+
+thread_local! {
+    static PENDING: RefCell<Pending> = RefCell::new(Pending::default());
+}
+
+fn pending<R>(f: impl FnOnce(&mut Pending) -> R) -> R {
+    PENDING.with(|p| f(&mut p.borrow_mut()))
+}
+
+/// The directory the process started in, as the default upgrade command
+/// needs it (a script started as `tclsh app.tcl` that then did `cd /`).
+static STARTING_DIRECTORY: OnceLock<Option<PathBuf>> = OnceLock::new();
+
+/// Records the current directory as the starting one; the first call of
+/// the process counts (the library's load).
+pub fn remember_starting_directory() {
+    STARTING_DIRECTORY.get_or_init(|| std::env::current_dir().ok());
+}
+
 impl Supervisor {
     pub(super) fn upgrade(&mut self, command: Vec<String>, timeout: Duration) -> TclResult<i32> {
         if self.upgrading.is_some() {
             return Err(TclError::new("an upgrade is already under way", &["SOCKETSERVER", "UPGRADE", "BUSY"]));
         }
+        if nix::unistd::getpid().as_raw() == 1 {
+            // The next generation is our child: when process 1 of a PID
+            // namespace exits, the kernel kills everything in it.
+            return Err(TclError::new(
+                "can't upgrade as process 1: the new generation would end with this process \
+                 (run the server under an init, such as tini, dumb-init or docker run --init)",
+                &["SOCKETSERVER", "UPGRADE", "PID1"],
+            ));
+        }
         let listeners = port_table::table().listener_fds();
+        // The default command is this program as it was started, in the
+        // directory it was started in; one given is run where we are now.
+        let directory = match self.pools.first() {
+            Some(pool) if command == default_command(pool.interp) => STARTING_DIRECTORY.get().cloned().flatten(),
+            _ => None,
+        };
         // The next generation binds the metrics addresses again.
         self.pools.iter_mut().filter_map(|p| p.metrics.as_mut()).for_each(|m| m.pause());
         let environment = super::notify::environment_for_next_generation();
-        let spawned = crate::upgrade::spawn_next_generation(&command, &listeners, &environment);
+        let handover = super::notify::handover_pipe();
+        let spawned = crate::upgrade::spawn_next_generation(
+            &command,
+            &listeners,
+            &environment,
+            directory.as_deref(),
+            handover.as_ref().map(AsRawFd::as_raw_fd),
+        );
+        // The child has its copy of the read end, or there is no child.
+        drop(handover);
         let (pid, ready) = spawned.map_err(|errno| {
             self.resume_metrics();
             TclError::posix("couldn't start the new generation", errno as i32)
@@ -70,7 +133,10 @@ impl Supervisor {
             });
         if let Err(error) = watcher {
             let _ = kill(pid, Signal::SIGKILL);
-            self.resume_metrics();
+            // Reaped, and its metrics addresses taken back, as a failed one.
+            self.next_generations.push(pid);
+            pending(|p| p.failed.push((pid, Some("couldn't watch it"))));
+            self.reap_next_generations();
             return Err(TclError::posix("couldn't watch the new generation", error.raw_os_error().unwrap_or(0)));
         }
         self.upgrading = Some(pid);
@@ -96,49 +162,116 @@ impl Supervisor {
                 let _ = kill(outcome.pid, Signal::SIGKILL);
             }
         }
-        let ports: Vec<u16> = self.pools.iter().map(|p| p.port).collect();
-        for index in 0..self.pools.len() {
-            let event = if outcome.ready { "upgraded" } else { "upgrade-failed" };
-            let mut fields = vec![("pid", Obj::new_int(outcome.pid.as_raw().into()))];
-            if outcome.timed_out {
-                fields.push(("message", Obj::new_string("not ready in time")));
-            }
-            let entry = self.pools[index].entry(event, fields);
-            self.log.push(entry);
-        }
         if outcome.ready {
+            let ports: Vec<u16> = self.pools.iter().map(|p| p.port).collect();
+            for index in 0..self.pools.len() {
+                let entry =
+                    self.pools[index].entry("upgraded", vec![("pid", Obj::new_int(outcome.pid.as_raw().into()))]);
+                self.log.push(entry);
+            }
+            pending(|p| p.handed_over = true);
             super::notify::handed_over(outcome.pid);
             self.exit_when_stopped = true;
             for port in ports {
                 self.stop(port);
             }
-        } else {
-            self.resume_metrics();
+            return;
+        }
+        let why = outcome.timed_out.then_some("not ready in time");
+        let reaped = pending(|p| {
+            let at = p.reaped.iter().position(|(pid, _)| *pid == outcome.pid);
+            let reaped = at.map(|at| p.reaped.remove(at).1);
+            if reaped.is_none() {
+                p.failed.push((outcome.pid, why));
+            }
+            reaped
+        });
+        if let Some(status) = reaped {
+            self.log_upgrade_failed(outcome.pid, &status, why);
         }
         // A failed one may close the pipe before it exits: it is reaped
-        // with the next SIGCHLD or tick, as every child of ours.
+        // with the next SIGCHLD or tick, as every child of ours; the
+        // metrics endpoints listen again once it is.
         self.reap_next_generations();
     }
 
-    /// Serves the metrics endpoints again after a failed upgrade.
-    fn resume_metrics(&mut self) {
+    fn log_upgrade_failed(&mut self, pid: Pid, status: &str, why: Option<&str>) {
         for index in 0..self.pools.len() {
-            let Some(metrics) = self.pools[index].metrics.as_mut() else { continue };
-            if !metrics.resume() {
-                let address = Obj::new_string(&metrics.address());
-                let entry = self.pools[index].entry("metrics-failed", vec![("address", address)]);
-                self.log.push(entry);
+            let mut fields = vec![("pid", Obj::new_int(pid.as_raw().into())), ("status", Obj::new_string(status))];
+            if let Some(why) = why {
+                fields.push(("message", Obj::new_string(why)));
             }
+            let entry = self.pools[index].entry("upgrade-failed", fields);
+            self.log.push(entry);
         }
     }
 
-    /// Collects the next generations that have exited.
+    /// Serves the metrics endpoints again after a failed upgrade, once no
+    /// next generation can hold their addresses; tried at every look while
+    /// the address is taken. The first failure is logged (`metrics-failed`),
+    /// and the success after it (`metrics-resumed`).
+    fn resume_metrics(&mut self) {
+        let waiting = self.upgrading.is_some() || pending(|p| p.handed_over || !p.failed.is_empty());
+        if waiting {
+            return;
+        }
+        for index in 0..self.pools.len() {
+            let pool = &mut self.pools[index];
+            let Some(metrics) = pool.metrics.as_mut().filter(|m| m.paused()) else { continue };
+            let address = Obj::new_string(&metrics.address());
+            let result = metrics.resume();
+            let port = pool.port;
+            let logged = pending(|p| p.metrics_failed.contains(&port));
+            let entry = match result {
+                Ok(()) if logged => {
+                    pending(|p| p.metrics_failed.retain(|&failed| failed != port));
+                    Some(pool.entry("metrics-resumed", vec![("address", address)]))
+                }
+                Ok(()) => None,
+                Err(message) if !logged => {
+                    pending(|p| p.metrics_failed.push(port));
+                    let message = Obj::new_string(&message);
+                    Some(pool.entry("metrics-failed", vec![("address", address), ("message", message)]))
+                }
+                Err(_) => None,
+            };
+            self.log.extend(entry);
+        }
+    }
+
+    /// Collects the next generations that have exited (reporting the
+    /// failed ones with their status), and serves the metrics endpoints
+    /// again when they are free. Called at every look of the supervisor.
     pub(super) fn reap_next_generations(&mut self) {
-        self.next_generations
-            .retain(|&pid| matches!(waitpid(pid, Some(WaitPidFlag::WNOHANG)), Ok(WaitStatus::StillAlive)));
+        let mut reaped = Vec::new();
+        self.next_generations.retain(|&pid| match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => true,
+            Ok(status) => {
+                reaped.push((pid, status_text(status)));
+                false
+            }
+            // Not ours to reap any more (a script's own `wait`).
+            Err(_) => false,
+        });
+        for (pid, status) in reaped {
+            let upgrading = self.upgrading == Some(pid);
+            let failed = pending(|p| match p.failed.iter().position(|(failed, _)| *failed == pid) {
+                Some(at) => Some(p.failed.remove(at).1),
+                None => {
+                    if upgrading {
+                        // Its outcome is on its way: reported then.
+                        p.reaped.push((pid, status.clone()));
+                    }
+                    None
+                }
+            });
+            if let Some(why) = failed {
+                self.log_upgrade_failed(pid, &status, why);
+            }
+        }
+        self.resume_metrics();
     }
 }
-
 /// What `pool upgrade` runs by default: this program again, as it was
 /// started: the executable Tcl names (`info nameofexecutable`: for a tclsh
 /// run through a wrapper or a loader, the wrapper, not the loader the
@@ -152,6 +285,15 @@ pub fn default_command(interp: Interp) -> Vec<String> {
         .or_else(|| std::env::current_exe().ok().map(|exe| exe.to_string_lossy().into_owned()))
         .or_else(|| std::env::args().next());
     program.into_iter().chain(std::env::args().skip(1)).collect()
+}
+
+/// "exit 1", "signal SIGKILL": as a worker's status is logged.
+fn status_text(status: WaitStatus) -> String {
+    match status {
+        WaitStatus::Exited(_, code) => format!("exit {code}"),
+        WaitStatus::Signaled(_, signal, _) => format!("signal {}", signal.as_str()),
+        other => format!("{other:?}"),
+    }
 }
 
 /// What the thread watching a new generation's readiness pipe reports.

@@ -332,6 +332,7 @@ impl Pool {
         let Reload::Running { previous } = self.reload else { return };
         if self.ready_count() >= self.target {
             self.reload = Reload::Done;
+            entries.push(self.entry("reloaded", vec![("generation", Obj::new_int(self.generation.into()))]));
             return;
         }
         if self.failures < RELOAD_FAILURES {

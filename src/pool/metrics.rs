@@ -80,6 +80,14 @@ impl<T: AsRawFd> Owned<T> {
         tcl::create_file_handler(self.inner.as_raw_fd(), on_readable, key as *mut c_void);
         self.handled = true;
     }
+
+    /// Stops calling `on_readable` for the socket.
+    fn unwatch(&mut self) {
+        if self.handled {
+            tcl::delete_file_handler(self.inner.as_raw_fd());
+            self.handled = false;
+        }
+    }
 }
 
 impl<T: AsRawFd> Drop for Owned<T> {
@@ -223,19 +231,25 @@ impl Endpoint {
         self.listener = None;
     }
 
-    /// Listens again after a next generation failed; false if the address
-    /// was taken meanwhile.
-    pub fn resume(&mut self) -> bool {
+    /// Whether it does not listen now (`pause`).
+    pub fn paused(&self) -> bool {
+        self.listener.is_none()
+    }
+
+    /// Listens again after a next generation failed; the error if the
+    /// address is taken (the caller tries again later).
+    pub fn resume(&mut self) -> Result<(), String> {
         if self.listener.is_some() {
-            return true;
+            return Ok(());
         }
         match bind(&self.address.to_string()) {
             Ok(Bound { mut listener, .. }) => {
                 listener.watch(key(self.port, listener.inner.as_raw_fd()));
                 self.listener = Some(listener);
-                true
+                Ok(())
             }
-            Err(_) => false,
+            Err(TclError::Message { message, .. }) => Err(message),
+            Err(TclError::AlreadySet) => Err("couldn't open metrics socket".into()),
         }
     }
 
@@ -274,19 +288,25 @@ impl Endpoint {
         let index = self.clients.iter().position(|c| c.stream.inner.as_raw_fd() == fd)?;
         let client = &mut self.clients[index];
         if client.answer.is_some() {
-            // Whatever it sends after its request is not read.
+            // Whatever it sends after its request is not read. At its end
+            // of file (a scraper that half-closed) the answer may still be
+            // on its way: it is written on the ticks, and the socket, always
+            // readable now, is no longer watched.
             let mut sink = [0u8; 512];
             if matches!((&*client.stream.inner).read(&mut sink), Ok(0)) {
-                self.clients.remove(index);
+                client.stream.unwatch();
             }
             return None;
         }
         let mut buffer = [0u8; 2048];
+        let mut ended = false;
         loop {
             match (&*client.stream.inner).read(&mut buffer) {
                 Ok(0) => {
-                    self.clients.remove(index);
-                    return None;
+                    // A complete request followed by the end of file
+                    // (`nc -N`, `close $s write`) is answered all the same.
+                    ended = true;
+                    break;
                 }
                 Ok(n) => client.request.extend_from_slice(&buffer[..n]),
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -306,8 +326,15 @@ impl Endpoint {
             Some(Err(b"431 Request Header Fields Too Large"))
         } else if end {
             let line = request.split(|&b| b == b'\n').next().unwrap_or_default();
-            Some(Ok(String::from_utf8_lossy(line).trim_end().to_string()))
+            let line = String::from_utf8_lossy(line).trim_end().to_string();
+            if ended {
+                client.stream.unwatch();
+            }
+            Some(Ok(line))
         } else {
+            if ended {
+                self.clients.remove(index);
+            }
             None
         }
     }
@@ -425,7 +452,7 @@ impl Pool {
         if let Some(endpoint) = &self.metrics {
             endpoint.busy_reported.set(busy);
         }
-        let counters: [(&str, &str, f64); 10] = [
+        let counters: [(&str, &str, f64); 11] = [
             ("accepted_total", "Connections accepted on the pool's port.", self.counters.accepted.load(Relaxed) as f64),
             ("served_total", "Connections whose channel a worker has closed.", self.served_total() as f64),
             ("busy_seconds_total", "Seconds workers held at least one connection, summed.", busy as f64 / 1000.0),
@@ -439,6 +466,9 @@ impl Pool {
             }),
             ("proxy_untrusted_total", "Connections closed because their peer is not in -proxyfrom.", {
                 self.proxy_untrusted_total() as f64
+            }),
+            ("log_lost_total", "Lines of the default log (stderr) dropped because stderr did not take them.", {
+                super::stderr_log::lost() as f64
             }),
         ];
         for (name, help, value) in counters {

@@ -11,6 +11,9 @@
 //! `after_fork` says what each process keeps of the supervisor's after a
 //! fork, and makes every fork of the process enforce it. `metrics` serves
 //! the pool's figures to Prometheus, `notify` tells systemd where it stands.
+//! `stderr_log` writes the default log without ever blocking the
+//! supervisor, `pidfile` is `-pidfile`, and `signal_watch` notices a pool's
+//! signal taken over by the script.
 //! `recycling` (memory, age, connections; one worker leaving at a time),
 //! `init_timeout` and `hang_report` (what a worker past its busy timeout
 //! was doing) are rooms of `lifecycle`.
@@ -24,16 +27,20 @@ mod init_timeout;
 mod lifecycle;
 mod metrics;
 mod notify;
+mod pidfile;
 mod privileges;
 mod recycling;
 mod report;
 mod scoreboard;
 mod shared_memory;
+mod signal_watch;
 mod signals;
 mod sizing;
+mod stderr_log;
 mod supervisor;
 mod worker;
 
 pub use after_fork::watch_forks;
 pub use command::dispatch;
+pub use generation::remember_starting_directory;
 pub use supervisor::{all_ready, interp_deleted};

@@ -13,6 +13,17 @@
 //! process that read them sends, so a forked child that keeps a copy of
 //! this state is silent.
 //!
+//! The hand-over of an upgrade is ordered and owed: the old generation
+//! sends `MAINPID=` (with `READY=1`) again at each look until the receiver
+//! takes it, and before it exits (for up to `HANDOVER_AT_EXIT`); the new
+//! one says nothing at all until the old one tells it, through a pipe of
+//! their own (`SOCKETSERVER_HANDOVER_FD`), that the hand-over went out (or
+//! closes it by exiting). Under `NotifyAccess=main` systemd drops what a
+//! process that is not the main one says, so the new generation's
+//! `READY=1` or pings must come after `MAINPID=`, never before; and a lost
+//! `MAINPID=` would leave systemd believing the service died with the old
+//! process.
+//!
 //! Written with a datagram socket per message, sent with `MSG_DONTWAIT`
 //! semantics (a non-blocking socket): a full or absent receiver never
 //! delays the supervisor. The `sd-notify` crate was not taken: it reads
@@ -21,10 +32,15 @@
 
 use std::cell::RefCell;
 use std::ffi::OsString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
 use nix::sys::socket::{sendto, AddressFamily, MsgFlags, SockType};
 use nix::unistd::{getpid, Pid};
+
+use crate::upgrade::HANDOVER_VARIABLE;
 
 use crate::tcl::{Interp, Obj};
 
@@ -37,6 +53,18 @@ const WATCHDOG_USEC: &str = "WATCHDOG_USEC";
 const WATCHDOG_PID: &str = "WATCHDOG_PID";
 /// `STATUS=` is sent again at most this often while the counts change.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
+/// How long an exiting old generation keeps offering `MAINPID=` to a
+/// receiver that is full.
+const HANDOVER_AT_EXIT: Duration = Duration::from_secs(10);
+/// How long a next generation stays silent at most, waiting for the old
+/// one's word (a variable set by hand, naming a pipe nobody writes, must
+/// not silence a service for good).
+const HANDOVER_WAIT: Duration = Duration::from_secs(60);
+
+/// The hand-over pipe's ends in this process (-1: none), closed in every
+/// child of a fork: a worker has nothing to say about the hand-over.
+static HANDOVER_READ: AtomicI32 = AtomicI32::new(-1);
+static HANDOVER_WRITE: AtomicI32 = AtomicI32::new(-1);
 
 struct Notifier {
     /// The process that read the variables: the only one that sends.
@@ -53,6 +81,11 @@ struct Notifier {
     reload_seen: bool,
     stopping: bool,
     handed_over: bool,
+    /// An upgrade's `MAINPID=`, sent at each look until the receiver took it.
+    owed: Option<Pid>,
+    /// A next generation: silent until the old one says it handed over,
+    /// or until then.
+    waiting_for_handover: Option<Instant>,
     status: String,
     status_at: Instant,
 }
@@ -71,7 +104,11 @@ pub(super) fn take_environment(interp: Interp) {
         return;
     }
     *read = Some(getpid());
-    let Some(socket) = std::env::var_os(NOTIFY_SOCKET).filter(|s| !s.is_empty()) else { return };
+    let handover = take_handover_pipe(interp);
+    let Some(socket) = std::env::var_os(NOTIFY_SOCKET).filter(|s| !s.is_empty()) else {
+        close_handover(&HANDOVER_READ);
+        return;
+    };
     let watchdog_usec = std::env::var(WATCHDOG_USEC).ok().and_then(|v| v.parse::<u64>().ok()).filter(|&u| u > 0);
     let for_us =
         std::env::var(WATCHDOG_PID).ok().and_then(|v| v.parse::<i32>().ok()).is_none_or(|pid| pid == getpid().as_raw());
@@ -98,6 +135,8 @@ pub(super) fn take_environment(interp: Interp) {
         reload_seen: false,
         stopping: false,
         handed_over: false,
+        owed: None,
+        waiting_for_handover: handover.then(|| now + HANDOVER_WAIT),
         status: String::new(),
         status_at: now,
     };
@@ -130,9 +169,24 @@ pub(super) fn observe(sup: &Supervisor) {
         if n.pid != getpid() || n.handed_over {
             return;
         }
+        if n.waiting_for_handover.is_some_and(|until| Instant::now() < until) && !handover_done() {
+            // The previous generation is the service's main process until
+            // systemd has our pid from it: nothing we say would count.
+            return;
+        }
+        n.waiting_for_handover = None;
+        close_handover(&HANDOVER_READ);
         let pools = &sup.pools;
         n.had_pools |= !pools.is_empty();
         let now = Instant::now();
+        if n.owed.is_some() {
+            // Still the main process until MAINPID= is taken: it pings.
+            if !n.offer_handover() && n.watchdog.is_some_and(|half| now.duration_since(n.last_ping) >= half) {
+                n.last_ping = now;
+                n.send("WATCHDOG=1\n");
+            }
+            return;
+        }
         if n.watchdog.is_some_and(|half| now.duration_since(n.last_ping) >= half) {
             n.last_ping = now;
             n.send("WATCHDOG=1\n");
@@ -191,29 +245,153 @@ pub(super) fn observe(sup: &Supervisor) {
 }
 
 /// The next generation serves: it is the service's main process now.
-/// This one says so, and nothing more.
+/// This one says so (now, at each look until the receiver takes it, and
+/// before it exits), and nothing more.
 pub(super) fn handed_over(pid: Pid) {
     let _ = NOTIFIER.try_with(|n| {
         let Ok(mut n) = n.try_borrow_mut() else { return };
         let Some(n) = n.as_mut().filter(|n| n.pid == getpid()) else { return };
-        // READY=1 with it: under NotifyAccess=main systemd drops what the
-        // new process said before it became the main one (its own READY=1
-        // often arrives first).
-        n.send(&format!("MAINPID={pid}\nREADY=1\nSTATUS=handed over to pid {pid}\n"));
-        n.handed_over = true;
+        n.owed = Some(pid);
+        if !n.offer_handover() {
+            crate::tcl::create_exit_handler(hand_over_before_exit);
+        }
     });
+}
+
+/// The pipe on which the next generation started now learns that the
+/// hand-over went out: its read end, to pass on (this process keeps the
+/// write end, and closes the read end once the child has it). None when
+/// nothing notifies.
+pub(super) fn handover_pipe() -> Option<OwnedFd> {
+    let ours = NOTIFIER.try_with(|n| n.borrow().as_ref().is_some_and(|n| n.pid == getpid())).unwrap_or(false);
+    if !ours {
+        return None;
+    }
+    let (read_end, write_end) = {
+        let _no_fork = (!crate::sys::CLOEXEC_IS_ATOMIC).then(crate::fork_safety::hold_off_forks);
+        crate::sys::pipe_cloexec(false).ok()?
+    };
+    watch_forks();
+    // A previous upgrade's (it failed) is closed with its number.
+    close_handover(&HANDOVER_WRITE);
+    HANDOVER_WRITE.store(std::os::fd::IntoRawFd::into_raw_fd(write_end), Ordering::SeqCst);
+    Some(read_end)
 }
 
 impl Notifier {
     /// Whether the message went out (not when the receiver is gone or
     /// full: the service goes on).
     fn send(&self, message: &str) -> bool {
-        let Ok(address) = crate::sys::notify_address(&self.socket) else { return false };
-        let Ok(socket) = crate::sys::socket_cloexec_nonblock(AddressFamily::Unix, SockType::Datagram) else {
-            return false;
-        };
-        sendto(std::os::fd::AsRawFd::as_raw_fd(&socket), message.as_bytes(), &address, MsgFlags::empty()).is_ok()
+        self.try_send(message).is_ok()
     }
+
+    fn try_send(&self, message: &str) -> nix::Result<()> {
+        let address = crate::sys::notify_address(&self.socket)?;
+        let socket = crate::sys::socket_cloexec_nonblock(AddressFamily::Unix, SockType::Datagram)?;
+        sendto(socket.as_raw_fd(), message.as_bytes(), &address, MsgFlags::empty()).map(|_| ())
+    }
+
+    /// Sends the owed `MAINPID=`; whether nothing is owed any more. Given
+    /// up only when nobody receives (no socket there), not when full.
+    fn offer_handover(&mut self) -> bool {
+        let Some(pid) = self.owed else { return true };
+        // READY=1 with it: the new generation's own READY=1 comes later.
+        let sent = self.try_send(&format!("MAINPID={pid}\nREADY=1\nSTATUS=handed over to pid {pid}\n"));
+        if matches!(sent, Err(Errno::EAGAIN | Errno::ENOBUFS | Errno::EINTR)) {
+            return false;
+        }
+        self.owed = None;
+        self.handed_over = true;
+        // The next generation may speak now.
+        let fd = HANDOVER_WRITE.swap(-1, Ordering::SeqCst);
+        if fd >= 0 {
+            // SAFETY: ours since `handover_pipe`, taken out of the static once.
+            let pipe = unsafe { OwnedFd::from_raw_fd(fd) };
+            let _ = nix::unistd::write(&pipe, b"x");
+        }
+        true
+    }
+}
+
+/// Tcl's exit, in an old generation that still owes the hand-over: offers
+/// it until taken, for up to `HANDOVER_AT_EXIT` (the pools are gone; only
+/// the exit waits).
+unsafe extern "C" fn hand_over_before_exit(_: *mut std::ffi::c_void) {
+    let _ = std::panic::catch_unwind(|| {
+        let deadline = Instant::now() + HANDOVER_AT_EXIT;
+        let _ = NOTIFIER.try_with(|n| {
+            let Ok(mut n) = n.try_borrow_mut() else { return };
+            let Some(n) = n.as_mut().filter(|n| n.pid == getpid()) else { return };
+            while !n.offer_handover() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+    });
+}
+
+/// In a next generation: takes the hand-over pipe's read end passed by
+/// the previous one, if any (close-on-exec and non-blocking from now on).
+fn take_handover_pipe(interp: Interp) -> bool {
+    let fd = std::env::var(HANDOVER_VARIABLE).ok().and_then(|v| v.parse::<RawFd>().ok());
+    let script = Obj::new_list(&[
+        Obj::new_string("unset"),
+        Obj::new_string("-nocomplain"),
+        Obj::new_string(&format!("::env({HANDOVER_VARIABLE})")),
+    ]);
+    let _ = interp.eval_global(&script);
+    let Some(fd) = fd.filter(|&fd| fd > 2 && is_pipe(fd)) else { return false };
+    let flags = nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK);
+    if nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC)).is_err()
+        || nix::fcntl::fcntl(fd, flags).is_err()
+    {
+        return false;
+    }
+    watch_forks();
+    HANDOVER_READ.store(fd, Ordering::SeqCst);
+    true
+}
+
+fn is_pipe(fd: RawFd) -> bool {
+    nix::sys::stat::fstat(fd).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFIFO)
+}
+
+/// Whether the previous generation said it handed over, or is gone.
+fn handover_done() -> bool {
+    let fd = HANDOVER_READ.load(Ordering::SeqCst);
+    if fd < 0 {
+        return true;
+    }
+    let mut byte = [0u8; 1];
+    match nix::unistd::read(fd, &mut byte) {
+        Err(Errno::EAGAIN | Errno::EINTR) => false,
+        // A byte, the end of file, or an error: done waiting.
+        _ => {
+            close_handover(&HANDOVER_READ);
+            true
+        }
+    }
+}
+
+fn close_handover(end: &AtomicI32) {
+    let fd = end.swap(-1, Ordering::SeqCst);
+    if fd >= 0 {
+        let _ = nix::unistd::close(fd);
+    }
+}
+
+/// Closes the hand-over pipe's ends in every child of a fork.
+fn watch_forks() {
+    static REGISTERED: std::sync::Once = std::sync::Once::new();
+    REGISTERED.call_once(|| {
+        crate::fork_safety::on_fork(
+            || {},
+            || {},
+            || {
+                close_handover(&HANDOVER_READ);
+                close_handover(&HANDOVER_WRITE);
+            },
+        )
+    });
 }
 
 /// "8080: 4 workers (3 idle, 1 busy, 0 starting, 0 stopping), 120 served",

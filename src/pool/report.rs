@@ -1,7 +1,6 @@
 //! What a pool tells: the events of its log (handed to `-log`, or one
 //! line each on stderr) and `pool info`.
 
-use std::io::Write;
 use std::sync::atomic::Ordering::Relaxed;
 
 use crate::queue_stats::{Snapshot, BUCKET_BOUNDS};
@@ -96,6 +95,8 @@ impl Pool {
             ("proxyuntrusted", Obj::new_int(self.proxy_untrusted_total().try_into().unwrap_or(i64::MAX))),
             ("inittimedout", Obj::new_int(self.totals.init_timed_out as i64)),
             ("lasthang", self.hangs.last.clone().unwrap_or_else(|| Obj::new_string(""))),
+            ("loglost", Obj::new_int(super::stderr_log::lost() as i64)),
+            ("signalsreplaced", super::signal_watch::replaced_names()),
         ];
         fields.extend(self.recycling_info());
         fields.extend(self.sizing_info());
@@ -164,8 +165,13 @@ pub(super) fn flush_entries(entries: Vec<LogEntry>) {
             let mut fields = entry.fields.iter();
             let event = fields.next().map(|(_, v)| v.to_string_lossy()).unwrap_or_default();
             let rest = Obj::new_dict(fields.skip(1).map(|(k, v)| (*k, v.clone())).collect());
-            // A closed or full stderr loses the line; it never stops the pool.
-            let _ = writeln!(std::io::stderr(), "socketserver pool {}: {event} {}", entry.port, rest.to_string_lossy());
+            // A closed or full stderr loses the line (counted); it never
+            // stops the pool.
+            super::stderr_log::write_line(&format!(
+                "socketserver pool {}: {event} {}",
+                entry.port,
+                rest.to_string_lossy()
+            ));
             continue;
         }
         let dict = Obj::new_dict(entry.fields);
@@ -178,4 +184,33 @@ pub(super) fn flush_entries(entries: Vec<LogEntry>) {
             }
         }
     }
+}
+
+/// Why a worker's `-init` failed, as its exit entry says it: the message,
+/// then where it was raised, from `::errorInfo`: the innermost frame and
+/// the innermost file (`database down (procedure "connect" line 3, file
+/// "/srv/app/init.tcl" line 12)`). The message is shortened if need be,
+/// so that the place fits in the scoreboard's `limit` bytes.
+pub(super) fn init_failure(interp: Interp, message: &str, limit: usize) -> String {
+    let info =
+        interp.eval_global(&Obj::new_string("::set ::errorInfo")).map(|i| i.to_string_lossy()).unwrap_or_default();
+    let frames: Vec<&str> = info
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with('(') && l.ends_with(')') && l.contains(" line "))
+        .map(|l| &l[1..l.len() - 1])
+        .collect();
+    let mut place: Vec<&str> = frames.first().copied().into_iter().collect();
+    if let Some(file) = frames.iter().find(|f| f.starts_with("file ")) {
+        if !place.contains(file) {
+            place.push(file);
+        }
+    }
+    let place = if place.is_empty() { String::new() } else { format!(" ({})", place.join(", ")) };
+    let head = "-init failed: ";
+    let mut room = limit.saturating_sub(head.len() + place.len()).min(message.len());
+    while !message.is_char_boundary(room) {
+        room -= 1;
+    }
+    format!("{head}{}{place}", &message[..room])
 }

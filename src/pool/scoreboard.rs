@@ -55,7 +55,7 @@ impl State {
 /// Room for the longest peer text, "IPv6 address port".
 const PEER_BYTES: usize = 56;
 /// Room for why a worker gave up (an `-init` error), for the supervisor's log.
-const FAILURE_BYTES: usize = 240;
+pub const FAILURE_BYTES: usize = 240;
 
 /// One worker's slot. Written by that worker (and by the supervisor when it
 /// assigns or frees the slot); `pid` identifies whose it is.

@@ -141,6 +141,15 @@ fn give_back(previous: &[(Signal, SigAction)]) {
     }
 }
 
+/// The signals we hold whose handler is no longer ours: the script set
+/// another since (TclX's `signal trap`). Reported by `signal_watch`.
+pub fn replaced() -> Vec<Signal> {
+    let ours = on_signal as extern "C" fn(libc::c_int) as usize;
+    let handling = handling();
+    let held: Vec<Signal> = handling.as_ref().map(|h| h.previous.iter().map(|(s, _)| *s).collect()).unwrap_or_default();
+    held.into_iter().filter(|&signal| handler_in_force(signal) != Some(ours)).collect()
+}
+
 /// The handler address (or SIG_DFL, SIG_IGN) now in force for `signal`.
 fn handler_in_force(signal: Signal) -> Option<usize> {
     // SAFETY: a null new action only reads the current one into `current`,

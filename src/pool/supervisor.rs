@@ -722,6 +722,7 @@ unsafe extern "C" fn on_tick(_: *mut c_void) {
             sources.tick = Some(tcl::create_timer(TICK_MS, on_tick, std::ptr::null_mut()));
             after_fork::set_event_sources(sources);
             sup.pools.iter_mut().for_each(Pool::metrics_tick);
+            super::signal_watch::check(sup);
             sup.reconcile_all();
         })
     });

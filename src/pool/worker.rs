@@ -283,7 +283,7 @@ fn serve(assignment: Assignment) -> ! {
     }
     if let Some(script) = init {
         if let Err(message) = interp.eval_global(&script) {
-            give_up(slot, &format!("-init failed: {message}"));
+            give_up(slot, &super::report::init_failure(interp, &message, super::scoreboard::FAILURE_BYTES));
         }
     }
     if PHASE.compare_exchange(IN_INIT, SERVING, Ordering::SeqCst, Ordering::SeqCst).is_err() {

@@ -1,0 +1,168 @@
+//! The default log (`-log` not given): one line per event on stderr,
+//! written by a thread of its own, so that the supervisor never waits on
+//! stderr. A pipe nobody reads (a service manager that stalls, a
+//! `tclsh app.tcl 2>&1 | slow`) fills, the writer thread blocks in its
+//! `write`, the queue between them fills, and further lines are dropped
+//! and counted (`pool info`'s `loglost`, `socketserver_log_lost_total`):
+//! the supervisor goes on reaping, forking and answering signals.
+//!
+//! Each line starts with the time in ISO 8601, UTC, to the millisecond
+//! (`2026-12-07T13:05:01.123Z`), as operators' tools expect.
+//!
+//! The queue belongs to the process that made it: a child forked from the
+//! supervisor has no writer thread, and a copy of the queue whose lock the
+//! parent's writer may have held at the fork; such a child that logs (a
+//! pool made after TclX's `fork`) forgets the copy and makes its own.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::unistd::{getpid, Pid};
+
+/// Lines waiting for the writer; more are dropped.
+const QUEUE_LINES: usize = 1024;
+/// How long an exiting process waits for its queued lines to be written.
+const DRAIN_AT_EXIT: Duration = Duration::from_secs(1);
+
+/// Lines dropped because stderr did not take them, in this process.
+static LOST: AtomicU64 = AtomicU64::new(0);
+
+struct Writer {
+    pid: Pid,
+    queue: SyncSender<String>,
+    /// Lines queued and not written yet.
+    pending: Arc<AtomicUsize>,
+}
+
+thread_local! {
+    static WRITER: RefCell<Option<Writer>> = const { RefCell::new(None) };
+}
+
+/// Lines of the default log lost so far (stderr full, or its writer
+/// thread could not start).
+pub fn lost() -> u64 {
+    LOST.load(Relaxed)
+}
+
+/// Queues `line` (without its newline) for stderr; never waits.
+pub fn write_line(line: &str) {
+    let text = format!("{} {line}\n", timestamp(SystemTime::now()));
+    let queued = WRITER.try_with(|writer| {
+        let mut writer = writer.borrow_mut();
+        if writer.as_ref().is_some_and(|w| w.pid != getpid()) {
+            // A forked child's copy: its lock is not ours to touch.
+            std::mem::forget(writer.take());
+        }
+        if writer.is_none() {
+            *writer = start();
+        }
+        let Some(writer) = writer.as_ref() else { return false };
+        writer.pending.fetch_add(1, Relaxed);
+        match writer.queue.try_send(text) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                writer.pending.fetch_sub(1, Relaxed);
+                false
+            }
+        }
+    });
+    if !matches!(queued, Ok(true)) {
+        LOST.fetch_add(1, Relaxed);
+    }
+}
+
+/// The writer thread of this process, and the exit handler that gives it
+/// time to finish.
+fn start() -> Option<Writer> {
+    let (queue, lines) = sync_channel::<String>(QUEUE_LINES);
+    let pending = Arc::new(AtomicUsize::new(0));
+    let written = Arc::clone(&pending);
+    std::thread::Builder::new()
+        .name("socketserver-log".into())
+        .stack_size(crate::THREAD_STACK_SIZE)
+        .spawn(move || {
+            for line in lines {
+                // Straight to descriptor 2, not through Rust's `Stderr`:
+                // its lock, held here while a full pipe blocks us, would
+                // be held for good in every child forked meanwhile. A
+                // closed stderr loses the line; nothing else to do.
+                let mut rest = line.as_bytes();
+                while !rest.is_empty() {
+                    match nix::unistd::write(std::io::stderr(), rest) {
+                        Ok(n) => rest = &rest[n..],
+                        Err(nix::errno::Errno::EINTR) => {}
+                        Err(_) => break,
+                    }
+                }
+                written.fetch_sub(1, Relaxed);
+            }
+        })
+        .ok()?;
+    crate::tcl::create_exit_handler(drain_at_exit);
+    Some(Writer { pid: getpid(), queue, pending })
+}
+
+/// Tcl's exit: the last lines (`stopped`) are written before the process
+/// ends, unless stderr has not taken them within `DRAIN_AT_EXIT`.
+unsafe extern "C" fn drain_at_exit(_: *mut std::ffi::c_void) {
+    let _ = std::panic::catch_unwind(|| {
+        let pending = WRITER.try_with(|writer| {
+            writer
+                .try_borrow()
+                .ok()
+                .and_then(|w| w.as_ref().filter(|w| w.pid == getpid()).map(|w| Arc::clone(&w.pending)))
+        });
+        let Ok(Some(pending)) = pending else { return };
+        let deadline = Instant::now() + DRAIN_AT_EXIT;
+        while pending.load(Relaxed) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+}
+
+/// `2026-12-07T13:05:01.123Z`.
+pub fn timestamp(at: SystemTime) -> String {
+    let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let seconds = since.as_secs();
+    let (days, of_day) = (seconds / 86_400, seconds % 86_400);
+    let (year, month, day) = civil_from_days(days as i64);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        of_day / 3600,
+        of_day / 60 % 60,
+        of_day % 60,
+        since.subsec_millis()
+    )
+}
+
+/// The proleptic Gregorian date of a day counted from 1970-01-01 (Howard
+/// Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let mp = (5 * day_of_year + 2) / 153;
+    let day = (day_of_year - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_iso_8601_utc_with_milliseconds() {
+        let at = |ms: u64| timestamp(UNIX_EPOCH + Duration::from_millis(ms));
+        assert_eq!(at(0), "1970-01-01T00:00:00.000Z");
+        // 2000-02-29 (a leap day of a century leap year) 23:59:59.999.
+        assert_eq!(at(951_868_799_999), "2000-02-29T23:59:59.999Z");
+        assert_eq!(at(1_796_649_901_123), "2026-12-07T13:25:01.123Z");
+    }
+}
