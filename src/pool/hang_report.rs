@@ -24,9 +24,8 @@ use nix::sys::signal::{kill, Signal};
 
 use crate::tcl::{self, AsyncHandler, Interp, Obj, Tcl_Interp};
 
-use super::lifecycle::Pool;
+use super::lifecycle::{Kill, Pool};
 use super::report::LogEntry;
-use super::scoreboard::now_millis;
 use super::shared_memory::{SharedArray, Zeroed};
 use super::signals;
 
@@ -54,37 +53,41 @@ const TAKEN: u32 = 3;
 /// for the command a loop was running), the commands that called it
 /// (`info frame`, down to BASE, the frames of the fork), and the call of
 /// the outermost procedure with its arguments (`info level 1`, the handler).
-const STACK_SCRIPT: &str = r#"apply {{} {
-    set shorten {{text} {
-        expr {[string length $text] > COMMAND_CHARS ? "[string range $text 0 COMMAND_CHARS-1]..." : $text}
+/// It runs in the hung worker's own frame: every command is fully
+/// qualified, and the lambda runs in the global namespace, so a script
+/// that defines its own `apply`, `set` or `info` in its namespace neither
+/// loses the stack nor has its command run.
+const STACK_SCRIPT: &str = r#"::apply {{} {
+    ::set shorten {{text} {
+        ::expr {[::string length $text] > COMMAND_CHARS ? "[::string range $text 0 COMMAND_CHARS-1]..." : $text}
     }}
-    set top [expr {[info frame] - 1}]
-    set here [info frame $top]
-    if {[dict exists $here proc]} {
-        set lines [list "    while in procedure \"[string trimleft [dict get $here proc] :]\""]
+    ::set top [::expr {[::info frame] - 1}]
+    ::set here [::info frame $top]
+    ::if {[::dict exists $here proc]} {
+        ::set lines [::list "    while in procedure \"[::string trimleft [::dict get $here proc] :]\""]
     } else {
-        set lines [list "    while at global level"]
+        ::set lines [::list "    while at global level"]
     }
-    for {set level [expr {$top - 1}]} {$level > BASE} {incr level -1} {
-        set frame [info frame $level]
-        if {![dict exists $frame cmd]} continue
-        lappend lines "    invoked from within" "\"[apply $shorten [dict get $frame cmd]]\""
-        set line [expr {[dict exists $frame line] ? [dict get $frame line] : "?"}]
-        if {[dict exists $frame proc]} {
-            set where "(procedure \"[string trimleft [dict get $frame proc] :]\" line $line"
-            if {[dict exists $frame file]} {append where " of [file tail [dict get $frame file]]"}
-            lappend lines "    $where)"
-        } elseif {[dict exists $frame lambda]} {
-            lappend lines "    (\"apply\" lambda line $line)"
-        } elseif {[dict exists $frame file]} {
-            lappend lines "    (file \"[file tail [dict get $frame file]]\" line $line)"
+    ::for {::set level [::expr {$top - 1}]} {$level > BASE} {::incr level -1} {
+        ::set frame [::info frame $level]
+        ::if {![::dict exists $frame cmd]} ::continue
+        ::lappend lines "    invoked from within" "\"[::apply $shorten [::dict get $frame cmd]]\""
+        ::set line [::expr {[::dict exists $frame line] ? [::dict get $frame line] : "?"}]
+        ::if {[::dict exists $frame proc]} {
+            ::set where "(procedure \"[::string trimleft [::dict get $frame proc] :]\" line $line"
+            ::if {[::dict exists $frame file]} {::append where " of [::file tail [::dict get $frame file]]"}
+            ::lappend lines "    $where)"
+        } elseif {[::dict exists $frame lambda]} {
+            ::lappend lines "    (\"apply\" lambda line $line)"
+        } elseif {[::dict exists $frame file]} {
+            ::lappend lines "    (file \"[::file tail [::dict get $frame file]]\" line $line)"
         }
     }
-    if {[info level] > 1} {
-        lappend lines "    invoked from within" "\"[apply $shorten [info level 1]]\""
+    ::if {[::info level] > 1} {
+        ::lappend lines "    invoked from within" "\"[::apply $shorten [::info level 1]]\""
     }
-    join $lines \n
-}}"#;
+    ::join $lines \n
+} ::}"#;
 
 /// The frames a worker starts with (those of the fork, in the supervisor's
 /// script), left out of its reports.
@@ -195,6 +198,11 @@ impl InPool {
         Ok(InPool { cells: if wanted { Some(SharedArray::new(slots)?) } else { None }, last: None })
     }
 
+    /// The cell of the worker on `slot`, as the supervisor reads it.
+    fn cell(&self, slot: usize) -> Option<&Cell> {
+        self.cells.as_ref().map(|cells| cells.get(slot))
+    }
+
     /// The cell a worker on `slot` answers in, if the pool asks.
     pub fn for_worker(&self, slot: usize) -> Option<&'static Cell> {
         self.cells.as_ref().map(|cells| cells.leak(slot))
@@ -214,11 +222,15 @@ pub(super) struct Asked {
 impl Pool {
     /// Workers busy on one connection for longer than `-timeout`: the log
     /// says who and since when, asks for the stack, and the worker is
-    /// killed once it has answered or `GRACE` is over.
+    /// killed once it has answered or `GRACE` is over. From the question
+    /// on, the worker takes no more connections (one it took during the
+    /// grace would be killed with it) and is replaced at once. How long
+    /// it has been busy is measured on the supervisor's clock, from when
+    /// it first saw the busy period (`model::timeouts`): the start the
+    /// worker writes in its slot is a claim.
     pub(super) fn kill_stuck(&mut self, entries: &mut Vec<LogEntry>) {
         let Some(timeout) = self.config.timeout else { return };
-        let now = now_millis();
-        let limit = timeout.as_millis() as u64;
+        let now = Instant::now();
         for index in 0..self.children.len() {
             let child = &self.children[index];
             if child.killed.is_some() {
@@ -229,14 +241,17 @@ impl Pool {
                 continue;
             }
             let slot = self.scoreboard.slot(child.slot);
-            let since = slot.busy_since();
-            if since == 0 || now.saturating_sub(since) <= limit {
+            let claimed = slot.busy_since();
+            let Some(busy_for) = self.children[index].busy.observe(claimed, now) else { continue };
+            if busy_for <= timeout {
                 continue;
             }
+            let child = &self.children[index];
             let peer_text = slot.peer();
             let (host, port) = peer_text.rsplit_once(' ').unwrap_or((&peer_text, ""));
             let peer = Obj::new_list(&[Obj::new_string(host), Obj::new_string(port)]);
-            let busy = now.saturating_sub(since) as f64 / 1000.0;
+            let busy = busy_for.as_secs_f64();
+            slot.request_leave();
             self.totals.timed_out += 1;
             let pid = child.pid;
             entries.push(self.entry(
@@ -247,8 +262,7 @@ impl Pool {
                     ("busy", Obj::new_double(busy)),
                 ],
             ));
-            let cell = self.hangs.for_worker(self.children[index].slot);
-            if let Some(cell) = cell {
+            if let Some(cell) = self.hangs.cell(self.children[index].slot) {
                 cell.len.store(0, Ordering::Relaxed);
                 cell.state.store(ASKED, Ordering::SeqCst);
                 let _ = kill(pid, REPORT_SIGNAL);
@@ -259,7 +273,7 @@ impl Pool {
     }
 
     fn answer_or_kill(&mut self, index: usize, entries: &mut Vec<LogEntry>) {
-        let cell = self.hangs.for_worker(self.children[index].slot);
+        let cell = self.hangs.cell(self.children[index].slot);
         let Some(asked) = &mut self.children[index].hang else { return };
         let state = cell.map(|cell| cell.state.load(Ordering::SeqCst));
         if state == Some(TAKEN) && asked.taken.is_none() {
@@ -303,6 +317,6 @@ impl Pool {
         self.hangs.last = Some(Obj::new_dict(report));
         entries.push(self.entry("hang", fields));
         let _ = kill(pid, Signal::SIGKILL);
-        self.children[index].killed = Some("timeout");
+        self.children[index].killed = Some(Kill::Timeout);
     }
 }

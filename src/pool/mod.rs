@@ -23,6 +23,7 @@ mod hooks;
 mod init_timeout;
 mod lifecycle;
 mod metrics;
+mod model;
 mod notify;
 mod privileges;
 mod recycling;

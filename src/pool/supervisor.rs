@@ -29,7 +29,9 @@ use super::after_fork::{self, EventSources};
 use super::generation::{default_command, DEFAULT_UPGRADE_TIMEOUT};
 use super::hang_report::InPool as HangsInPool;
 use super::hooks;
-use super::lifecycle::{Phase, Pool, Reload, Totals, RELOAD_FAILURES};
+use super::lifecycle::{Kill, Phase, Pool, Reload, Totals};
+use super::model::backoff::RELOAD_FAILURES;
+use super::model::forks_this_turn;
 use super::recycling::InPool as RecyclingInPool;
 use super::report::{flush_entries, LogEntry};
 use super::scoreboard::Scoreboard;
@@ -38,8 +40,9 @@ use super::worker;
 
 /// How often the supervisor looks at its workers without being woken.
 const TICK_MS: u32 = 100;
-/// Scoreboard slots per pool: room for a full generation beside another.
-pub const MAX_WORKERS: usize = 512;
+/// Workers a pool may have; its scoreboard has room for twice as many
+/// (a full generation beside another).
+pub use super::model::sizing::MAX_WORKERS;
 /// The signals a pool with `-signals 1` acts on.
 pub(super) const ACTED_ON: [Signal; 6] =
     [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGTTIN, Signal::SIGTTOU, Signal::SIGUSR2];
@@ -199,7 +202,10 @@ pub fn create(interp: Interp, state: *const InterpState, port: u16, mut config: 
                 return Err(error);
             }
         };
-        let target = config.workers;
+        // A next generation's ranged pool starts at the size the one it
+        // replaces has now, not at its minimum (an upgrade under load lost
+        // half its capacity for 2 s).
+        let target = if config.sizing.ranged() { config.sizing.initial(inherited_size(port)) } else { config.workers };
         let config_metrics = config.metrics.take();
         if !sup.had.contains(&port) {
             sup.had.push(port);
@@ -215,10 +221,7 @@ pub fn create(interp: Interp, state: *const InterpState, port: u16, mut config: 
             target,
             children: Vec::new(),
             totals: Totals::default(),
-            failures: 0,
-            retry_at: None,
-            failed_at: None,
-            last_failure: String::new(),
+            failures: Default::default(),
             reload: Reload::None,
             queue,
             counters,
@@ -233,6 +236,29 @@ pub fn create(interp: Interp, state: *const InterpState, port: u16, mut config: 
         sup.reconcile(index);
         Ok(())
     })
+}
+
+/// The variable that tells a next generation the size of each pool
+/// (`port=workers`, separated by spaces) when the upgrade started it.
+const POOL_SIZES: &str = "SOCKETSERVER_POOL_SIZES";
+
+/// The size the previous generation's pool on `port` had, in a next
+/// generation that has not said ready yet.
+fn inherited_size(port: u16) -> Option<usize> {
+    if !crate::inherited::ready_pending() {
+        return None;
+    }
+    let sizes = std::env::var(POOL_SIZES).ok()?;
+    let entry = sizes.split_whitespace().filter_map(|e| e.split_once('=')).find(|(p, _)| p.parse() == Ok(port));
+    entry.and_then(|(_, workers)| workers.parse().ok())
+}
+
+impl Supervisor {
+    /// `POOL_SIZES` for a next generation: each pool's target now.
+    pub(super) fn pool_sizes(&self) -> (String, String) {
+        let sizes: Vec<String> = self.pools.iter().map(|p| format!("{}={}", p.port, p.target)).collect();
+        (POOL_SIZES.to_string(), sizes.join(" "))
+    }
 }
 
 /// The pools' ports, or `port` alone after checking it has one.
@@ -504,7 +530,7 @@ impl Supervisor {
         pool.newest_generation += 1;
         pool.generation = pool.newest_generation;
         // Whatever failed before, the new generation gets its own tries.
-        pool.end_failures();
+        pool.failures.end();
         let entry = pool.entry("reload", vec![("generation", Obj::new_int(pool.generation.into()))]);
         self.log.push(entry);
         self.reconcile(index);
@@ -524,6 +550,9 @@ impl Supervisor {
             return;
         }
         pool.phase = Phase::Stopping { deadline: Instant::now() + pool.config.graceful };
+        // What failed before the stop does not count against the workers
+        // started to serve what is queued (they would be given up at once).
+        pool.failures.end();
         // Closing the port stops accepting and frees the port at once;
         // connections already queued stay deliverable, and each worker
         // leaves when the queue is drained and its channels are closed.
@@ -601,9 +630,13 @@ impl Supervisor {
             Phase::Running => {
                 pool.size_to_load(now, &mut entries);
                 pool.retire_surplus(&mut entries);
-                pool.recycle(&mut entries);
+                // Replacements for recycling start only while they can:
+                // no failure backs off, no reload is under way.
+                let can_start = pool.failures.healthy() && !matches!(pool.reload, Reload::Running { .. });
+                pool.recycle(now, can_start, &mut entries);
                 let wanted = pool.missing();
-                let fork_now = pool.forks_allowed(now, wanted);
+                // A few per turn of the loop: the rest at the next turn.
+                let fork_now = pool.forks_allowed(now, forks_this_turn(wanted));
                 self.log.append(&mut entries);
                 for _ in 0..fork_now {
                     let mut started = Vec::new();
@@ -626,7 +659,7 @@ impl Supervisor {
                         }
                         let pid = pool.children[i].pid;
                         let _ = kill(pid, Signal::SIGKILL);
-                        pool.children[i].killed = Some("graceful");
+                        pool.children[i].killed = Some(Kill::Graceful);
                         entries.push(pool.entry(
                             "kill",
                             vec![
@@ -640,7 +673,7 @@ impl Supervisor {
                 // that will still take one are gone (recycled, or dead)
                 // and some are queued, one more worker serves them.
                 // Given up once workers started for it fail again and again.
-                let queued = now < deadline && pool.failures < RELOAD_FAILURES && pool.queue_pending();
+                let queued = now < deadline && pool.failures.failures < RELOAD_FAILURES && pool.queue_pending();
                 let fork_now = if queued && !pool.children.iter().any(|c| pool.takes_connections(c)) {
                     pool.forks_allowed(now, 1)
                 } else {
