@@ -77,7 +77,7 @@ test-rust:
 	$(CARGO) test --release -- --test-threads=1
 
 # The pool's simulation alone, with many more sequences than `make test`
-# runs (src/pool/model/simulation.rs; SIMCASES=n to change how many). A
+# runs (src/pool/model/simulation/; SIMCASES=n to change how many). A
 # failure prints its shrunk sequence and is saved under proptest-regressions/.
 SIMCASES ?= 200000
 sim:

@@ -24,7 +24,7 @@ use nix::sys::signal::{kill, Signal};
 
 use crate::tcl::{self, AsyncHandler, Interp, Obj, Tcl_Interp};
 
-use super::lifecycle::{Kill, Pool};
+use super::lifecycle::{Child, Kill, Pool};
 use super::report::LogEntry;
 use super::shared_memory::{SharedArray, Zeroed};
 use super::signals;
@@ -99,6 +99,9 @@ pub struct Cell {
     /// 0, `ASKED` (by the supervisor), `TAKEN` (by the worker's control
     /// thread) or `ANSWERED` (by its Tcl thread).
     state: AtomicU32,
+    /// 1: answered from the event loop, no command of the worker running
+    /// (it waits for its clients); 0: from inside a running command.
+    idle: AtomicU32,
     len: AtomicU32,
     text: [AtomicU8; REPORT_BYTES],
 }
@@ -178,6 +181,7 @@ unsafe extern "C" fn on_async(_: *mut c_void, running: *mut Tcl_Interp, code: c_
             Err(message) => format!("(the stack could not be read: {message})"),
         };
         cell.write(&text);
+        cell.idle.store(u32::from(running.is_null()), Ordering::SeqCst);
         cell.state.store(ANSWERED, Ordering::SeqCst);
         signals::notify_supervisor();
     });
@@ -211,6 +215,8 @@ impl InPool {
 
 /// Where a busy timeout stands for one worker.
 pub(super) struct Asked {
+    /// It was asked to take no more connections (`-concurrency 1`).
+    leaving: bool,
     at: Instant,
     /// When the supervisor first saw the question taken: the grace runs
     /// from then.
@@ -219,12 +225,24 @@ pub(super) struct Asked {
     busy: f64,
 }
 
+impl Child {
+    /// Asked for its stack and to take no more connections: replaced now.
+    pub(super) fn asked_to_leave(&self) -> bool {
+        self.hang.as_ref().is_some_and(|asked| asked.leaving)
+    }
+}
+
 impl Pool {
     /// Workers busy on one connection for longer than `-timeout`: the log
     /// says who and since when, asks for the stack, and the worker is
-    /// killed once it has answered or `GRACE` is over. From the question
-    /// on, the worker takes no more connections (one it took during the
-    /// grace would be killed with it) and is replaced at once. How long
+    /// killed once it has answered or `GRACE` is over. With `-concurrency
+    /// 1`, from the question on the worker takes no more connections (one
+    /// it took during the grace would be killed with it) and is replaced at
+    /// once. Above 1, the timeout concerns the worker, not one connection:
+    /// one that answers from its event loop (no command of it running: it
+    /// waits for its clients and serves the others) is spared, and asked
+    /// again after another `-timeout`; one stuck in a command is killed,
+    /// its other connections with it. How long
     /// it has been busy is measured on the supervisor's clock, from when
     /// it first saw the busy period (`model::timeouts`): the start the
     /// worker writes in its slot is a claim.
@@ -251,8 +269,10 @@ impl Pool {
             let (host, port) = peer_text.rsplit_once(' ').unwrap_or((&peer_text, ""));
             let peer = Obj::new_list(&[Obj::new_string(host), Obj::new_string(port)]);
             let busy = busy_for.as_secs_f64();
-            slot.request_leave();
-            self.totals.timed_out += 1;
+            let leaving = self.config.concurrency <= 1;
+            if leaving {
+                slot.request_leave();
+            }
             let pid = child.pid;
             entries.push(self.entry(
                 "timeout",
@@ -264,10 +284,11 @@ impl Pool {
             ));
             if let Some(cell) = self.hangs.cell(self.children[index].slot) {
                 cell.len.store(0, Ordering::Relaxed);
+                cell.idle.store(0, Ordering::Relaxed);
                 cell.state.store(ASKED, Ordering::SeqCst);
                 let _ = kill(pid, REPORT_SIGNAL);
             }
-            self.children[index].hang = Some(Asked { at: Instant::now(), taken: None, peer, busy });
+            self.children[index].hang = Some(Asked { leaving, at: Instant::now(), taken: None, peer, busy });
             self.answer_or_kill(index, entries);
         }
     }
@@ -279,7 +300,16 @@ impl Pool {
         if state == Some(TAKEN) && asked.taken.is_none() {
             asked.taken = Some(Instant::now());
         }
+        // Above -concurrency 1, a worker that answered from its event loop
+        // is waiting for its clients, not stuck.
+        let spared = self.config.concurrency > 1
+            && state == Some(ANSWERED)
+            && cell.is_some_and(|cell| cell.idle.load(Ordering::SeqCst) == 1);
         let (stack, note) = match (cell, state) {
+            (Some(cell), Some(ANSWERED)) if spared => (
+                cell.read(),
+                "spared: it answered from its event loop, serving its other connections (-concurrency above 1)".into(),
+            ),
             (Some(cell), Some(ANSWERED)) => (cell.read(), String::new()),
             (Some(_), Some(TAKEN)) if asked.taken.is_some_and(|at| at.elapsed() < GRACE) => return,
             (Some(_), Some(TAKEN)) => (
@@ -316,6 +346,12 @@ impl Pool {
         report.push(("time", Obj::new_int(at as i64)));
         self.hangs.last = Some(Obj::new_dict(report));
         entries.push(self.entry("hang", fields));
+        if spared {
+            // Timed again from now: asked again after another -timeout.
+            self.children[index].hang = None;
+            self.children[index].busy = Default::default();
+            return;
+        }
         let _ = kill(pid, Signal::SIGKILL);
         self.children[index].killed = Some(Kill::Timeout);
     }

@@ -6,8 +6,9 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{ForkResult, Pid};
 
@@ -16,6 +17,7 @@ use crate::registration::InterpState;
 use crate::tcl::{Interp, Obj};
 
 use super::after_fork::LeaveEnd;
+use super::config::Config;
 use super::model::backoff::{FailureRun, RELOAD_FAILURES};
 use super::model::exits::{self, ExitFacts, Outcome};
 use super::model::timeouts::BusyWatch;
@@ -23,7 +25,6 @@ pub(super) use super::model::{Kill, Retired};
 use super::report::LogEntry;
 use super::scoreboard::{now_millis, Scoreboard, State};
 use super::signals;
-use super::supervisor::Config;
 use super::worker::{self, Assignment};
 
 pub(super) struct Child {
@@ -227,7 +228,9 @@ impl Pool {
                 }
                 // It served: the code works.
                 Outcome::Lost => self.failures.end(),
-                Outcome::Retired | Outcome::Stopped { .. } | Outcome::TimedOut | Outcome::Superseded => {}
+                // Counted when it is gone, killed or left after the question.
+                Outcome::TimedOut => self.totals.timed_out += 1,
+                Outcome::Retired | Outcome::Stopped { .. } | Outcome::Superseded => {}
             }
             if let WaitStatus::Signaled(_, signal, _) = status {
                 if let Some(limit) = self.config.privileges.limit_that_killed(signal, child.killed.is_some()) {
@@ -324,7 +327,7 @@ impl Pool {
     pub(super) fn takes_connections(&self, child: &Child) -> bool {
         child.retired.is_none()
             && child.killed.is_none()
-            && child.hang.is_none()
+            && !child.asked_to_leave()
             && matches!(self.scoreboard.slot(child.slot).state(), State::Starting | State::Idle | State::Busy)
     }
 
@@ -344,7 +347,7 @@ impl Pool {
             c.generation == self.generation
                 && c.retired.is_none()
                 && c.killed.is_none()
-                && c.hang.is_none()
+                && !c.asked_to_leave()
                 && c.turn.is_none()
                 && self.scoreboard.slot(c.slot).state() != State::Stopping
         })
@@ -369,7 +372,7 @@ impl Pool {
         if serving > self.target {
             let mut excess = serving - self.target;
             let generation = self.generation;
-            let counted = |c: &Child| c.generation == generation && c.turn.is_none() && c.hang.is_none();
+            let counted = |c: &Child| c.generation == generation && c.turn.is_none() && !c.asked_to_leave();
             excess -= self.retire(excess, Retired::Resize, counted, entries);
             debug_assert_eq!(excess, 0);
         }
@@ -545,4 +548,39 @@ pub(super) fn random_below(bound: u64) -> u64 {
         return 0;
     }
     u64::from_ne_bytes(bytes) % bound
+}
+
+/// Reaps `children` of a supervisor whose thread has ended, from a thread
+/// of its own that ends with the last of them: exactly these pids, so no
+/// child of the script is taken from it. One still running at its
+/// deadline (the pool's `-graceful` period) is killed, as the pool would
+/// have done.
+pub(super) fn reap_in_background(mut children: Vec<(Pid, Option<Instant>)>) {
+    if children.is_empty() {
+        return;
+    }
+    let reaper = move || {
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let now = Instant::now();
+            children.retain(|&(pid, deadline)| {
+                if deadline.is_some_and(|deadline| now >= deadline) {
+                    let _ = kill(pid, Signal::SIGKILL);
+                }
+                // Reaped, or no longer ours to reap (a script's own `wait`).
+                matches!(waitpid(pid, Some(WaitPidFlag::WNOHANG)), Ok(WaitStatus::StillAlive))
+            });
+            if children.is_empty() {
+                return;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    };
+    // Spawning while thread-locals are destroyed: a failure or a panic
+    // leaves the children to init once this process exits, and must not
+    // abort it.
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        std::thread::Builder::new().name("socketserver-rip".into()).stack_size(crate::THREAD_STACK_SIZE).spawn(reaper)
+    }));
 }

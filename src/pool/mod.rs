@@ -17,6 +17,7 @@
 
 mod after_fork;
 mod command;
+mod config;
 mod generation;
 mod hang_report;
 mod hooks;

@@ -153,7 +153,7 @@ impl Pool {
                     forked: c.forked,
                     current: c.generation == self.generation,
                     state: observed(slot.state()).unwrap_or(Observed::Stopping),
-                    leaving: c.retired.is_some() || c.killed.is_some() || c.hang.is_some(),
+                    leaving: c.retired.is_some() || c.killed.is_some() || c.asked_to_leave(),
                     due: due(slot),
                     turn: c.turn,
                     recycle_at: c.recycle_at,

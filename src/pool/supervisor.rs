@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::port_table;
@@ -26,6 +25,8 @@ use crate::registration::InterpState;
 use crate::tcl::{self, Interp, Obj, TclError, TclResult};
 
 use super::after_fork::{self, EventSources};
+use super::config::inherited_size;
+pub use super::config::Config;
 use super::generation::{default_command, DEFAULT_UPGRADE_TIMEOUT};
 use super::hang_report::InPool as HangsInPool;
 use super::hooks;
@@ -46,30 +47,6 @@ pub use super::model::sizing::MAX_WORKERS;
 /// The signals a pool with `-signals 1` acts on.
 pub(super) const ACTED_ON: [Signal; 6] =
     [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGTTIN, Signal::SIGTTOU, Signal::SIGUSR2];
-
-pub struct Config {
-    pub workers: usize,
-    pub concurrency: usize,
-    pub handler: Vec<Obj>,
-    pub init: Option<Obj>,
-    pub max_connections: u64,
-    pub jitter: u64,
-    pub timeout: Option<Duration>,
-    pub graceful: Duration,
-    /// `None`: one line on stderr per event; an empty prefix: no log.
-    pub log: Option<Vec<Obj>>,
-    pub signals: bool,
-    /// What each worker gives up after the fork (`-user`, `-group`, `-rlimit`).
-    pub privileges: super::privileges::Privileges,
-    /// `-metrics`: the endpoint's socket, bound, served once the pool runs.
-    pub metrics: Option<super::metrics::Bound>,
-    /// `-maxrss`, `-maxlifetime`, `-lifetimejitter` (`recycling`).
-    pub recycling: super::recycling::Policy,
-    /// `-inittimeout` (`init_timeout`).
-    pub init_timeout: Option<Duration>,
-    /// `-workers min-max`, the spare targets, and what sizing did last.
-    pub sizing: super::sizing::Sizing,
-}
 
 /// The pools of a process, on the one thread that runs them. Its signal
 /// dispositions and pipe belong to the process (`signals`), its file
@@ -238,26 +215,11 @@ pub fn create(interp: Interp, state: *const InterpState, port: u16, mut config: 
     })
 }
 
-/// The variable that tells a next generation the size of each pool
-/// (`port=workers`, separated by spaces) when the upgrade started it.
-const POOL_SIZES: &str = "SOCKETSERVER_POOL_SIZES";
-
-/// The size the previous generation's pool on `port` had, in a next
-/// generation that has not said ready yet.
-fn inherited_size(port: u16) -> Option<usize> {
-    if !crate::inherited::ready_pending() {
-        return None;
-    }
-    let sizes = std::env::var(POOL_SIZES).ok()?;
-    let entry = sizes.split_whitespace().filter_map(|e| e.split_once('=')).find(|(p, _)| p.parse() == Ok(port));
-    entry.and_then(|(_, workers)| workers.parse().ok())
-}
-
 impl Supervisor {
     /// `POOL_SIZES` for a next generation: each pool's target now.
     pub(super) fn pool_sizes(&self) -> (String, String) {
         let sizes: Vec<String> = self.pools.iter().map(|p| format!("{}={}", p.port, p.target)).collect();
-        (POOL_SIZES.to_string(), sizes.join(" "))
+        (super::config::POOL_SIZES.to_string(), sizes.join(" "))
     }
 }
 
@@ -403,7 +365,7 @@ impl Drop for Supervisor {
             }
             // A next generation may be the server now: reaped, never killed.
             children.extend(self.next_generations.iter().map(|&pid| (pid, None)));
-            reap_in_background(children);
+            super::lifecycle::reap_in_background(children);
         }
         // Tcl's notifier of this thread is gone: no file handler to remove.
         self.pools.iter_mut().filter_map(|p| p.metrics.as_mut()).for_each(|m| m.forget_handlers());
@@ -412,41 +374,6 @@ impl Drop for Supervisor {
             signals::release_all();
         }
     }
-}
-
-/// Reaps `children` of a supervisor whose thread has ended, from a thread
-/// of its own that ends with the last of them: exactly these pids, so no
-/// child of the script is taken from it. One still running at its
-/// deadline (the pool's `-graceful` period) is killed, as the pool would
-/// have done.
-fn reap_in_background(mut children: Vec<(Pid, Option<Instant>)>) {
-    if children.is_empty() {
-        return;
-    }
-    let reaper = move || {
-        let mut pause = Duration::from_millis(10);
-        loop {
-            let now = Instant::now();
-            children.retain(|&(pid, deadline)| {
-                if deadline.is_some_and(|deadline| now >= deadline) {
-                    let _ = kill(pid, Signal::SIGKILL);
-                }
-                // Reaped, or no longer ours to reap (a script's own `wait`).
-                matches!(waitpid(pid, Some(WaitPidFlag::WNOHANG)), Ok(WaitStatus::StillAlive))
-            });
-            if children.is_empty() {
-                return;
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(500));
-        }
-    };
-    // Spawning while thread-locals are destroyed: a failure or a panic
-    // leaves the children to init once this process exits, and must not
-    // abort it.
-    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        std::thread::Builder::new().name("socketserver-rip".into()).stack_size(crate::THREAD_STACK_SIZE).spawn(reaper)
-    }));
 }
 
 thread_local! {

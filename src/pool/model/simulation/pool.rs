@@ -1,76 +1,24 @@
-//! The pool's policies driven through seeded random sequences of events
-//! on a simulated clock, with simulated workers that hang, die, fail or
-//! time out in `-init`, hold a connection for hours, grow in memory;
-//! invariants checked after every step (as FoundationDB's simulation and
-//! TigerBeetle's VOPR do, at the scale of one pool).
-//!
-//! `SimPool` does what the shell (`lifecycle`, `supervisor`) does around
-//! the policies, in the same order: reap and count each exit, settle a
-//! reload, kill workers past `-timeout` and `-inittimeout`, size, retire
-//! the surplus, recycle, fork what is missing, a few per turn. A failing
-//! sequence is shrunk by proptest to its shortest form, printed, and kept
-//! under `proptest-regressions/` to be replayed first on the next run;
-//! `PROPTEST_CASES` sets how many sequences run (`make sim`: many more).
+//! The simulated pool: simulated workers, and what the shell
+//! (`lifecycle`, `supervisor`) does around the model's policies, in the
+//! same order, with the invariants checked after every step.
 
 use std::time::{Duration, Instant};
 
-use proptest::prelude::*;
+use super::super::backoff::{FailureRun, RELOAD_FAILURES};
+use super::super::exits::{classify, ExitFacts, Outcome};
+use super::super::recycling::{self, Candidate, Reason, Turn};
+use super::super::sizing::{Load, Sizing};
+use super::super::timeouts::{init_overdue, BusyWatch};
+use super::super::{forks_this_turn, Kill, Observed, Retired, FORKS_PER_TURN};
+use super::{Event, Init, GRACEFUL, INIT_TIME, INIT_TIMEOUT, TICK};
 
-use super::backoff::{FailureRun, RELOAD_FAILURES};
-use super::exits::{classify, ExitFacts, Outcome};
-use super::recycling::{self, Candidate, Reason, Turn};
-use super::sizing::{Load, Sizing};
-use super::timeouts::{init_overdue, BusyWatch};
-use super::{forks_this_turn, Kill, Observed, Retired, FORKS_PER_TURN};
-
-/// The supervisor's tick.
-const TICK: Duration = Duration::from_millis(100);
-const INIT_TIMEOUT: Duration = Duration::from_secs(3);
-const GRACEFUL: Duration = Duration::from_secs(10);
-/// How long `-init` takes when it works.
-const INIT_TIME: Duration = Duration::from_millis(300);
-
-/// What the code a worker runs does in `-init`.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Init {
-    Works,
-    /// Exits non-zero (a database down).
-    Fails,
-    /// Never returns (`-inittimeout` kills it).
-    Hangs,
-}
-
-/// One thing that happens to the pool or its workers.
-#[derive(Clone, Debug)]
-enum Event {
-    /// Time passes, in ticks.
-    Wait(u8),
-    /// A client connects and holds its connection this long (ms; some
-    /// for hours).
-    Connect(u32),
-    /// A worker (by position) is killed from outside (kill -9).
-    KillNine(u8),
-    /// A worker's handler calls `exit` (by position).
-    HandlerExits(u8),
-    /// A worker's memory passes `-maxrss`.
-    GrowsInMemory(u8),
-    /// A worker's handler hangs on its connection.
-    Hangs(u8),
-    /// From now on, `-init` of new workers does this.
-    InitBecomes(Init),
-    Reload,
-    Resize(u8, u8),
-    /// A worker forks a child inside its handler: not a worker, not ours.
-    ForksInHandler,
-}
-
-struct SimWorker {
+pub(super) struct SimWorker {
     id: u64,
     generation: u32,
     forked: Instant,
     init: Init,
-    state: Observed,
-    retired: Option<Retired>,
+    pub(super) state: Observed,
+    pub(super) retired: Option<Retired>,
     killed: Option<Kill>,
     turn: Option<Turn>,
     /// May leave by itself once due (written by the supervisor).
@@ -90,15 +38,15 @@ struct SimWorker {
 }
 
 impl SimWorker {
-    fn alive(&self) -> bool {
+    pub(super) fn alive(&self) -> bool {
         self.exited.is_none()
     }
 }
 
 #[derive(Default, Clone, Debug, PartialEq)]
-struct Figures {
+pub(super) struct Figures {
     started: u64,
-    recycled: u64,
+    pub(super) recycled: u64,
     recycled_by: [u64; 3],
     respawned: u64,
     timed_out: u64,
@@ -109,9 +57,9 @@ struct Figures {
     exits: [u64; 7],
 }
 
-struct SimPool {
+pub(super) struct SimPool {
     now: Instant,
-    workers: Vec<SimWorker>,
+    pub(super) workers: Vec<SimWorker>,
     next_id: u64,
     target: usize,
     generation: u32,
@@ -123,7 +71,7 @@ struct SimPool {
     healthy_since: Instant,
     sizing: Sizing,
     to_respawn: u64,
-    figures: Figures,
+    pub(super) figures: Figures,
     max_connections: Option<u64>,
     max_lifetime: Option<Duration>,
     /// `-timeout`.
@@ -155,7 +103,7 @@ fn exit_index(outcome: Outcome) -> usize {
 }
 
 impl SimPool {
-    fn new(
+    pub(super) fn new(
         min: usize,
         max: usize,
         max_connections: Option<u64>,
@@ -258,7 +206,7 @@ impl SimPool {
         }
     }
 
-    fn apply(&mut self, event: &Event) {
+    pub(super) fn apply(&mut self, event: &Event) {
         let now = self.now;
         let live: Vec<usize> = (0..self.workers.len()).filter(|&i| self.workers[i].alive()).collect();
         let pick = |n: u8| (!live.is_empty()).then(|| live[n as usize % live.len()]);
@@ -328,7 +276,7 @@ impl SimPool {
     }
 
     /// One turn of the supervisor's loop, as `supervisor::reconcile`.
-    fn step(&mut self) {
+    pub(super) fn step(&mut self) {
         self.world();
         let before = self.figures.clone();
         self.reap();
@@ -387,7 +335,7 @@ impl SimPool {
         })
     }
 
-    fn ready_count(&self) -> usize {
+    pub(super) fn ready_count(&self) -> usize {
         self.serving().filter(|w| w.state.ready()).count()
     }
 
@@ -475,6 +423,7 @@ impl SimPool {
                     self.figures.backoffs += u64::from(counted.is_some());
                 }
                 Outcome::Lost => self.failures.end(),
+                Outcome::TimedOut => self.figures.timed_out += 1,
                 _ => {}
             }
         }
@@ -529,7 +478,6 @@ impl SimPool {
             let Some(timeout) = self.timeout else { continue };
             if w.busy.observe(claim, now).is_some_and(|busy| busy > timeout) {
                 w.hang_asked = true;
-                self.figures.timed_out += 1;
             }
         }
     }
@@ -654,6 +602,7 @@ impl SimPool {
         // Recycled is the sum of recycledby, and the recycled exits.
         assert_eq!(f.recycled, f.recycled_by.iter().sum::<u64>(), "recycled != sum of recycledby");
         assert_eq!(f.recycled, f.exits[0]);
+        assert_eq!(f.timed_out, f.exits[3], "timedout != the exits after a timeout");
         // Each exit in exactly one category: what started is alive or
         // counted once among the exits.
         let alive = self.workers.len() as u64;
@@ -694,7 +643,7 @@ impl SimPool {
 
     /// Stops the pool and runs until it is gone; every fork is reaped and
     /// everything accepted is served (its `-init` works again).
-    fn stop(&mut self) {
+    pub(super) fn stop(&mut self) {
         self.init = Init::Works;
         self.stopping = Some(self.now + GRACEFUL);
         self.failures.end();
@@ -708,80 +657,4 @@ impl SimPool {
         assert!(self.workers.is_empty(), "{} workers not reaped after the stop", self.workers.len());
         assert_eq!(self.queued, 0, "queued connections left after the stop");
     }
-}
-
-fn event() -> impl Strategy<Value = Event> {
-    prop_oneof![
-        6 => (1u8..20).prop_map(Event::Wait),
-        6 => prop_oneof![0u32..400, 0u32..20_000, Just(u32::MAX)].prop_map(Event::Connect),
-        1 => any::<u8>().prop_map(Event::KillNine),
-        1 => any::<u8>().prop_map(Event::HandlerExits),
-        1 => any::<u8>().prop_map(Event::GrowsInMemory),
-        1 => any::<u8>().prop_map(Event::Hangs),
-        1 => prop_oneof![Just(Init::Works), Just(Init::Fails), Just(Init::Hangs)].prop_map(Event::InitBecomes),
-        1 => Just(Event::Reload),
-        1 => (any::<u8>(), any::<u8>()).prop_map(|(a, b)| Event::Resize(a, b)),
-        1 => Just(Event::ForksInHandler),
-    ]
-}
-
-/// Sequences per run: `PROPTEST_CASES`, or enough to find the classes of
-/// defects above within a few seconds.
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(5000)
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig { cases: cases(), max_shrink_iters: 2000, ..ProptestConfig::default() })]
-
-    #[test]
-    fn pool_keeps_its_invariants(
-        min in 1usize..5,
-        spread in 0usize..4,
-        max_connections in prop::option::of(1u64..6),
-        lifetime in prop::option::of(1u64..8),
-        timeout in prop::option::of(1u64..10),
-        events in prop::collection::vec(event(), 1..250),
-    ) {
-        let (lifetime, timeout) = (lifetime.map(Duration::from_secs), timeout.map(Duration::from_secs));
-        let mut pool = SimPool::new(min, min + spread, max_connections, lifetime, timeout);
-        pool.step();
-        for event in &events {
-            pool.apply(event);
-        }
-        pool.stop();
-    }
-}
-
-/// Defect 2 of issue 26, as a fixed sequence: `-workers 3 -maxlifetime 2`,
-/// `-init` starts failing; no worker is retired for recycling, the pool
-/// keeps its 3 ready workers.
-#[test]
-fn recycling_waits_while_replacements_cannot_start() {
-    let mut pool = SimPool::new(3, 3, None, Some(Duration::from_secs(2)), None);
-    pool.step();
-    pool.apply(&Event::Wait(10));
-    assert_eq!(pool.ready_count(), 3);
-    pool.apply(&Event::InitBecomes(Init::Fails));
-    for _ in 0..10 {
-        pool.apply(&Event::Wait(10));
-        let ready = pool.workers.iter().filter(|w| w.alive() && w.retired.is_none() && w.state.ready()).count();
-        assert_eq!(ready, 3, "ready workers while -init fails");
-    }
-    pool.apply(&Event::InitBecomes(Init::Works));
-    pool.apply(&Event::Wait(100));
-    assert!(pool.figures.recycled >= 3, "recycling resumed: {:?}", pool.figures);
-    pool.stop();
-}
-
-/// Defect 3: one connection held for hours does not keep the only turn:
-/// every worker due is recycled.
-#[test]
-fn a_long_connection_holds_no_turn() {
-    let mut pool = SimPool::new(2, 2, None, Some(Duration::from_secs(1)), None);
-    pool.step();
-    pool.apply(&Event::Wait(10));
-    pool.apply(&Event::Connect(u32::MAX));
-    pool.apply(&Event::Wait(100));
-    assert!(pool.figures.recycled >= 5, "recycled: {:?}", pool.figures);
 }
