@@ -38,6 +38,11 @@ const GRACE: Duration = Duration::from_millis(500);
 /// ...and how long its control thread has to take it, on a machine so
 /// loaded that it has not run yet.
 const TAKE_LIMIT: Duration = Duration::from_secs(3);
+/// Questions asked of a worker of a pool with `-concurrency` above 1
+/// before one answered from inside a command each time is taken as
+/// stuck: an event-driven worker may happen to answer from inside the
+/// handler it runs at that moment, but not every time.
+const TRIES: u8 = 3;
 /// Room for one stack text.
 const REPORT_BYTES: usize = 4000;
 /// Room for one command of the stack.
@@ -217,6 +222,8 @@ impl InPool {
 pub(super) struct Asked {
     /// It was asked to take no more connections (`-concurrency 1`).
     leaving: bool,
+    /// Questions asked so far.
+    tries: u8,
     at: Instant,
     /// When the supervisor first saw the question taken: the grace runs
     /// from then.
@@ -288,7 +295,7 @@ impl Pool {
                 cell.state.store(ASKED, Ordering::SeqCst);
                 let _ = kill(pid, REPORT_SIGNAL);
             }
-            self.children[index].hang = Some(Asked { leaving, at: Instant::now(), taken: None, peer, busy });
+            self.children[index].hang = Some(Asked { leaving, tries: 1, at: Instant::now(), taken: None, peer, busy });
             self.answer_or_kill(index, entries);
         }
     }
@@ -302,9 +309,23 @@ impl Pool {
         }
         // Above -concurrency 1, a worker that answered from its event loop
         // is waiting for its clients, not stuck.
-        let spared = self.config.concurrency > 1
-            && state == Some(ANSWERED)
-            && cell.is_some_and(|cell| cell.idle.load(Ordering::SeqCst) == 1);
+        let several = self.config.concurrency > 1;
+        let idle = cell.is_some_and(|cell| cell.idle.load(Ordering::SeqCst) == 1);
+        let spared = several && state == Some(ANSWERED) && idle;
+        if several && state == Some(ANSWERED) && !idle && asked.tries < TRIES {
+            // Answered from inside a command: perhaps the handler it ran at
+            // that moment; asked again.
+            asked.tries += 1;
+            asked.at = Instant::now();
+            asked.taken = None;
+            let pid = self.children[index].pid;
+            if let Some(cell) = cell {
+                cell.len.store(0, Ordering::Relaxed);
+                cell.state.store(ASKED, Ordering::SeqCst);
+                let _ = kill(pid, REPORT_SIGNAL);
+            }
+            return;
+        }
         let (stack, note) = match (cell, state) {
             (Some(cell), Some(ANSWERED)) if spared => (
                 cell.read(),

@@ -1,8 +1,9 @@
 //! A pool's workers through their lives: how each is started (`spawn`)
-//! and collected (`reap`), what counts as a failure and how failures back
-//! off, how a reload settles or is abandoned, and how workers are retired
-//! (reload, resize) or killed (stuck past `-timeout`). The supervisor
-//! decides when (`supervisor::reconcile`); this says how.
+//! and collected (`reap`, each exit counted in the category the model
+//! gives it: `model::exits`; failures backed off: `model::backoff`), how
+//! a reload settles or is abandoned, and how workers are retired (reload,
+//! resize). The supervisor decides when (`supervisor::reconcile`); this
+//! says how.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use super::after_fork::LeaveEnd;
 use super::config::Config;
 use super::model::backoff::{FailureRun, RELOAD_FAILURES};
 use super::model::exits::{self, ExitFacts, Outcome};
-use super::model::timeouts::BusyWatch;
+use super::model::timeouts::{overstays, BusyWatch};
 pub(super) use super::model::{Kill, Retired};
 use super::report::LogEntry;
 use super::scoreboard::{now_millis, Scoreboard, State};
@@ -41,6 +42,8 @@ pub(super) struct Child {
     pub(super) turn: Option<super::model::recycling::Turn>,
     /// Its busy period on the supervisor's clock (`model::timeouts`).
     pub(super) busy: BusyWatch,
+    /// Since when it leaves: retired, or seen leaving unasked.
+    pub(super) leaving_since: Option<Instant>,
     /// When it is due by age (`-maxlifetime`).
     pub(super) recycle_at: Option<Instant>,
     /// Past its busy timeout, asked for its stack (`hang_report`).
@@ -349,6 +352,7 @@ impl Pool {
                 && c.killed.is_none()
                 && !c.asked_to_leave()
                 && c.turn.is_none()
+                && c.leaving_since.is_none()
                 && self.scoreboard.slot(c.slot).state() != State::Stopping
         })
     }
@@ -436,6 +440,7 @@ impl Pool {
         for i in candidates.into_iter().take(count) {
             let child = &mut self.children[i];
             child.retired = Some(reason);
+            child.leaving_since.get_or_insert_with(Instant::now);
             // The flag is read when the worker would register again; end of
             // file on its leave pipe wakes it if it is idle. Either way it
             // leaves once its channels are closed.
@@ -450,6 +455,41 @@ impl Pool {
             entries.push(self.entry("retire", fields));
         }
         done
+    }
+
+    /// A worker's slot is its claim: one that says it leaves though the
+    /// supervisor did not ask (a SIGTERM from outside, or a lie) leaves
+    /// the pool for good, and is replaced; one asked to leave, or that
+    /// said it leaves, that is still there `-graceful` seconds later and
+    /// claims no connection is killed. Either counts against that worker
+    /// only (`model::timeouts::overstays`).
+    pub(super) fn hold_to_claims(&mut self, now: Instant, entries: &mut Vec<LogEntry>) {
+        let grace = self.config.graceful;
+        for index in 0..self.children.len() {
+            let child = &self.children[index];
+            let slot = self.scoreboard.slot(child.slot);
+            if child.killed.is_some() {
+                continue;
+            }
+            if child.leaving_since.is_none() && slot.state() == State::Stopping {
+                self.children[index].leaving_since = Some(now);
+                continue;
+            }
+            let Some(since) = child.leaving_since else { continue };
+            if !overstays(since, now, grace, slot.open() > 0) {
+                continue;
+            }
+            let pid = child.pid;
+            let _ = kill(pid, Signal::SIGKILL);
+            self.children[index].killed = Some(Kill::Graceful);
+            entries.push(self.entry(
+                "kill",
+                vec![
+                    ("pid", Obj::new_int(pid.as_raw().into())),
+                    ("reason", Obj::new_string("did not leave within its graceful period")),
+                ],
+            ));
+        }
     }
 
     /// Forks one worker of the current generation.
@@ -514,6 +554,7 @@ impl Pool {
                     killed: None,
                     turn: None,
                     busy: BusyWatch::default(),
+                    leaving_since: None,
                     recycle_at: super::recycling::lifetime_deadline(&pool.config.recycling, Instant::now()),
                     hang: None,
                     hooks: super::hooks::mask(super::hooks::worker_signals()),

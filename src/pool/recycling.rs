@@ -186,10 +186,11 @@ impl Pool {
     /// A worker is reaped: if it was recycled, why (for its exit entry and
     /// `pool info`).
     pub(super) fn recycled_reason(&mut self, slot: usize, recycled: bool) -> Option<&'static str> {
-        let reason = due(self.scoreboard.slot(slot)).filter(|_| recycled).unwrap_or(Reason::Connections);
         if !recycled {
             return None;
         }
+        // Every recycled worker is due: a cause is counted for each.
+        let reason = due(self.scoreboard.slot(slot)).unwrap_or(Reason::Connections);
         self.recycling.recycled[reason.index()] += 1;
         Some(reason.name())
     }

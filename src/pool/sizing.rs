@@ -13,6 +13,8 @@
 //! a reload whose generation is starting), never outside the range.
 //!
 //! A fixed `-workers N` is the range `N-N`: nothing here ever moves it.
+//! The decision is `model::sizing`'s; this file parses `-workers`,
+//! counts the load, logs the change and reports it.
 
 use std::time::Instant;
 

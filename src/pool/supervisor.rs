@@ -553,6 +553,7 @@ impl Supervisor {
         let now = Instant::now();
         pool.kill_stuck(&mut entries);
         pool.kill_slow_starters(&mut entries);
+        pool.hold_to_claims(now, &mut entries);
         match pool.phase {
             Phase::Running => {
                 pool.size_to_load(now, &mut entries);

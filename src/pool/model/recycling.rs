@@ -4,7 +4,7 @@
 //!
 //! Turns: a pool has `bound(target)` turns, counted by the supervisor
 //! alone. A worker holds one while it leaves: either it left by itself,
-//! at its limit, because the supervisor had authorised it (`authorise`:
+//! at its limit, because the supervisor had authorised it (`Plan::authorised`:
 //! a worker may then leave after exactly `-maxconnections` connections,
 //! with no round trip), or the supervisor gave a due worker a turn: one
 //! due by memory or age keeps serving while its replacement starts (it no

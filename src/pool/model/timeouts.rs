@@ -38,6 +38,14 @@ pub fn init_overdue(forked: Instant, now: Instant, limit: Duration) -> bool {
     now.saturating_duration_since(forked) > limit
 }
 
+/// Whether a worker that was asked to leave (or said it leaves, unasked)
+/// at `since`, and is still there at `now`, has overstayed: it claims to
+/// hold no connection (one that holds some finishes them; a lie that it
+/// does keeps only itself out of the pool) and `grace` has passed.
+pub fn overstays(since: Instant, now: Instant, grace: Duration, holds_connections: bool) -> bool {
+    !holds_connections && now.saturating_duration_since(since) > grace
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,5 +62,14 @@ mod tests {
         // A new busy period (the claim moved) starts a new count.
         assert_eq!(watch.observe(7, later), Some(Duration::ZERO));
         assert_eq!(watch.observe(0, later), None);
+    }
+
+    #[test]
+    fn a_worker_that_does_not_leave_overstays_after_its_grace() {
+        let asked = Instant::now();
+        let grace = Duration::from_secs(3);
+        assert!(!overstays(asked, asked + grace, grace, false));
+        assert!(overstays(asked, asked + grace + Duration::from_millis(1), grace, false));
+        assert!(!overstays(asked, asked + grace * 10, grace, true));
     }
 }
