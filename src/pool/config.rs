@@ -22,11 +22,11 @@ pub struct Config {
     /// `-metrics`: the endpoint's socket, bound, served once the pool runs.
     pub metrics: Option<super::metrics::Bound>,
     /// `-maxrss`, `-maxlifetime`, `-lifetimejitter` (`recycling`).
-    pub recycling: super::recycling::Policy,
+    pub recycling: super::model::recycling::Policy,
     /// `-inittimeout` (`init_timeout`).
     pub init_timeout: Option<Duration>,
     /// `-workers min-max`, the spare targets, and what sizing did last.
-    pub sizing: super::sizing::Sizing,
+    pub sizing: super::model::sizing::Sizing,
 }
 
 /// The variable that tells a next generation the size of each pool

@@ -16,26 +16,16 @@
 //! sooner, nothing else.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::tcl::Obj;
 
 use super::lifecycle::{Child, Pool, Retired};
-pub use super::model::recycling::Reason;
 use super::model::recycling::{self as policy, Candidate, Turn};
+pub use super::model::recycling::{Policy, Reason};
 use super::model::Observed;
 use super::report::LogEntry;
 use super::scoreboard::{Slot, State};
-
-/// What `-maxrss`, `-maxlifetime` and `-lifetimejitter` ask.
-#[derive(Clone, Copy, Default)]
-pub struct Policy {
-    /// Bytes; 0: no limit.
-    pub max_rss: u64,
-    pub max_lifetime: Option<Duration>,
-    /// `None`: a tenth of `max_lifetime`.
-    pub lifetime_jitter: Option<Duration>,
-}
 
 fn mark_due(slot: &Slot, reason: Reason) -> bool {
     // The first reason stays.

@@ -32,6 +32,16 @@ pub fn bound(target: usize) -> usize {
     (target / WORKERS_PER_TURN).max(1)
 }
 
+/// What `-maxrss`, `-maxlifetime` and `-lifetimejitter` ask.
+#[derive(Clone, Copy, Default)]
+pub struct Policy {
+    /// Bytes; 0: no limit.
+    pub max_rss: u64,
+    pub max_lifetime: Option<Duration>,
+    /// `None`: a tenth of `max_lifetime`.
+    pub lifetime_jitter: Option<Duration>,
+}
+
 /// Why a worker is due to leave, as the log and `pool info` name it.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[repr(u32)]
