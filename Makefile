@@ -2,6 +2,7 @@
 #
 #   make          build the package into build/socketserver<version>/
 #   make test     Rust tests and the tcltest suite (exits non-zero on failure)
+#   make sim      the pool's simulation with 200000 sequences (SIMCASES=n)
 #   make test-tcl9  the same under Tcl 9.0 (fetched into build/tcl9 if absent)
 #   make demo     the echo server: a pool of forked workers on port 9901
 #                 (DEMOFLAGS="PORT WORKERS" to change them, e.g. "9902 8")
@@ -37,7 +38,7 @@ PORTABLEDIR := build/portable
 BASELINE    ?= main
 BASELINEDIR := build/baseline
 
-.PHONY: all build build-baseline deps lint test test-rust test-tcl test-tcl9 test-portable build-portable check-ports demo bench bench-tcl9 soak memcheck install uninstall clean tcl9 build-tcl9
+.PHONY: all build build-baseline deps lint test test-rust sim test-tcl test-tcl9 test-portable build-portable check-ports demo bench bench-tcl9 soak memcheck install uninstall clean tcl9 build-tcl9
 
 all: build
 
@@ -74,6 +75,13 @@ test: build
 
 test-rust:
 	$(CARGO) test --release -- --test-threads=1
+
+# The pool's simulation alone, with many more sequences than `make test`
+# runs (src/pool/model/simulation/; SIMCASES=n to change how many). A
+# failure prints its shrunk sequence and is saved under proptest-regressions/.
+SIMCASES ?= 200000
+sim:
+	PROPTEST_CASES=$(SIMCASES) $(CARGO) test --release --lib pool::model::simulation
 
 test-tcl:
 	TCLLIBPATH=$(CURDIR)/build $(TCLSH) tests/all.tcl $(TESTFLAGS)

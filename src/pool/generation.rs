@@ -82,7 +82,9 @@ impl Supervisor {
         };
         // The next generation binds the metrics addresses again.
         self.pools.iter_mut().filter_map(|p| p.metrics.as_mut()).for_each(|m| m.pause());
-        let environment = super::notify::environment_for_next_generation();
+        let mut environment = super::notify::environment_for_next_generation();
+        // A ranged pool of the next generation starts at this one's size.
+        environment.push(self.pool_sizes());
         let handover = super::notify::handover_pipe();
         let spawned = crate::upgrade::spawn_next_generation(
             &command,

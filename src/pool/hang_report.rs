@@ -24,9 +24,8 @@ use nix::sys::signal::{kill, Signal};
 
 use crate::tcl::{self, AsyncHandler, Interp, Obj, Tcl_Interp};
 
-use super::lifecycle::Pool;
+use super::lifecycle::{Child, Kill, Pool};
 use super::report::LogEntry;
-use super::scoreboard::now_millis;
 use super::shared_memory::{SharedArray, Zeroed};
 use super::signals;
 
@@ -39,6 +38,11 @@ const GRACE: Duration = Duration::from_millis(500);
 /// ...and how long its control thread has to take it, on a machine so
 /// loaded that it has not run yet.
 const TAKE_LIMIT: Duration = Duration::from_secs(3);
+/// Questions asked of a worker of a pool with `-concurrency` above 1
+/// before one answered from inside a command each time is taken as
+/// stuck: an event-driven worker may happen to answer from inside the
+/// handler it runs at that moment, but not every time.
+const TRIES: u8 = 3;
 /// Room for one stack text.
 const REPORT_BYTES: usize = 4000;
 /// Room for one command of the stack.
@@ -54,37 +58,41 @@ const TAKEN: u32 = 3;
 /// for the command a loop was running), the commands that called it
 /// (`info frame`, down to BASE, the frames of the fork), and the call of
 /// the outermost procedure with its arguments (`info level 1`, the handler).
-const STACK_SCRIPT: &str = r#"apply {{} {
-    set shorten {{text} {
-        expr {[string length $text] > COMMAND_CHARS ? "[string range $text 0 COMMAND_CHARS-1]..." : $text}
+/// It runs in the hung worker's own frame: every command is fully
+/// qualified, and the lambda runs in the global namespace, so a script
+/// that defines its own `apply`, `set` or `info` in its namespace neither
+/// loses the stack nor has its command run.
+const STACK_SCRIPT: &str = r#"::apply {{} {
+    ::set shorten {{text} {
+        ::expr {[::string length $text] > COMMAND_CHARS ? "[::string range $text 0 COMMAND_CHARS-1]..." : $text}
     }}
-    set top [expr {[info frame] - 1}]
-    set here [info frame $top]
-    if {[dict exists $here proc]} {
-        set lines [list "    while in procedure \"[string trimleft [dict get $here proc] :]\""]
+    ::set top [::expr {[::info frame] - 1}]
+    ::set here [::info frame $top]
+    ::if {[::dict exists $here proc]} {
+        ::set lines [::list "    while in procedure \"[::string trimleft [::dict get $here proc] :]\""]
     } else {
-        set lines [list "    while at global level"]
+        ::set lines [::list "    while at global level"]
     }
-    for {set level [expr {$top - 1}]} {$level > BASE} {incr level -1} {
-        set frame [info frame $level]
-        if {![dict exists $frame cmd]} continue
-        lappend lines "    invoked from within" "\"[apply $shorten [dict get $frame cmd]]\""
-        set line [expr {[dict exists $frame line] ? [dict get $frame line] : "?"}]
-        if {[dict exists $frame proc]} {
-            set where "(procedure \"[string trimleft [dict get $frame proc] :]\" line $line"
-            if {[dict exists $frame file]} {append where " of [file tail [dict get $frame file]]"}
-            lappend lines "    $where)"
-        } elseif {[dict exists $frame lambda]} {
-            lappend lines "    (\"apply\" lambda line $line)"
-        } elseif {[dict exists $frame file]} {
-            lappend lines "    (file \"[file tail [dict get $frame file]]\" line $line)"
+    ::for {::set level [::expr {$top - 1}]} {$level > BASE} {::incr level -1} {
+        ::set frame [::info frame $level]
+        ::if {![::dict exists $frame cmd]} ::continue
+        ::lappend lines "    invoked from within" "\"[::apply $shorten [::dict get $frame cmd]]\""
+        ::set line [::expr {[::dict exists $frame line] ? [::dict get $frame line] : "?"}]
+        ::if {[::dict exists $frame proc]} {
+            ::set where "(procedure \"[::string trimleft [::dict get $frame proc] :]\" line $line"
+            ::if {[::dict exists $frame file]} {::append where " of [::file tail [::dict get $frame file]]"}
+            ::lappend lines "    $where)"
+        } elseif {[::dict exists $frame lambda]} {
+            ::lappend lines "    (\"apply\" lambda line $line)"
+        } elseif {[::dict exists $frame file]} {
+            ::lappend lines "    (file \"[::file tail [::dict get $frame file]]\" line $line)"
         }
     }
-    if {[info level] > 1} {
-        lappend lines "    invoked from within" "\"[apply $shorten [info level 1]]\""
+    ::if {[::info level] > 1} {
+        ::lappend lines "    invoked from within" "\"[::apply $shorten [::info level 1]]\""
     }
-    join $lines \n
-}}"#;
+    ::join $lines \n
+} ::}"#;
 
 /// The frames a worker starts with (those of the fork, in the supervisor's
 /// script), left out of its reports.
@@ -96,6 +104,9 @@ pub struct Cell {
     /// 0, `ASKED` (by the supervisor), `TAKEN` (by the worker's control
     /// thread) or `ANSWERED` (by its Tcl thread).
     state: AtomicU32,
+    /// 1: answered from the event loop, no command of the worker running
+    /// (it waits for its clients); 0: from inside a running command.
+    idle: AtomicU32,
     len: AtomicU32,
     text: [AtomicU8; REPORT_BYTES],
 }
@@ -175,6 +186,7 @@ unsafe extern "C" fn on_async(_: *mut c_void, running: *mut Tcl_Interp, code: c_
             Err(message) => format!("(the stack could not be read: {message})"),
         };
         cell.write(&text);
+        cell.idle.store(u32::from(running.is_null()), Ordering::SeqCst);
         cell.state.store(ANSWERED, Ordering::SeqCst);
         signals::notify_supervisor();
     });
@@ -195,6 +207,11 @@ impl InPool {
         Ok(InPool { cells: if wanted { Some(SharedArray::new(slots)?) } else { None }, last: None })
     }
 
+    /// The cell of the worker on `slot`, as the supervisor reads it.
+    fn cell(&self, slot: usize) -> Option<&Cell> {
+        self.cells.as_ref().map(|cells| cells.get(slot))
+    }
+
     /// The cell a worker on `slot` answers in, if the pool asks.
     pub fn for_worker(&self, slot: usize) -> Option<&'static Cell> {
         self.cells.as_ref().map(|cells| cells.leak(slot))
@@ -203,6 +220,10 @@ impl InPool {
 
 /// Where a busy timeout stands for one worker.
 pub(super) struct Asked {
+    /// It was asked to take no more connections (`-concurrency 1`).
+    leaving: bool,
+    /// Questions asked so far.
+    tries: u8,
     at: Instant,
     /// When the supervisor first saw the question taken: the grace runs
     /// from then.
@@ -211,14 +232,30 @@ pub(super) struct Asked {
     busy: f64,
 }
 
+impl Child {
+    /// Asked for its stack and to take no more connections: replaced now.
+    pub(super) fn asked_to_leave(&self) -> bool {
+        self.hang.as_ref().is_some_and(|asked| asked.leaving)
+    }
+}
+
 impl Pool {
     /// Workers busy on one connection for longer than `-timeout`: the log
     /// says who and since when, asks for the stack, and the worker is
-    /// killed once it has answered or `GRACE` is over.
+    /// killed once it has answered or `GRACE` is over. With `-concurrency
+    /// 1`, from the question on the worker takes no more connections (one
+    /// it took during the grace would be killed with it) and is replaced at
+    /// once. Above 1, the timeout concerns the worker, not one connection:
+    /// one that answers from its event loop (no command of it running: it
+    /// waits for its clients and serves the others) is spared, and asked
+    /// again after another `-timeout`; one stuck in a command is killed,
+    /// its other connections with it. How long
+    /// it has been busy is measured on the supervisor's clock, from when
+    /// it first saw the busy period (`model::timeouts`): the start the
+    /// worker writes in its slot is a claim.
     pub(super) fn kill_stuck(&mut self, entries: &mut Vec<LogEntry>) {
         let Some(timeout) = self.config.timeout else { return };
-        let now = now_millis();
-        let limit = timeout.as_millis() as u64;
+        let now = Instant::now();
         for index in 0..self.children.len() {
             let child = &self.children[index];
             if child.killed.is_some() {
@@ -229,15 +266,20 @@ impl Pool {
                 continue;
             }
             let slot = self.scoreboard.slot(child.slot);
-            let since = slot.busy_since();
-            if since == 0 || now.saturating_sub(since) <= limit {
+            let claimed = slot.busy_since();
+            let Some(busy_for) = self.children[index].busy.observe(claimed, now) else { continue };
+            if busy_for <= timeout {
                 continue;
             }
+            let child = &self.children[index];
             let peer_text = slot.peer();
             let (host, port) = peer_text.rsplit_once(' ').unwrap_or((&peer_text, ""));
             let peer = Obj::new_list(&[Obj::new_string(host), Obj::new_string(port)]);
-            let busy = now.saturating_sub(since) as f64 / 1000.0;
-            self.totals.timed_out += 1;
+            let busy = busy_for.as_secs_f64();
+            let leaving = self.config.concurrency <= 1;
+            if leaving {
+                slot.request_leave();
+            }
             let pid = child.pid;
             entries.push(self.entry(
                 "timeout",
@@ -247,25 +289,48 @@ impl Pool {
                     ("busy", Obj::new_double(busy)),
                 ],
             ));
-            let cell = self.hangs.for_worker(self.children[index].slot);
-            if let Some(cell) = cell {
+            if let Some(cell) = self.hangs.cell(self.children[index].slot) {
                 cell.len.store(0, Ordering::Relaxed);
+                cell.idle.store(0, Ordering::Relaxed);
                 cell.state.store(ASKED, Ordering::SeqCst);
                 let _ = kill(pid, REPORT_SIGNAL);
             }
-            self.children[index].hang = Some(Asked { at: Instant::now(), taken: None, peer, busy });
+            self.children[index].hang = Some(Asked { leaving, tries: 1, at: Instant::now(), taken: None, peer, busy });
             self.answer_or_kill(index, entries);
         }
     }
 
     fn answer_or_kill(&mut self, index: usize, entries: &mut Vec<LogEntry>) {
-        let cell = self.hangs.for_worker(self.children[index].slot);
+        let cell = self.hangs.cell(self.children[index].slot);
         let Some(asked) = &mut self.children[index].hang else { return };
         let state = cell.map(|cell| cell.state.load(Ordering::SeqCst));
         if state == Some(TAKEN) && asked.taken.is_none() {
             asked.taken = Some(Instant::now());
         }
+        // Above -concurrency 1, a worker that answered from its event loop
+        // is waiting for its clients, not stuck.
+        let several = self.config.concurrency > 1;
+        let idle = cell.is_some_and(|cell| cell.idle.load(Ordering::SeqCst) == 1);
+        let spared = several && state == Some(ANSWERED) && idle;
+        if several && state == Some(ANSWERED) && !idle && asked.tries < TRIES {
+            // Answered from inside a command: perhaps the handler it ran at
+            // that moment; asked again.
+            asked.tries += 1;
+            asked.at = Instant::now();
+            asked.taken = None;
+            let pid = self.children[index].pid;
+            if let Some(cell) = cell {
+                cell.len.store(0, Ordering::Relaxed);
+                cell.state.store(ASKED, Ordering::SeqCst);
+                let _ = kill(pid, REPORT_SIGNAL);
+            }
+            return;
+        }
         let (stack, note) = match (cell, state) {
+            (Some(cell), Some(ANSWERED)) if spared => (
+                cell.read(),
+                "spared: it answered from its event loop, serving its other connections (-concurrency above 1)".into(),
+            ),
             (Some(cell), Some(ANSWERED)) => (cell.read(), String::new()),
             (Some(_), Some(TAKEN)) if asked.taken.is_some_and(|at| at.elapsed() < GRACE) => return,
             (Some(_), Some(TAKEN)) => (
@@ -302,7 +367,13 @@ impl Pool {
         report.push(("time", Obj::new_int(at as i64)));
         self.hangs.last = Some(Obj::new_dict(report));
         entries.push(self.entry("hang", fields));
+        if spared {
+            // Timed again from now: asked again after another -timeout.
+            self.children[index].hang = None;
+            self.children[index].busy = Default::default();
+            return;
+        }
         let _ = kill(pid, Signal::SIGKILL);
-        self.children[index].killed = Some("timeout");
+        self.children[index].killed = Some(Kill::Timeout);
     }
 }

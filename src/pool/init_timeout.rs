@@ -7,7 +7,8 @@ use nix::sys::signal::{kill, Signal};
 
 use crate::tcl::Obj;
 
-use super::lifecycle::{Pool, INIT_TIMEOUT};
+use super::lifecycle::{Kill, Pool};
+use super::model::timeouts::init_overdue;
 use super::report::LogEntry;
 use super::scoreboard::State;
 
@@ -16,16 +17,17 @@ impl Pool {
         let Some(limit) = self.config.init_timeout else { return };
         for index in 0..self.children.len() {
             let child = &self.children[index];
+            let now = std::time::Instant::now();
             if child.killed.is_some()
                 || child.retired.is_some()
                 || self.scoreboard.slot(child.slot).state() != State::Starting
-                || child.forked.elapsed() <= limit
+                || !init_overdue(child.forked, now, limit)
             {
                 continue;
             }
             let pid = child.pid;
             let _ = kill(pid, Signal::SIGKILL);
-            self.children[index].killed = Some(INIT_TIMEOUT);
+            self.children[index].killed = Some(Kill::InitTimeout);
             self.totals.init_timed_out += 1;
             entries.push(self.entry(
                 "inittimeout",

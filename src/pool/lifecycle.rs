@@ -1,13 +1,15 @@
 //! A pool's workers through their lives: how each is started (`spawn`)
-//! and collected (`reap`), what counts as a failure and how failures back
-//! off, how a reload settles or is abandoned, and how workers are retired
-//! (reload, resize) or killed (stuck past `-timeout`). The supervisor
-//! decides when (`supervisor::reconcile`); this says how.
+//! and collected (`reap`, each exit counted in the category the model
+//! gives it: `model::exits`; failures backed off: `model::backoff`), how
+//! a reload settles or is abandoned, and how workers are retired (reload,
+//! resize). The supervisor decides when (`supervisor::reconcile`); this
+//! says how.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{ForkResult, Pid};
 
@@ -16,33 +18,15 @@ use crate::registration::InterpState;
 use crate::tcl::{Interp, Obj};
 
 use super::after_fork::LeaveEnd;
+use super::config::Config;
+use super::model::backoff::{FailureRun, RELOAD_FAILURES};
+use super::model::exits::{self, ExitFacts, Outcome};
+use super::model::timeouts::{overstays, BusyWatch};
+pub(super) use super::model::{Kill, Retired};
 use super::report::LogEntry;
 use super::scoreboard::{now_millis, Scoreboard, State};
 use super::signals;
-use super::supervisor::Config;
 use super::worker::{self, Assignment};
-
-/// The reason a worker killed for not being ready in time is killed: a
-/// failure, unlike the other kills.
-pub(super) const INIT_TIMEOUT: &str = "inittimeout";
-/// A worker forked after the last failure that is ready (its `-init`
-/// done, registered) and this old ends a run of failures.
-const YOUNG: Duration = Duration::from_secs(1);
-/// Failures in a row after which a reload is abandoned.
-pub(super) const RELOAD_FAILURES: u32 = 5;
-/// Back-off after the first failure, doubled for each further one...
-const BACKOFF_FIRST: Duration = Duration::from_millis(100);
-/// ...up to this.
-const BACKOFF_CAP: Duration = Duration::from_secs(30);
-
-/// Why the supervisor asked a worker to go.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum Retired {
-    Reload,
-    Resize,
-    /// Its turn to leave for recycling (`recycling`).
-    Recycle,
-}
 
 pub(super) struct Child {
     pub(super) pid: Pid,
@@ -53,7 +37,13 @@ pub(super) struct Child {
     pub(super) leave: Option<LeaveEnd>,
     pub(super) retired: Option<Retired>,
     /// Set once we have sent it SIGKILL, with the reason.
-    pub(super) killed: Option<&'static str>,
+    pub(super) killed: Option<Kill>,
+    /// Its turn to be recycled (`model::recycling`).
+    pub(super) turn: Option<super::model::recycling::Turn>,
+    /// Its busy period on the supervisor's clock (`model::timeouts`).
+    pub(super) busy: BusyWatch,
+    /// Since when it leaves: retired, or seen leaving unasked.
+    pub(super) leaving_since: Option<Instant>,
     /// When it is due by age (`-maxlifetime`).
     pub(super) recycle_at: Option<Instant>,
     /// Past its busy timeout, asked for its stack (`hang_report`).
@@ -111,17 +101,8 @@ pub struct Pool {
     pub(super) target: usize,
     pub(super) children: Vec<Child>,
     pub(super) totals: Totals,
-    /// Failures in a row (see `reap`); while non-zero, one worker at a time
-    /// is tried.
-    pub(super) failures: u32,
-    pub(super) retry_at: Option<Instant>,
-    /// When the last failure was counted: a worker forked after it that is
-    /// ready past `YOUNG` ends the run, and only the death of a worker
-    /// forked after it is one more failure in a row (those forked before
-    /// were started before anything was known, and die of the same cause).
-    pub(super) failed_at: Option<Instant>,
-    /// Why the last worker failed, as the log says it.
-    pub(super) last_failure: String,
+    /// Failed starts in a row and their back-off (`model::backoff`).
+    pub(super) failures: FailureRun,
     pub(super) reload: Reload,
     /// The port's queue, kept while the pool lives: the port leaves the
     /// port table when the pool stops, and workers started then serve
@@ -140,18 +121,20 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Collects the workers that have exited, and counts the failures
-    /// among them. A failure is a worker of the current generation that
-    /// ends unasked before it received a connection (its `-init` failed, it
-    /// exited, it crashed) or by a signal nobody sent it on the pool's
-    /// behalf. A worker that exits after it received one (a handler that
-    /// calls `exit`), that recycles, or that the supervisor retired or
-    /// killed, did not fail: it is replaced at once. A worker of an older
+    /// Collects the workers that have exited, and counts each exit in one
+    /// category (`model::exits`): a failure is a worker of the current
+    /// generation that ends unasked before it received a connection (its
+    /// `-init` failed, it exited, it crashed, it was not ready in time) or
+    /// by a signal nobody sent it on the pool's behalf; failures back off.
+    /// A worker that exits after it received one, that was recycled,
+    /// retired or killed past `-timeout`, did not fail: it is replaced at
+    /// once (a retired one needs no replacement). A worker of an older
     /// generation that dies during a reload says nothing of the code being
     /// started: the new generation replaces it once ready, or its own
     /// generation if the reload is abandoned.
     pub(super) fn reap(&mut self, entries: &mut Vec<LogEntry>) {
         let mut index = 0;
+        let now = Instant::now();
         while index < self.children.len() {
             let pid = self.children[index].pid;
             let status = match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
@@ -165,7 +148,6 @@ impl Pool {
             };
             let child = self.children.remove(index);
             let slot = self.scoreboard.slot(child.slot);
-            let left_by_itself = slot.state() == State::Stopping && child.retired.is_none();
             let served = slot.served();
             let received = served + u64::from(slot.open()) > 0;
             let message = slot.failure();
@@ -178,8 +160,24 @@ impl Pool {
                 WaitStatus::Signaled(_, signal, _) => (format!("signal {}", signal.as_str()), false, true),
                 other => (format!("{other:?}"), false, false),
             };
-            let recycled = (left_by_itself && clean && received) || child.retired == Some(Retired::Recycle);
-            let cause = self.recycled_reason(child.slot, recycled);
+            // Asked for its stack past `-timeout`: killed for it, even if
+            // it left before the kill.
+            let killed = child.killed.or(child.hang.as_ref().map(|_| Kill::Timeout));
+            let outcome = exits::classify(ExitFacts {
+                current: child.generation == self.generation,
+                stopping: matches!(self.phase, Phase::Stopping { .. }),
+                retired: child.retired,
+                killed,
+                clean,
+                signaled,
+                received,
+                // Left by itself once due (authorised, or it took the turn
+                // before the supervisor saw it leave).
+                left_due: child.retired.is_none()
+                    && slot.state() == State::Stopping
+                    && super::recycling::due(slot).is_some(),
+            });
+            let cause = self.recycled_reason(child.slot, outcome == Outcome::Recycled);
             self.scoreboard.slot(child.slot).free();
             let mut fields = vec![
                 ("pid", Obj::new_int(pid.as_raw().into())),
@@ -190,60 +188,60 @@ impl Pool {
             if !message.is_empty() {
                 fields.push(("error", Obj::new_string(&message)));
             }
-            let stopping = matches!(self.phase, Phase::Stopping { .. });
-            let current = child.generation == self.generation;
+            // Why it failed, as the log and an abandoned reload say it.
+            let reason = if !message.is_empty() {
+                message.clone()
+            } else if killed == Some(Kill::InitTimeout) {
+                let limit = self.config.init_timeout.unwrap_or_default().as_secs_f64();
+                format!("not ready within -inittimeout ({limit} s)")
+            } else {
+                status_text.clone()
+            };
             let mut backoff_entry = None;
-            if child.retired == Some(Retired::Recycle) && !stopping {
-                // Its turn to leave came: replaced when it was retired.
-                self.totals.recycled += 1;
-                fields.push(("recycled", Obj::new_int(1)));
-            } else if child.retired.is_some() {
-                // Asked to leave: nothing to replace.
-            } else if stopping {
-                // Nothing to replace; but one started to serve what was
-                // queued at the stop that fails is backed off, and the stop
-                // gives up on the queue after a few (`supervisor::reconcile`).
-                if (child.killed.is_none() || child.killed == Some(INIT_TIMEOUT)) && !clean {
-                    let reason = if message.is_empty() { status_text.clone() } else { message.clone() };
-                    let _ = self.count_failure(reason, Some(child.forked));
-                }
-            } else if left_by_itself && clean && received {
-                // Recycled. One that left without receiving anything (an
-                // `-init` that exits, no descriptor left to register) failed.
-                self.totals.recycled += 1;
-                fields.push(("recycled", Obj::new_int(1)));
-                // One forked since the last failure that served and left
-                // (-maxconnections) has shown that the code works now.
-                if current && self.failed_at.is_some_and(|at| child.forked > at) {
-                    self.end_failures();
-                }
-            } else if current {
+            if outcome.respawned() {
                 self.to_respawn += 1;
-                let failed = (child.killed.is_none() || child.killed == Some(INIT_TIMEOUT)) && (signaled || !received);
-                if failed {
-                    let reason = if message.is_empty() { status_text.clone() } else { message.clone() };
-                    if let Some(delay) = self.count_failure(reason, Some(child.forked)) {
+            }
+            match outcome {
+                Outcome::Recycled => {
+                    self.totals.recycled += 1;
+                    fields.push(("recycled", Obj::new_int(1)));
+                    // One forked since the last failure that served and was
+                    // recycled (-maxconnections) has shown that the code works.
+                    if self.failures.forked_since(child.forked) && child.generation == self.generation {
+                        self.failures.end();
+                    }
+                }
+                Outcome::Stopped { failed: true } => {
+                    // One started to serve what was queued at the stop that
+                    // fails is backed off, and the stop gives up on the
+                    // queue after a few (`supervisor::reconcile`).
+                    let _ = self.failures.count(reason, Some(child.forked), now);
+                }
+                Outcome::Failed => {
+                    if let Some(delay) = self.failures.count(reason, Some(child.forked), now) {
                         self.totals.backoffs += 1;
                         backoff_entry = Some(self.entry(
                             "backoff",
                             vec![
-                                ("failures", Obj::new_int(self.failures.into())),
+                                ("failures", Obj::new_int(self.failures.failures.into())),
                                 ("delay", Obj::new_double(delay.as_secs_f64())),
                             ],
                         ));
                     }
-                } else if received {
-                    // It served: the code works.
-                    self.end_failures();
                 }
+                // It served: the code works.
+                Outcome::Lost => self.failures.end(),
+                // Counted when it is gone, killed or left after the question.
+                Outcome::TimedOut => self.totals.timed_out += 1,
+                Outcome::Retired | Outcome::Stopped { .. } | Outcome::Superseded => {}
             }
             if let WaitStatus::Signaled(_, signal, _) = status {
                 if let Some(limit) = self.config.privileges.limit_that_killed(signal, child.killed.is_some()) {
                     fields.push(("limit", Obj::new_string(limit)));
                 }
             }
-            if let Some(reason) = child.killed {
-                fields.push(("killed", Obj::new_string(reason)));
+            if let Some(reason) = killed {
+                fields.push(("killed", Obj::new_string(reason.name())));
             }
             if let Some(cause) = cause {
                 fields.push(("cause", Obj::new_string(cause)));
@@ -257,72 +255,40 @@ impl Pool {
         // after a while would otherwise never back off further). Older
         // workers say nothing about the code that fails now (a reload's new
         // `-init`).
-        if self.failed_at.is_some() && self.children.iter().any(|c| self.proves_code_works(c)) {
-            self.end_failures();
+        if self.failures.failed_at().is_some() && self.children.iter().any(|c| self.proves_code_works(c, now)) {
+            self.failures.end();
         }
     }
 
-    fn proves_code_works(&self, child: &Child) -> bool {
-        self.failed_at.is_some_and(|failed_at| child.forked > failed_at)
-            && child.generation == self.generation
+    fn proves_code_works(&self, child: &Child, now: Instant) -> bool {
+        let slot = self.scoreboard.slot(child.slot);
+        child.generation == self.generation
             && child.retired.is_none()
             && child.killed.is_none()
-            && matches!(self.scoreboard.slot(child.slot).state(), State::Idle | State::Busy)
-            // Lived a while, or served: a pool that recycles after a few
-            // connections (-maxconnections) has workers that never live
-            // long under load, and must not stay backed off for ever.
-            && (child.forked.elapsed() >= YOUNG || self.scoreboard.slot(child.slot).served() > 0)
+            && matches!(slot.state(), State::Idle | State::Busy)
+            && self.failures.proven_by(child.forked, slot.served(), now)
     }
 
     /// A worker of the current generation forked after the last failure,
     /// still alive and not proven yet: the one try of a back-off.
     fn trying(&self) -> bool {
-        let Some(failed_at) = self.failed_at else { return false };
         self.children.iter().any(|c| {
-            c.generation == self.generation && c.retired.is_none() && c.killed.is_none() && c.forked > failed_at
+            c.generation == self.generation
+                && c.retired.is_none()
+                && c.killed.is_none()
+                && self.failures.forked_since(c.forked)
         })
     }
 
-    /// Counts a failed start (of a worker forked at `forked`; `None`: no
-    /// worker could be forked); returns the back-off before the next try,
-    /// or `None` when it was counted already. Deaths of workers forked
-    /// before the last counted failure are that same failure: workers
-    /// killed together, or a whole generation whose `-init` fails, are one
-    /// failure in a row, not one each.
-    pub(super) fn count_failure(&mut self, reason: String, forked: Option<Instant>) -> Option<Duration> {
-        self.last_failure = reason;
-        if forked.zip(self.failed_at).is_some_and(|(forked, failed_at)| forked <= failed_at) {
-            return None;
-        }
-        self.failures += 1;
-        let now = Instant::now();
-        self.failed_at = Some(now);
-        let delay = backoff(self.failures);
-        self.retry_at = Some(now + delay);
-        Some(delay)
+    /// Counts a failed start that forked no worker.
+    pub(super) fn count_failure(&mut self, reason: String) {
+        let _ = self.failures.count(reason, None, Instant::now());
     }
 
-    pub(super) fn end_failures(&mut self) {
-        self.failures = 0;
-        self.retry_at = None;
-        self.failed_at = None;
-    }
-
-    /// How many of `wanted` workers may be forked now: all of them, or,
-    /// while failures back off, one when its turn has come and no other
-    /// try is still under way.
+    /// How many of `wanted` workers may be forked now (`model::backoff`).
     pub(super) fn forks_allowed(&mut self, now: Instant, wanted: usize) -> usize {
-        if self.failures == 0 {
-            wanted
-        } else if self.trying() {
-            0
-        } else if self.retry_at.is_none_or(|at| now >= at) {
-            // Backing off: one worker tries, the others wait for it.
-            self.retry_at = Some(now + backoff(self.failures));
-            wanted.min(1)
-        } else {
-            0
-        }
+        let trying = self.trying();
+        self.failures.forks_allowed(now, wanted, trying)
     }
 
     /// A reload is done once its generation is ready, and abandoned after
@@ -335,7 +301,7 @@ impl Pool {
             entries.push(self.entry("reloaded", vec![("generation", Obj::new_int(self.generation.into()))]));
             return;
         }
-        if self.failures < RELOAD_FAILURES {
+        if self.failures.failures < RELOAD_FAILURES {
             return;
         }
         let abandoned = self.generation;
@@ -347,17 +313,17 @@ impl Pool {
                 && matches!(self.scoreboard.slot(c.slot).state(), State::Idle | State::Busy)
         };
         self.generation = self.children.iter().filter(|c| ready(c)).map(|c| c.generation).max().unwrap_or(previous);
-        let reason = std::mem::take(&mut self.last_failure);
+        let reason = std::mem::take(&mut self.failures.last_failure);
         entries.push(self.entry(
             "reload-failed",
             vec![
                 ("generation", Obj::new_int(abandoned.into())),
-                ("failures", Obj::new_int(self.failures.into())),
+                ("failures", Obj::new_int(self.failures.failures.into())),
                 ("reason", Obj::new_string(&reason)),
             ],
         ));
         self.reload = Reload::Failed { reason };
-        self.end_failures();
+        self.failures.end();
         self.to_respawn = 0;
     }
 
@@ -365,6 +331,7 @@ impl Pool {
     pub(super) fn takes_connections(&self, child: &Child) -> bool {
         child.retired.is_none()
             && child.killed.is_none()
+            && !child.asked_to_leave()
             && matches!(self.scoreboard.slot(child.slot).state(), State::Starting | State::Idle | State::Busy)
     }
 
@@ -376,12 +343,17 @@ impl Pool {
     }
 
     /// Workers of the current generation that count toward the target:
-    /// not asked to leave, not leaving by themselves, not killed.
+    /// not asked to leave, not leaving by themselves, not killed, not
+    /// asked for their stack past `-timeout`, not being replaced
+    /// (recycling: a turn holder serves until its replacement is ready).
     pub(super) fn serving(&self) -> impl Iterator<Item = &Child> {
         self.children.iter().filter(move |c| {
             c.generation == self.generation
                 && c.retired.is_none()
                 && c.killed.is_none()
+                && !c.asked_to_leave()
+                && c.turn.is_none()
+                && c.leaving_since.is_none()
                 && self.scoreboard.slot(c.slot).state() != State::Stopping
         })
     }
@@ -405,7 +377,8 @@ impl Pool {
         if serving > self.target {
             let mut excess = serving - self.target;
             let generation = self.generation;
-            excess -= self.retire(excess, Retired::Resize, |c| c.generation == generation, entries);
+            let counted = |c: &Child| c.generation == generation && c.turn.is_none() && !c.asked_to_leave();
+            excess -= self.retire(excess, Retired::Resize, counted, entries);
             debug_assert_eq!(excess, 0);
         }
         let generation = self.generation;
@@ -468,6 +441,7 @@ impl Pool {
         for i in candidates.into_iter().take(count) {
             let child = &mut self.children[i];
             child.retired = Some(reason);
+            child.leaving_since.get_or_insert_with(Instant::now);
             // The flag is read when the worker would register again; end of
             // file on its leave pipe wakes it if it is idle. Either way it
             // leaves once its channels are closed.
@@ -477,18 +451,46 @@ impl Pool {
             let fields = vec![
                 ("pid", Obj::new_int(child.pid.as_raw().into())),
                 ("generation", Obj::new_int(child.generation.into())),
-                (
-                    "reason",
-                    Obj::new_string(match reason {
-                        Retired::Reload => "reload",
-                        Retired::Resize => "resize",
-                        Retired::Recycle => "recycle",
-                    }),
-                ),
+                ("reason", Obj::new_string(reason.name())),
             ];
             entries.push(self.entry("retire", fields));
         }
         done
+    }
+
+    /// A worker's slot is its claim: one that says it leaves though the
+    /// supervisor did not ask (a SIGTERM from outside, or a lie) leaves
+    /// the pool for good, and is replaced; one asked to leave, or that
+    /// said it leaves, that is still there `-graceful` seconds later and
+    /// claims no connection is killed. Either counts against that worker
+    /// only (`model::timeouts::overstays`).
+    pub(super) fn hold_to_claims(&mut self, now: Instant, entries: &mut Vec<LogEntry>) {
+        let grace = self.config.graceful;
+        for index in 0..self.children.len() {
+            let child = &self.children[index];
+            let slot = self.scoreboard.slot(child.slot);
+            if child.killed.is_some() {
+                continue;
+            }
+            if child.leaving_since.is_none() && slot.state() == State::Stopping {
+                self.children[index].leaving_since = Some(now);
+                continue;
+            }
+            let Some(since) = child.leaving_since else { continue };
+            if !overstays(since, now, grace, slot.open() > 0) {
+                continue;
+            }
+            let pid = child.pid;
+            let _ = kill(pid, Signal::SIGKILL);
+            self.children[index].killed = Some(Kill::Graceful);
+            entries.push(self.entry(
+                "kill",
+                vec![
+                    ("pid", Obj::new_int(pid.as_raw().into())),
+                    ("reason", Obj::new_string("did not leave within its graceful period")),
+                ],
+            ));
+        }
     }
 
     /// Forks one worker of the current generation.
@@ -507,7 +509,7 @@ impl Pool {
             Err(errno) => {
                 pool.scoreboard.slot(slot).free();
                 // Out of descriptors is a failed start, backed off as one.
-                pool.count_failure(format!("pipe: {}", errno.desc()), None);
+                pool.count_failure(format!("pipe: {}", errno.desc()));
                 let entry = pool.entry("error", vec![("message", Obj::new_string(&format!("pipe: {}", errno.desc())))]);
                 log.push(entry);
                 return;
@@ -551,6 +553,9 @@ impl Pool {
                     leave: Some(leave_write),
                     retired: None,
                     killed: None,
+                    turn: None,
+                    busy: BusyWatch::default(),
+                    leaving_since: None,
                     recycle_at: super::recycling::lifetime_deadline(&pool.config.recycling, Instant::now()),
                     hang: None,
                     hooks: super::hooks::mask(super::hooks::worker_signals()),
@@ -570,18 +575,12 @@ impl Pool {
             }
             Err(errno) => {
                 pool.scoreboard.slot(slot).free();
-                pool.count_failure(format!("fork: {}", errno.desc()), None);
+                pool.count_failure(format!("fork: {}", errno.desc()));
                 let entry = pool.entry("error", vec![("message", Obj::new_string(&format!("fork: {}", errno.desc())))]);
                 log.push(entry);
             }
         }
     }
-}
-
-/// The back-off before the next try after `failures` young deaths in a row.
-fn backoff(failures: u32) -> Duration {
-    let doublings = failures.saturating_sub(1).min(16);
-    (BACKOFF_FIRST * 2u32.pow(doublings)).min(BACKOFF_CAP)
 }
 
 /// A random number in `0..bound`, for the recycling jitter.
@@ -591,4 +590,39 @@ pub(super) fn random_below(bound: u64) -> u64 {
         return 0;
     }
     u64::from_ne_bytes(bytes) % bound
+}
+
+/// Reaps `children` of a supervisor whose thread has ended, from a thread
+/// of its own that ends with the last of them: exactly these pids, so no
+/// child of the script is taken from it. One still running at its
+/// deadline (the pool's `-graceful` period) is killed, as the pool would
+/// have done.
+pub(super) fn reap_in_background(mut children: Vec<(Pid, Option<Instant>)>) {
+    if children.is_empty() {
+        return;
+    }
+    let reaper = move || {
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let now = Instant::now();
+            children.retain(|&(pid, deadline)| {
+                if deadline.is_some_and(|deadline| now >= deadline) {
+                    let _ = kill(pid, Signal::SIGKILL);
+                }
+                // Reaped, or no longer ours to reap (a script's own `wait`).
+                matches!(waitpid(pid, Some(WaitPidFlag::WNOHANG)), Ok(WaitStatus::StillAlive))
+            });
+            if children.is_empty() {
+                return;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    };
+    // Spawning while thread-locals are destroyed: a failure or a panic
+    // leaves the children to init once this process exits, and must not
+    // abort it.
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        std::thread::Builder::new().name("socketserver-rip".into()).stack_size(crate::THREAD_STACK_SIZE).spawn(reaper)
+    }));
 }

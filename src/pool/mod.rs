@@ -16,16 +16,22 @@
 //! signal taken over by the script.
 //! `recycling` (memory, age, connections; one worker leaving at a time),
 //! `init_timeout` and `hang_report` (what a worker past its busy timeout
-//! was doing) are rooms of `lifecycle`.
+//! was doing) are rooms of `lifecycle`; `config` is what a pool is made
+//! with. `model` holds the pool's decisions with no I/O (back-off,
+//! recycling turns, sizing, what an exit counts as, busy time), tested by
+//! a simulation; it imports nothing above it, and the rooms above are the
+//! shell that observes, asks it, and acts.
 
 mod after_fork;
 mod command;
+mod config;
 mod generation;
 mod hang_report;
 mod hooks;
 mod init_timeout;
 mod lifecycle;
 mod metrics;
+mod model;
 mod notify;
 mod pidfile;
 mod privileges;

@@ -1,141 +1,51 @@
-//! Recycling: a worker leaves, and is replaced at once, after
+//! Recycling, the shell's side: a worker is due, and replaced, after
 //! `-maxconnections` connections, once its resident memory passes
 //! `-maxrss`, or once it has lived `-maxlifetime` (plus a random part of
-//! `-lifetimejitter`); never more than a few at a time.
+//! `-lifetimejitter`). Who gets a turn and when a worker leaves is the
+//! model's decision (`model::recycling`); this file observes and acts.
 //!
 //! Who looks: a worker measures its own memory after each connection it
 //! closes (one read of `/proc/self/statm`, a few microseconds, at the
 //! moment memory has just grown, and with no cost to the supervisor that
-//! grows with the pool); the supervisor, which knows when it forked each
-//! worker, watches lifetimes on its tick.
-//!
-//! Staggering: leaving takes a turn, and a pool has `bound` turns (one per
-//! `WORKERS_PER_TURN` workers of its target, at least one), counted in
-//! memory shared with the workers. A worker that is due takes a turn
-//! itself (a compare-and-swap) when it can, and leaves after its current
-//! connections; one that finds none keeps serving and tries again after
-//! each connection, and the supervisor gives a turn to those that wait as
-//! turns come free (it retires them). A turn is held while the worker
-//! still serves its last connections, and given back once they are closed
-//! (by the worker, or by the supervisor when it reaps one that died
-//! holding it).
+//! grows with the pool), marks itself due in its slot and wakes the
+//! supervisor; the supervisor, which knows when it forked each worker,
+//! watches lifetimes on its tick. Turns are counted by the supervisor
+//! alone, in its own memory; what it writes in a worker's slot (`turn`:
+//! you may leave by yourself once due) and what the worker writes
+//! (`due`) are about that worker only: a lie makes that worker leave
+//! sooner, nothing else.
 
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use crate::tcl::Obj;
 
 use super::lifecycle::{Child, Pool, Retired};
+use super::model::recycling::{self as policy, Candidate, Turn};
+pub use super::model::recycling::{Policy, Reason};
+use super::model::Observed;
 use super::report::LogEntry;
 use super::scoreboard::{Slot, State};
-use super::shared_memory::{SharedArray, Zeroed};
 
-/// Workers of the target per turn to leave: a pool of up to 15 recycles
-/// one worker at a time, a pool of 64 eight.
-const WORKERS_PER_TURN: usize = 8;
-
-/// What `-maxrss`, `-maxlifetime` and `-lifetimejitter` ask.
-#[derive(Clone, Copy, Default)]
-pub struct Policy {
-    /// Bytes; 0: no limit.
-    pub max_rss: u64,
-    pub max_lifetime: Option<Duration>,
-    /// `None`: a tenth of `max_lifetime`.
-    pub lifetime_jitter: Option<Duration>,
-}
-
-/// Why a worker is due to leave, as the log and `pool info` name it.
-#[derive(Clone, Copy, PartialEq, Eq)]
-#[repr(u32)]
-pub enum Reason {
-    Connections = 1,
-    Memory = 2,
-    Age = 3,
-}
-
-impl Reason {
-    pub fn name(self) -> &'static str {
-        match self {
-            Reason::Connections => "maxconnections",
-            Reason::Memory => "maxrss",
-            Reason::Age => "maxlifetime",
-        }
-    }
-
-    fn from_u32(value: u32) -> Option<Reason> {
-        match value {
-            1 => Some(Reason::Connections),
-            2 => Some(Reason::Memory),
-            3 => Some(Reason::Age),
-            _ => None,
-        }
-    }
-}
-
-/// A pool's turns to leave, shared with its workers.
-#[repr(C)]
-pub struct Turns {
-    /// Turns held now.
-    held: AtomicU32,
-    /// Turns the pool has (set by the supervisor as its target changes).
-    bound: AtomicU32,
-}
-
-// SAFETY: two atomics; zero held and a zero bound (set before any fork).
-unsafe impl Zeroed for Turns {}
-
-impl Turns {
-    fn take(&self) -> bool {
-        let bound = self.bound.load(Ordering::SeqCst).max(1);
-        self.held.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| (held < bound).then_some(held + 1)).is_ok()
-    }
-
-    fn give(&self) {
-        let _ = self.held.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| held.checked_sub(1));
-    }
-}
-
-/// Gives `slot` a turn: taken from `turns` and marked in the slot, by
-/// whichever of the worker and the supervisor gets there first; true if
-/// the slot holds one now.
-fn take_turn(slot: &Slot, turns: &Turns) -> bool {
-    if slot.turn.load(Ordering::SeqCst) != 0 {
-        return true;
-    }
-    if !turns.take() {
-        return false;
-    }
-    if slot.turn.compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst).is_err() {
-        // The other side gave it one meanwhile: ours goes back.
-        turns.give();
-    }
-    true
-}
-
-/// Gives back the turn `slot` holds, if it holds one.
-fn release_turn(slot: &Slot, turns: &Turns) {
-    if slot.turn.swap(0, Ordering::SeqCst) != 0 {
-        turns.give();
-    }
-}
-
-fn mark_due(slot: &Slot, reason: Reason) {
+fn mark_due(slot: &Slot, reason: Reason) -> bool {
     // The first reason stays.
-    let _ = slot.due.compare_exchange(0, reason as u32, Ordering::SeqCst, Ordering::SeqCst);
+    slot.due.compare_exchange(0, reason as u32, Ordering::SeqCst, Ordering::SeqCst).is_ok()
 }
 
-fn due(slot: &Slot) -> Option<Reason> {
+/// Why a worker is due, as its slot says.
+pub(super) fn due(slot: &Slot) -> Option<Reason> {
     Reason::from_u32(slot.due.load(Ordering::SeqCst))
 }
 
 /// What a worker knows of recycling.
 pub struct InWorker {
     pub slot: &'static Slot,
-    pub turns: &'static Turns,
     /// Bytes; 0: no limit.
     pub max_rss: u64,
     /// Connections before leaving (`-maxconnections`, with its jitter).
     pub limit: Option<u64>,
+    /// Whether it told the supervisor it is due.
+    told: AtomicBool,
 }
 
 impl InWorker {
@@ -159,45 +69,42 @@ impl InWorker {
         }
     }
 
-    /// Whether the worker should leave now: it is due, and holds a turn.
+    /// Whether the worker should leave now by itself: it is due, and the
+    /// supervisor authorised it (the worker's caller then wakes the
+    /// supervisor, which starts the replacement). One due and not
+    /// authorised wakes the supervisor once, and serves on: the supervisor
+    /// starts its replacement and retires it when that one is ready.
     pub fn leave_now(&self) -> bool {
-        due(self.slot).is_some() && take_turn(self.slot, self.turns)
+        if due(self.slot).is_none() {
+            return false;
+        }
+        if self.slot.turn.load(Ordering::SeqCst) != 0 {
+            return true;
+        }
+        if !self.told.swap(true, Ordering::Relaxed) {
+            super::signals::notify_supervisor();
+        }
+        false
     }
 
-    /// The worker's last channel is closed: its turn is over.
-    pub fn done(&self) {
-        release_turn(self.slot, self.turns);
-    }
+    /// The worker's last channel is closed: nothing to give back.
+    pub fn done(&self) {}
 }
 
 /// A pool's recycling, on the supervisor's side.
+#[derive(Default)]
 pub struct InPool {
-    turns: SharedArray<Turns>,
-    /// Workers recycled, by reason (`Reason as usize - 1`).
+    /// Workers recycled, by reason (`Reason::index`).
     pub(super) recycled: [u64; 3],
 }
 
 impl InPool {
     pub fn new() -> nix::Result<InPool> {
-        Ok(InPool { turns: SharedArray::new(1)?, recycled: [0; 3] })
-    }
-
-    fn turns(&self) -> &Turns {
-        self.turns.get(0)
+        Ok(InPool::default())
     }
 
     pub fn for_worker(&self, slot: &'static Slot, max_rss: u64, limit: Option<u64>) -> InWorker {
-        InWorker { slot, turns: self.turns.leak(0), max_rss, limit }
-    }
-
-    /// Turns held now, for `pool info`.
-    pub fn leaving(&self) -> u32 {
-        self.turns().held.load(Ordering::SeqCst)
-    }
-
-    /// Turns the pool has, for `pool info`.
-    pub fn bound(&self) -> u32 {
-        self.turns().bound.load(Ordering::SeqCst).max(1)
+        InWorker { slot, max_rss, limit, told: AtomicBool::new(false) }
     }
 }
 
@@ -206,70 +113,106 @@ pub(super) fn lifetime_deadline(policy: &Policy, forked: Instant) -> Option<Inst
     let lifetime = policy.max_lifetime?;
     let jitter = policy.lifetime_jitter.unwrap_or(lifetime / 10);
     let extra = super::lifecycle::random_below(jitter.as_millis() as u64 + 1);
-    Some(forked + lifetime + Duration::from_millis(extra))
+    policy::lifetime_deadline(forked, Some(lifetime), extra)
+}
+
+/// A slot's state as the model names it (`None`: free).
+pub(super) fn observed(state: State) -> Option<Observed> {
+    match state {
+        State::Free => None,
+        State::Starting => Some(Observed::Starting),
+        State::Idle => Some(Observed::Idle),
+        State::Busy => Some(Observed::Busy),
+        State::Stopping => Some(Observed::Stopping),
+    }
 }
 
 impl Pool {
-    /// Marks workers past their lifetime due, and gives turns to those
-    /// that wait for one, oldest first: the supervisor retires them, they
-    /// leave after their current connections, and are replaced at once.
-    pub(super) fn recycle(&mut self, entries: &mut Vec<LogEntry>) {
-        let bound = (self.target / WORKERS_PER_TURN).max(1) as u32;
-        self.recycling.turns().bound.store(bound, Ordering::SeqCst);
-        let now = Instant::now();
-        let mut waiting: Vec<usize> = Vec::new();
-        for (index, child) in self.children.iter().enumerate() {
-            let slot = self.scoreboard.slot(child.slot);
-            if child.retired.is_some() || child.killed.is_some() || !matches!(slot.state(), State::Idle | State::Busy) {
-                continue;
-            }
-            if child.recycle_at.is_some_and(|at| now >= at) {
-                mark_due(slot, Reason::Age);
-            }
-            if due(slot).is_some() && slot.turn.load(Ordering::SeqCst) == 0 {
-                waiting.push(index);
-            }
+    /// Marks workers past their lifetime due, gives turns to those that
+    /// wait for one (their replacements start), and retires those whose
+    /// replacement is ready (`model::recycling`).
+    pub(super) fn recycle(&mut self, now: Instant, can_start: bool, entries: &mut Vec<LogEntry>) {
+        let candidates: Vec<Candidate> = self
+            .children
+            .iter()
+            .enumerate()
+            .map(|(index, c)| {
+                let slot = self.scoreboard.slot(c.slot);
+                Candidate {
+                    index,
+                    forked: c.forked,
+                    current: c.generation == self.generation,
+                    state: observed(slot.state()).unwrap_or(Observed::Stopping),
+                    leaving: c.retired.is_some() || c.killed.is_some() || c.asked_to_leave(),
+                    due: due(slot),
+                    turn: c.turn,
+                    recycle_at: c.recycle_at,
+                    served: slot.served(),
+                    open: slot.open(),
+                }
+            })
+            .collect();
+        let ready_without = self.ready_count();
+        let plan = policy::plan(&candidates, self.target, ready_without, can_start, now);
+        for &index in &plan.due_by_age {
+            mark_due(self.scoreboard.slot(self.children[index].slot), Reason::Age);
         }
-        waiting.sort_by_key(|&index| self.children[index].forked);
-        for index in waiting {
-            let slot = self.scoreboard.slot(self.children[index].slot);
-            if !take_turn(slot, self.recycling.turns()) {
-                break;
-            }
-            let pid = self.children[index].pid;
+        for &index in plan.taken.iter().chain(&plan.turns) {
+            self.children[index].turn = Some(Turn::Held(now));
+        }
+        for &index in &plan.release {
+            self.children[index].turn = Some(Turn::Ended);
+        }
+        for (index, child) in self.children.iter().enumerate() {
+            let authorised = plan.authorised.contains(&index);
+            self.scoreboard.slot(child.slot).turn.store(u32::from(authorised), Ordering::SeqCst);
+        }
+        let leaving: Vec<_> = plan.retire.iter().map(|&index| self.children[index].pid).collect();
+        for pid in leaving {
             self.retire(1, Retired::Recycle, |c: &Child| c.pid == pid, entries);
         }
     }
 
-    /// A worker is reaped: the turn it may still hold goes back, and, if
-    /// it was recycled, why (for its exit entry and `pool info`).
+    /// A worker is reaped: if it was recycled, why (for its exit entry and
+    /// `pool info`).
     pub(super) fn recycled_reason(&mut self, slot: usize, recycled: bool) -> Option<&'static str> {
-        let slot = self.scoreboard.slot(slot);
-        release_turn(slot, self.recycling.turns());
-        let reason = due(slot).filter(|_| recycled)?;
-        self.recycling.recycled[reason as usize - 1] += 1;
+        if !recycled {
+            return None;
+        }
+        // Every recycled worker is due: a cause is counted for each.
+        let reason = due(self.scoreboard.slot(slot)).unwrap_or(Reason::Connections);
+        self.recycling.recycled[reason.index()] += 1;
         Some(reason.name())
+    }
+
+    /// Turns held now.
+    fn leaving(&self) -> usize {
+        self.children.iter().filter(|c| matches!(c.turn, Some(Turn::Held(_)))).count()
     }
 
     /// `pool info`'s `recycledby` and `leaving`, and a worker's `rss` and `due`.
     pub(super) fn recycling_info(&self) -> Vec<(&'static str, Obj)> {
-        let by = [Reason::Connections, Reason::Memory, Reason::Age]
-            .iter()
-            .map(|r| (r.name(), Obj::new_int(self.recycling.recycled[*r as usize - 1] as i64)))
-            .collect();
+        let by =
+            Reason::ALL.iter().map(|r| (r.name(), Obj::new_int(self.recycling.recycled[r.index()] as i64))).collect();
         vec![
             ("recycledby", Obj::new_dict(by)),
-            ("leaving", Obj::new_int(self.recycling.leaving().into())),
-            ("leavingbound", Obj::new_int(self.recycling.bound().into())),
-            ("maxrss", Obj::new_int(self.config.recycling.max_rss as i64)),
+            ("leaving", Obj::new_int(self.leaving() as i64)),
+            ("leavingbound", Obj::new_int(policy::bound(self.target) as i64)),
+            ("maxrss", wide(self.config.recycling.max_rss)),
         ]
     }
 
     pub(super) fn worker_recycling_info(&self, slot: usize) -> Vec<(&'static str, Obj)> {
         let slot = self.scoreboard.slot(slot);
         vec![
-            ("rss", Obj::new_int(slot.rss.load(Ordering::Relaxed) as i64)),
+            ("rss", wide(slot.rss.load(Ordering::Relaxed))),
             ("due", Obj::new_string(due(slot).map_or("", Reason::name))),
         ]
     }
+}
+
+/// An unsigned figure as Tcl shows it: above the largest wide integer, as
+/// its digits (`-maxrss 18446744073709551615` showed -1).
+fn wide(value: u64) -> Obj {
+    i64::try_from(value).map_or_else(|_| Obj::new_string(&value.to_string()), Obj::new_int)
 }

@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::port_table;
@@ -26,10 +25,14 @@ use crate::registration::InterpState;
 use crate::tcl::{self, Interp, Obj, TclError, TclResult};
 
 use super::after_fork::{self, EventSources};
+use super::config::inherited_size;
+pub use super::config::Config;
 use super::generation::{default_command, DEFAULT_UPGRADE_TIMEOUT};
 use super::hang_report::InPool as HangsInPool;
 use super::hooks;
-use super::lifecycle::{Phase, Pool, Reload, Totals, RELOAD_FAILURES};
+use super::lifecycle::{Kill, Phase, Pool, Reload, Totals};
+use super::model::backoff::RELOAD_FAILURES;
+use super::model::forks_this_turn;
 use super::recycling::InPool as RecyclingInPool;
 use super::report::{flush_entries, LogEntry};
 use super::scoreboard::Scoreboard;
@@ -38,35 +41,12 @@ use super::worker;
 
 /// How often the supervisor looks at its workers without being woken.
 const TICK_MS: u32 = 100;
-/// Scoreboard slots per pool: room for a full generation beside another.
-pub const MAX_WORKERS: usize = 512;
+/// Workers a pool may have; its scoreboard has room for twice as many
+/// (a full generation beside another).
+pub use super::model::sizing::MAX_WORKERS;
 /// The signals a pool with `-signals 1` acts on.
 pub(super) const ACTED_ON: [Signal; 6] =
     [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGTTIN, Signal::SIGTTOU, Signal::SIGUSR2];
-
-pub struct Config {
-    pub workers: usize,
-    pub concurrency: usize,
-    pub handler: Vec<Obj>,
-    pub init: Option<Obj>,
-    pub max_connections: u64,
-    pub jitter: u64,
-    pub timeout: Option<Duration>,
-    pub graceful: Duration,
-    /// `None`: one line on stderr per event; an empty prefix: no log.
-    pub log: Option<Vec<Obj>>,
-    pub signals: bool,
-    /// What each worker gives up after the fork (`-user`, `-group`, `-rlimit`).
-    pub privileges: super::privileges::Privileges,
-    /// `-metrics`: the endpoint's socket, bound, served once the pool runs.
-    pub metrics: Option<super::metrics::Bound>,
-    /// `-maxrss`, `-maxlifetime`, `-lifetimejitter` (`recycling`).
-    pub recycling: super::recycling::Policy,
-    /// `-inittimeout` (`init_timeout`).
-    pub init_timeout: Option<Duration>,
-    /// `-workers min-max`, the spare targets, and what sizing did last.
-    pub sizing: super::sizing::Sizing,
-}
 
 /// The pools of a process, on the one thread that runs them. Its signal
 /// dispositions and pipe belong to the process (`signals`), its file
@@ -199,7 +179,10 @@ pub fn create(interp: Interp, state: *const InterpState, port: u16, mut config: 
                 return Err(error);
             }
         };
-        let target = config.workers;
+        // A next generation's ranged pool starts at the size the one it
+        // replaces has now, not at its minimum (an upgrade under load lost
+        // half its capacity for 2 s).
+        let target = if config.sizing.ranged() { config.sizing.initial(inherited_size(port)) } else { config.workers };
         let config_metrics = config.metrics.take();
         if !sup.had.contains(&port) {
             sup.had.push(port);
@@ -215,10 +198,7 @@ pub fn create(interp: Interp, state: *const InterpState, port: u16, mut config: 
             target,
             children: Vec::new(),
             totals: Totals::default(),
-            failures: 0,
-            retry_at: None,
-            failed_at: None,
-            last_failure: String::new(),
+            failures: Default::default(),
             reload: Reload::None,
             queue,
             counters,
@@ -233,6 +213,14 @@ pub fn create(interp: Interp, state: *const InterpState, port: u16, mut config: 
         sup.reconcile(index);
         Ok(())
     })
+}
+
+impl Supervisor {
+    /// `POOL_SIZES` for a next generation: each pool's target now.
+    pub(super) fn pool_sizes(&self) -> (String, String) {
+        let sizes: Vec<String> = self.pools.iter().map(|p| format!("{}={}", p.port, p.target)).collect();
+        (super::config::POOL_SIZES.to_string(), sizes.join(" "))
+    }
 }
 
 /// The pools' ports, or `port` alone after checking it has one.
@@ -377,7 +365,7 @@ impl Drop for Supervisor {
             }
             // A next generation may be the server now: reaped, never killed.
             children.extend(self.next_generations.iter().map(|&pid| (pid, None)));
-            reap_in_background(children);
+            super::lifecycle::reap_in_background(children);
         }
         // Tcl's notifier of this thread is gone: no file handler to remove.
         self.pools.iter_mut().filter_map(|p| p.metrics.as_mut()).for_each(|m| m.forget_handlers());
@@ -386,41 +374,6 @@ impl Drop for Supervisor {
             signals::release_all();
         }
     }
-}
-
-/// Reaps `children` of a supervisor whose thread has ended, from a thread
-/// of its own that ends with the last of them: exactly these pids, so no
-/// child of the script is taken from it. One still running at its
-/// deadline (the pool's `-graceful` period) is killed, as the pool would
-/// have done.
-fn reap_in_background(mut children: Vec<(Pid, Option<Instant>)>) {
-    if children.is_empty() {
-        return;
-    }
-    let reaper = move || {
-        let mut pause = Duration::from_millis(10);
-        loop {
-            let now = Instant::now();
-            children.retain(|&(pid, deadline)| {
-                if deadline.is_some_and(|deadline| now >= deadline) {
-                    let _ = kill(pid, Signal::SIGKILL);
-                }
-                // Reaped, or no longer ours to reap (a script's own `wait`).
-                matches!(waitpid(pid, Some(WaitPidFlag::WNOHANG)), Ok(WaitStatus::StillAlive))
-            });
-            if children.is_empty() {
-                return;
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(500));
-        }
-    };
-    // Spawning while thread-locals are destroyed: a failure or a panic
-    // leaves the children to init once this process exits, and must not
-    // abort it.
-    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        std::thread::Builder::new().name("socketserver-rip".into()).stack_size(crate::THREAD_STACK_SIZE).spawn(reaper)
-    }));
 }
 
 thread_local! {
@@ -504,7 +457,7 @@ impl Supervisor {
         pool.newest_generation += 1;
         pool.generation = pool.newest_generation;
         // Whatever failed before, the new generation gets its own tries.
-        pool.end_failures();
+        pool.failures.end();
         let entry = pool.entry("reload", vec![("generation", Obj::new_int(pool.generation.into()))]);
         self.log.push(entry);
         self.reconcile(index);
@@ -524,6 +477,9 @@ impl Supervisor {
             return;
         }
         pool.phase = Phase::Stopping { deadline: Instant::now() + pool.config.graceful };
+        // What failed before the stop does not count against the workers
+        // started to serve what is queued (they would be given up at once).
+        pool.failures.end();
         // Closing the port stops accepting and frees the port at once;
         // connections already queued stay deliverable, and each worker
         // leaves when the queue is drained and its channels are closed.
@@ -597,13 +553,18 @@ impl Supervisor {
         let now = Instant::now();
         pool.kill_stuck(&mut entries);
         pool.kill_slow_starters(&mut entries);
+        pool.hold_to_claims(now, &mut entries);
         match pool.phase {
             Phase::Running => {
                 pool.size_to_load(now, &mut entries);
                 pool.retire_surplus(&mut entries);
-                pool.recycle(&mut entries);
+                // Replacements for recycling start only while they can:
+                // no failure backs off, no reload is under way.
+                let can_start = pool.failures.healthy() && !matches!(pool.reload, Reload::Running { .. });
+                pool.recycle(now, can_start, &mut entries);
                 let wanted = pool.missing();
-                let fork_now = pool.forks_allowed(now, wanted);
+                // A few per turn of the loop: the rest at the next turn.
+                let fork_now = pool.forks_allowed(now, forks_this_turn(wanted));
                 self.log.append(&mut entries);
                 for _ in 0..fork_now {
                     let mut started = Vec::new();
@@ -626,7 +587,7 @@ impl Supervisor {
                         }
                         let pid = pool.children[i].pid;
                         let _ = kill(pid, Signal::SIGKILL);
-                        pool.children[i].killed = Some("graceful");
+                        pool.children[i].killed = Some(Kill::Graceful);
                         entries.push(pool.entry(
                             "kill",
                             vec![
@@ -640,7 +601,7 @@ impl Supervisor {
                 // that will still take one are gone (recycled, or dead)
                 // and some are queued, one more worker serves them.
                 // Given up once workers started for it fail again and again.
-                let queued = now < deadline && pool.failures < RELOAD_FAILURES && pool.queue_pending();
+                let queued = now < deadline && pool.failures.failures < RELOAD_FAILURES && pool.queue_pending();
                 let fork_now = if queued && !pool.children.iter().any(|c| pool.takes_connections(c)) {
                     pool.forks_allowed(now, 1)
                 } else {

@@ -1,0 +1,138 @@
+//! The pool's policies driven through seeded random sequences of events
+//! on a simulated clock, with simulated workers that hang, die, fail or
+//! time out in `-init`, hold a connection for hours, grow in memory;
+//! invariants checked after every step (as FoundationDB's simulation and
+//! TigerBeetle's VOPR do, at the scale of one pool).
+//!
+//! `SimPool` does what the shell (`lifecycle`, `supervisor`) does around
+//! the policies, in the same order: reap and count each exit, settle a
+//! reload, kill workers past `-timeout` and `-inittimeout`, size, retire
+//! the surplus, recycle, fork what is missing, a few per turn. A failing
+//! sequence is shrunk by proptest to its shortest form, printed, and kept
+//! under `proptest-regressions/` to be replayed first on the next run;
+//! `PROPTEST_CASES` sets how many sequences run (`make sim`: many more).
+
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+mod pool;
+
+use pool::SimPool;
+
+/// The supervisor's tick.
+pub(super) const TICK: Duration = Duration::from_millis(100);
+pub(super) const INIT_TIMEOUT: Duration = Duration::from_secs(3);
+pub(super) const GRACEFUL: Duration = Duration::from_secs(10);
+/// How long `-init` takes when it works.
+pub(super) const INIT_TIME: Duration = Duration::from_millis(300);
+
+/// What the code a worker runs does in `-init`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum Init {
+    Works,
+    /// Exits non-zero (a database down).
+    Fails,
+    /// Never returns (`-inittimeout` kills it).
+    Hangs,
+}
+
+/// One thing that happens to the pool or its workers.
+#[derive(Clone, Debug)]
+pub(super) enum Event {
+    /// Time passes, in ticks.
+    Wait(u8),
+    /// A client connects and holds its connection this long (ms; some
+    /// for hours).
+    Connect(u32),
+    /// A worker (by position) is killed from outside (kill -9).
+    KillNine(u8),
+    /// A worker's handler calls `exit` (by position).
+    HandlerExits(u8),
+    /// A worker's memory passes `-maxrss`.
+    GrowsInMemory(u8),
+    /// A worker's handler hangs on its connection.
+    Hangs(u8),
+    /// From now on, `-init` of new workers does this.
+    InitBecomes(Init),
+    Reload,
+    Resize(u8, u8),
+    /// A worker forks a child inside its handler: not a worker, not ours.
+    ForksInHandler,
+}
+
+fn event() -> impl Strategy<Value = Event> {
+    prop_oneof![
+        6 => (1u8..20).prop_map(Event::Wait),
+        6 => prop_oneof![0u32..400, 0u32..20_000, Just(u32::MAX)].prop_map(Event::Connect),
+        1 => any::<u8>().prop_map(Event::KillNine),
+        1 => any::<u8>().prop_map(Event::HandlerExits),
+        1 => any::<u8>().prop_map(Event::GrowsInMemory),
+        1 => any::<u8>().prop_map(Event::Hangs),
+        1 => prop_oneof![Just(Init::Works), Just(Init::Fails), Just(Init::Hangs)].prop_map(Event::InitBecomes),
+        1 => Just(Event::Reload),
+        1 => (any::<u8>(), any::<u8>()).prop_map(|(a, b)| Event::Resize(a, b)),
+        1 => Just(Event::ForksInHandler),
+    ]
+}
+
+/// Sequences per run: `PROPTEST_CASES`, or enough to find the classes of
+/// defects above within a few seconds.
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(5000)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), max_shrink_iters: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn pool_keeps_its_invariants(
+        min in 1usize..5,
+        spread in 0usize..4,
+        max_connections in prop::option::of(1u64..6),
+        lifetime in prop::option::of(1u64..8),
+        timeout in prop::option::of(1u64..10),
+        events in prop::collection::vec(event(), 1..250),
+    ) {
+        let (lifetime, timeout) = (lifetime.map(Duration::from_secs), timeout.map(Duration::from_secs));
+        let mut pool = SimPool::new(min, min + spread, max_connections, lifetime, timeout);
+        pool.step();
+        for event in &events {
+            pool.apply(event);
+        }
+        pool.stop();
+    }
+}
+
+/// Defect 2 of issue 26, as a fixed sequence: `-workers 3 -maxlifetime 2`,
+/// `-init` starts failing; no worker is retired for recycling, the pool
+/// keeps its 3 ready workers.
+#[test]
+fn recycling_waits_while_replacements_cannot_start() {
+    let mut pool = SimPool::new(3, 3, None, Some(Duration::from_secs(2)), None);
+    pool.step();
+    pool.apply(&Event::Wait(10));
+    assert_eq!(pool.ready_count(), 3);
+    pool.apply(&Event::InitBecomes(Init::Fails));
+    for _ in 0..10 {
+        pool.apply(&Event::Wait(10));
+        let ready = pool.workers.iter().filter(|w| w.alive() && w.retired.is_none() && w.state.ready()).count();
+        assert_eq!(ready, 3, "ready workers while -init fails");
+    }
+    pool.apply(&Event::InitBecomes(Init::Works));
+    pool.apply(&Event::Wait(100));
+    assert!(pool.figures.recycled >= 3, "recycling resumed: {:?}", pool.figures);
+    pool.stop();
+}
+
+/// Defect 3: one connection held for hours does not keep the only turn:
+/// every worker due is recycled.
+#[test]
+fn a_long_connection_holds_no_turn() {
+    let mut pool = SimPool::new(2, 2, None, Some(Duration::from_secs(1)), None);
+    pool.step();
+    pool.apply(&Event::Wait(10));
+    pool.apply(&Event::Connect(u32::MAX));
+    pool.apply(&Event::Wait(100));
+    assert!(pool.figures.recycled >= 5, "recycled: {:?}", pool.figures);
+}
