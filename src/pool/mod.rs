@@ -32,6 +32,7 @@ mod shared_memory;
 mod signals;
 mod sizing;
 mod supervisor;
+mod wake;
 mod worker;
 
 pub use after_fork::watch_forks;
