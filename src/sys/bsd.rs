@@ -48,7 +48,7 @@ pub struct ReadySet(nix::sys::event::Kqueue);
 impl ReadySet {
     pub fn new() -> nix::Result<ReadySet> {
         let queue = nix::sys::event::Kqueue::new()?;
-        super::set_cloexec(std::os::fd::AsFd::as_fd(&queue.0))?;
+        super::set_cloexec(std::os::fd::AsFd::as_fd(&queue))?;
         Ok(ReadySet(queue))
     }
 
@@ -78,7 +78,7 @@ impl ReadySet {
     }
 
     pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        std::os::fd::AsFd::as_fd(&self.0 .0)
+        std::os::fd::AsFd::as_fd(&self.0)
     }
 }
 
