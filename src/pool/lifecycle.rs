@@ -180,7 +180,7 @@ impl Pool {
             };
             let recycled = (left_by_itself && clean && received) || child.retired == Some(Retired::Recycle);
             let cause = self.recycled_reason(child.slot, recycled);
-            self.scoreboard.slot(child.slot).free();
+            self.scoreboard.free(child.slot);
             let mut fields = vec![
                 ("pid", Obj::new_int(pid.as_raw().into())),
                 ("generation", Obj::new_int(child.generation.into())),
@@ -504,7 +504,7 @@ impl Pool {
         let (leave_read, leave_write) = match LeaveEnd::pipe() {
             Ok(ends) => ends,
             Err(errno) => {
-                pool.scoreboard.slot(slot).free();
+                pool.scoreboard.free(slot);
                 // Out of descriptors is a failed start, backed off as one.
                 pool.count_failure(format!("pipe: {}", errno.desc()), None);
                 let entry = pool.entry("error", vec![("message", Obj::new_string(&format!("pipe: {}", errno.desc())))]);
@@ -568,7 +568,7 @@ impl Pool {
                 log.push(entry);
             }
             Err(errno) => {
-                pool.scoreboard.slot(slot).free();
+                pool.scoreboard.free(slot);
                 pool.count_failure(format!("fork: {}", errno.desc()), None);
                 let entry = pool.entry("error", vec![("message", Obj::new_string(&format!("fork: {}", errno.desc())))]);
                 log.push(entry);

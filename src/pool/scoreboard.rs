@@ -11,7 +11,7 @@
 //! Nothing in it is needed for correctness of the hand-off: it is for
 //! `pool info`, the busy timeout and the rolling reload.
 
-use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 
 use crate::shared_pages::{SharedPages, Writers};
 
@@ -222,7 +222,7 @@ impl Slot {
         self.pid.store(pid, Relaxed);
     }
 
-    pub fn free(&self) {
+    fn free(&self) {
         self.pid.store(0, Relaxed);
         self.set_state(State::Free);
     }
@@ -231,12 +231,18 @@ impl Slot {
 /// A pool's scoreboard: `capacity` slots, each on pages of its own.
 pub struct Scoreboard {
     pages: SharedPages,
+    /// Which slots are given to a worker, in the supervisor's own memory:
+    /// a worker that writes "free" into its slot must not get a second
+    /// worker put into it (which could then write there too).
+    in_use: Vec<AtomicBool>,
 }
 
 impl Scoreboard {
     pub fn new(capacity: usize) -> nix::Result<Scoreboard> {
         // All zeroes is a valid Slot (atomics), in state Free.
-        Ok(Scoreboard { pages: SharedPages::new(capacity, std::mem::size_of::<Slot>(), Writers::OneWorker)? })
+        let pages = SharedPages::new(capacity, std::mem::size_of::<Slot>(), Writers::OneWorker)?;
+        let in_use = (0..pages.items()).map(|_| AtomicBool::new(false)).collect();
+        Ok(Scoreboard { pages, in_use })
     }
 
     pub fn slot(&self, index: usize) -> &Slot {
@@ -248,9 +254,15 @@ impl Scoreboard {
 
     /// Takes a free slot for a new worker of `generation`.
     pub fn assign(&self, generation: u32) -> Option<usize> {
-        let index = (0..self.pages.items()).find(|&i| self.slot(i).state() == State::Free)?;
+        let index = self.in_use.iter().position(|used| !used.swap(true, Relaxed))?;
         self.slot(index).assign(generation);
         Some(index)
+    }
+
+    /// Gives a slot back once its worker is gone (or was never forked).
+    pub fn free(&self, index: usize) {
+        self.slot(index).free();
+        self.in_use[index].store(false, Relaxed);
     }
 
     /// The slot as a `'static` reference, for a forked worker, which keeps
