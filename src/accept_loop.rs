@@ -54,6 +54,9 @@ const BACKOFF: Duration = Duration::from_millis(50);
 /// How many times (a millisecond apart) stopping signals the threads before
 /// it falls back to shutting the listeners down.
 const SIGNAL_ROUNDS: u32 = 500;
+/// Messages handed back and dropped in a row before the re-queueing thread
+/// pauses (`BACKOFF`) before the next.
+const DROPPED_BEFORE_PAUSE: u32 = 64;
 /// How long a send into a full queue blocks before the sender looks
 /// whether the port is being closed.
 const SEND_TIMEOUT: Duration = Duration::from_millis(200);
@@ -492,6 +495,10 @@ impl Accepter {
 fn requeue_returned(shared: &Shared) {
     let mut fds =
         [PollFd::new(shared.accept_end.as_fd(), PollFlags::POLLIN), PollFd::new(shared.stop.fd(), PollFlags::POLLIN)];
+    // Messages in a row that were dropped: past a few, the thread takes a
+    // breath between them, so that a worker sending nothing but garbage
+    // costs a little CPU, never a spinning thread.
+    let mut dropped = 0u32;
     loop {
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) | Err(Errno::EINTR) => {}
@@ -504,6 +511,12 @@ fn requeue_returned(shared: &Shared) {
         if shared.stopping() {
             return;
         }
+        if dropped > DROPPED_BEFORE_PAUSE {
+            dropped = 0;
+            if !shared.pause() {
+                return;
+            }
+        }
         let events = fds[0].revents().unwrap_or(PollFlags::empty());
         if !events.intersects(PollFlags::POLLIN | PollFlags::POLLHUP) {
             continue;
@@ -512,20 +525,22 @@ fn requeue_returned(shared: &Shared) {
         // any thread's `in_hand`: a fork at that instant is rare enough,
         // and the copy closes when that child exits.
         match handoff::receive_connection(shared.accept_end.as_fd(), MsgFlags::MSG_DONTWAIT) {
-            Ok(Received::Connection(conn)) => {
-                if let Some(conn) = returned_connection(shared, conn) {
+            Ok(Received::Connection(conn)) => match returned_connection(shared, conn) {
+                Some(conn) => {
+                    dropped = 0;
                     shared.send(&conn);
                 }
-            }
+                None => dropped += 1,
+            },
             Ok(Received::Empty) => {}
             // Every worker end is closed: nothing more can come back. An
             // empty message without the hang-up is dropped.
             Ok(Received::Closed) if events.contains(PollFlags::POLLHUP) || !events.contains(PollFlags::POLLIN) => {
                 return
             }
-            Ok(Received::Closed) => {}
+            Ok(Received::Closed) => dropped += 1,
             // A malformed message: its descriptors are closed already.
-            Err(handoff::ReceiveError::Malformed) => {}
+            Err(handoff::ReceiveError::Malformed) => dropped += 1,
             Err(_) => {
                 if !shared.pause() {
                     return;
