@@ -25,6 +25,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -267,6 +268,17 @@ AttackCmd(void *data, Tcl_Interp *interp, int objc, Tcl_Obj *const objv[])
         got = read(fd, buffer, 4096);
         if (got < 0) return Fail(interp, "read");
         Tcl_SetObjResult(interp, Tcl_NewStringObj((char *) buffer, (int) got));
+        return TCL_OK;
+    }
+    if (!strcmp(sub, "tiocsti") && objc == 4) {
+        /* attack tiocsti FD TEXT: push TEXT into the terminal's input */
+        int fd;
+        const char *text;
+        if (Tcl_GetIntFromObj(interp, objv[2], &fd) != TCL_OK) return TCL_ERROR;
+        for (text = Tcl_GetString(objv[3]); *text; text++) {
+            if (ioctl(fd, TIOCSTI, text) != 0) return Fail(interp, "tiocsti");
+        }
+        Tcl_SetObjResult(interp, Tcl_NewStringObj("ok", -1));
         return TCL_OK;
     }
     if (!strcmp(sub, "close") && objc == 3) {

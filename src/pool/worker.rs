@@ -225,10 +225,26 @@ pub fn run(assignment: Assignment) -> ! {
 /// worker has no controlling terminal (it cannot type into it with
 /// TIOCSTI, nor get the terminal's signals), and a terminal on its standard
 /// input becomes /dev/null. Ctrl-C reaches the supervisor only, which
-/// stops its workers gracefully itself.
+/// stops its workers gracefully itself. A process without a controlling
+/// terminal (under systemd, in a container, a daemon) has no session to
+/// leave, and its workers stay in it: on Linux a session is also a
+/// scheduler autogroup, and a group per worker would leave the accepting
+/// threads one share in N+1 of a saturated machine.
 fn leave_terminal(slot: &Slot) {
-    if let Err(errno) = nix::unistd::setsid() {
-        give_up(slot, &format!("couldn't leave the session: {}", errno.desc()));
+    use nix::fcntl::{open, OFlag};
+    let terminal = open("/dev/tty", OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty());
+    let has_terminal = match terminal {
+        Ok(fd) => {
+            let _ = nix::unistd::close(fd);
+            true
+        }
+        // No controlling terminal. Any other error: leave, to be sure.
+        Err(errno) => errno != nix::errno::Errno::ENXIO,
+    };
+    if has_terminal {
+        if let Err(errno) = nix::unistd::setsid() {
+            give_up(slot, &format!("couldn't leave the session: {}", errno.desc()));
+        }
     }
     if nix::unistd::isatty(0).unwrap_or(false) {
         let null = nix::fcntl::open("/dev/null", nix::fcntl::OFlag::O_RDWR, nix::sys::stat::Mode::empty());
