@@ -2,10 +2,14 @@
 #
 #	What the security options cost, run by `make bench` after pool.tcl. In
 #	one run, on this machine, each against its baseline measured in the
-#	same run, interleaved and repeated; figures are medians:
+#	same run, interleaved and repeated; figures are medians of requests/s
+#	and of the CPU time per connection of every process of the server
+#	(supervisor and workers, all threads), each as a ratio:
 #	  S1. a 4-worker pool whose workers run as nobody (-user) against the
-#	      same pool as root: dropping happens once per worker, before
-#	      -init, so requests/s must not change (at least 0.98x);
+#	      same pool as root: dropping, leaving the session and making the
+#	      shared memory read-only happen once per worker, before -init,
+#	      so requests/s must not change (at least 0.98x) nor the CPU per
+#	      connection grow;
 #	  S2. a 4-worker -proxy pool behind HAProxy (send-proxy-v2) with
 #	      -proxyfrom against the same pool without it: the peer check is
 #	      a few comparisons per connection (at least 0.98x).
@@ -31,7 +35,10 @@ proc compare {title entries} {
     for {set rep 1} {$rep <= $::opt(-reps)} {incr rep} {
         foreach entry [shuffle $entries] {
             lassign $entry label server port
+            set cpuBefore [serverCpuNs $server]
             set m [runLoad $port $::opt(-requests) $::opt(-concurrency)]
+            set cpuAfter [serverCpuNs $server]
+            lappend ::cpu($label) [expr {($cpuAfter - $cpuBefore) / 1000.0 / max(1, [dict get $m complete])}]
             lappend ::rps($label) [dict get $m rps]
             lappend ::failed($label) [dict get $m failed]
             puts -nonewline stderr "."
@@ -40,10 +47,11 @@ proc compare {title entries} {
     }
     puts stderr ""
     puts $title
-    puts [format "%-28s %9s %8s" configuration req/s failed]
+    puts [format "%-28s %9s %12s %8s" configuration req/s "CPU us/conn" failed]
     foreach entry $entries {
         set label [lindex $entry 0]
-        puts [format "%-28s %9s %8s" $label [fmt [median $::rps($label)]] [tcl::mathop::+ {*}$::failed($label)]]
+        puts [format "%-28s %9s %12s %8s" $label [fmt [median $::rps($label)]] [fmt [median $::cpu($label)] 1] \
+            [tcl::mathop::+ {*}$::failed($label)]]
     }
     if {$::opt(-raw)} {
         foreach entry $entries {puts "  [lindex $entry 0]: [lmap v $::rps([lindex $entry 0]) {fmt $v}]"}
@@ -54,7 +62,21 @@ proc compare {title entries} {
     set paired [median [lmap a $::rps($base) b $::rps($other) {expr {$b / $a}}]]
     puts "$other vs $base: requests/s [fmt [expr {[median $::rps($other)] / [median $::rps($base)]}] 3]x\
           (median of the ratios of each repetition: [fmt $paired 3]x)"
+    set pairedCpu [median [lmap a $::cpu($base) b $::cpu($other) {expr {$b / $a}}]]
+    puts "$other vs $base: CPU per connection [fmt [expr {[median $::cpu($other)] / [median $::cpu($base)]}] 3]x\
+          (median of the ratios of each repetition: [fmt $pairedCpu 3]x)"
     puts ""
+}
+
+# CPU nanoseconds so far of every process of a server: the supervisor and
+# the workers it has now (children of the supervisor, whatever their user).
+proc serverCpuNs {server} {
+    set supervisor [pid [dict get $server pipe]]
+    set pids [list $supervisor]
+    foreach file [glob -nocomplain /proc/$supervisor/task/*/children] {
+        lappend pids {*}[readProc $file]
+    }
+    tcl::mathop::+ 0 {*}[lmap pid $pids {cpuNs $pid}]
 }
 
 puts "socketserver security benchmark: [exec nproc] cores, [exec uname -sr], [info patchlevel]"

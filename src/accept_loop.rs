@@ -54,6 +54,9 @@ const BACKOFF: Duration = Duration::from_millis(50);
 /// How many times (a millisecond apart) stopping signals the threads before
 /// it falls back to shutting the listeners down.
 const SIGNAL_ROUNDS: u32 = 500;
+/// Messages handed back and dropped in a row before the re-queueing thread
+/// pauses (`BACKOFF`) before the next.
+const DROPPED_BEFORE_PAUSE: u32 = 64;
 /// How long a send into a full queue blocks before the sender looks
 /// whether the port is being closed.
 const SEND_TIMEOUT: Duration = Duration::from_millis(200);
@@ -303,7 +306,7 @@ impl Shared {
     /// takes a connection from the queue; false when stopping.
     fn wait_for_room(&self) -> bool {
         let queue = &self.counters.queue;
-        let pausing = || queue.full() && queue.bound().1 == Overload::Pause && !self.stopping();
+        let pausing = || self.at_bound() && queue.bound().1 == Overload::Pause && !self.stopping();
         if !pausing() {
             return !self.stopping();
         }
@@ -326,20 +329,50 @@ impl Shared {
         !self.stopping()
     }
 
-    /// At the queue's bound with `-overload close`: the connection is
-    /// closed at once, and counted.
-    fn reject_at_bound(&self) -> bool {
+    /// Whether the queue is at its bound, the workers' count of what they
+    /// took checked against the kernel's count of what is still unread (a
+    /// worker that lies about its takes cannot keep the port paused).
+    fn at_bound(&self) -> bool {
         let queue = &self.counters.queue;
-        if queue.full() && queue.bound().1 == Overload::Close {
-            queue.count_rejected();
-            return true;
+        if !queue.full() {
+            return false;
         }
-        false
+        queue.resync_if_empty(sys::unsent_bytes(self.accept_end.as_fd()));
+        queue.full()
+    }
+
+    /// Queues one connection (counted there) within the bound: at the
+    /// bound, closes it (`-overload close`, counted) or waits for room
+    /// (`pause`). The check and the count are one step (`reserve`), so
+    /// that threads woken together never pass the bound. A stop while it
+    /// waits still queues it: what was accepted is served (the workers
+    /// drain the queue).
+    fn queue_within_bound(&self, conn: &Connection) {
+        let queue = &self.counters.queue;
+        loop {
+            if queue.reserve() {
+                break;
+            }
+            if !self.at_bound() {
+                continue;
+            }
+            if queue.bound().1 == Overload::Close {
+                queue.count_rejected();
+                return;
+            }
+            if !self.wait_for_room() {
+                queue.count_queued();
+                break;
+            }
+        }
+        if !self.send_uncounted(conn) {
+            queue.unqueued();
+        }
     }
 
     /// Sends one connection into the queue (counted there), waiting while
-    /// it is full; false when the port was closed first (the connection
-    /// is dropped).
+    /// it is full, whatever the bound; false when the port was closed
+    /// first (the connection is dropped).
     fn send(&self, conn: &Connection) -> bool {
         self.counters.queue.count_queued();
         let sent = self.send_uncounted(conn);
@@ -396,13 +429,8 @@ impl Accepter {
                     self.shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
                     // Other threads may have filled the queue while this one
                     // waited in accept4: it holds the connection until there
-                    // is room, so that the queue never passes its bound. A
-                    // stop meanwhile still queues it: what was accepted is
-                    // served (the workers drain the queue).
-                    if !self.shared.reject_at_bound() {
-                        self.shared.wait_for_room();
-                        self.shared.send(&conn);
-                    }
+                    // is room, so that the queue never passes its bound.
+                    self.shared.queue_within_bound(&conn);
                     self.release(conn);
                 }
                 _ if self.shared.stopping() => return,
@@ -455,10 +483,22 @@ impl Accepter {
 }
 
 /// The re-queueing thread: takes the connections workers send back and
-/// queues them again, until the port is closed.
+/// queues them again, until the port is closed. What a worker sends is a
+/// claim, checked before anything is queued: only a TCP connection whose
+/// own end is one of this port's listeners' addresses (which nothing but
+/// an accept on them can give) goes back into the queue, with the peer
+/// read from the socket itself, never from the message. Anything else (a
+/// socket of another kind, a malformed or empty message) is closed and
+/// dropped, and the thread carries on; it ends with the port, or when
+/// every worker end is closed (the socket's hang-up, not an empty
+/// message, says so).
 fn requeue_returned(shared: &Shared) {
     let mut fds =
         [PollFd::new(shared.accept_end.as_fd(), PollFlags::POLLIN), PollFd::new(shared.stop.fd(), PollFlags::POLLIN)];
+    // Messages in a row that were dropped: past a few, the thread takes a
+    // breath between them, so that a worker sending nothing but garbage
+    // costs a little CPU, never a spinning thread.
+    let mut dropped = 0u32;
     loop {
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) | Err(Errno::EINTR) => {}
@@ -471,19 +511,36 @@ fn requeue_returned(shared: &Shared) {
         if shared.stopping() {
             return;
         }
-        if !fds[0].any().unwrap_or(false) {
+        if dropped > DROPPED_BEFORE_PAUSE {
+            dropped = 0;
+            if !shared.pause() {
+                return;
+            }
+        }
+        let events = fds[0].revents().unwrap_or(PollFlags::empty());
+        if !events.intersects(PollFlags::POLLIN | PollFlags::POLLHUP) {
             continue;
         }
         // While it is being handed back, a returned connection is not in
         // any thread's `in_hand`: a fork at that instant is rare enough,
         // and the copy closes when that child exits.
         match handoff::receive_connection(shared.accept_end.as_fd(), MsgFlags::MSG_DONTWAIT) {
-            Ok(Received::Connection(conn)) => {
-                shared.send(&conn);
-            }
+            Ok(Received::Connection(conn)) => match returned_connection(shared, conn) {
+                Some(conn) => {
+                    dropped = 0;
+                    shared.send(&conn);
+                }
+                None => dropped += 1,
+            },
             Ok(Received::Empty) => {}
-            // Every worker end is closed: nothing more can come back.
-            Ok(Received::Closed) => return,
+            // Every worker end is closed: nothing more can come back. An
+            // empty message without the hang-up is dropped.
+            Ok(Received::Closed) if events.contains(PollFlags::POLLHUP) || !events.contains(PollFlags::POLLIN) => {
+                return
+            }
+            Ok(Received::Closed) => dropped += 1,
+            // A malformed message: its descriptors are closed already.
+            Err(handoff::ReceiveError::Malformed) => dropped += 1,
             Err(_) => {
                 if !shared.pause() {
                     return;
@@ -491,6 +548,34 @@ fn requeue_returned(shared: &Shared) {
             }
         }
     }
+}
+
+/// A connection a worker handed back, if it is one this port accepted: a
+/// TCP stream socket, connected, whose local address is a listener's own
+/// (or, for a listener on every address, of its family and port). Its
+/// peer is read from the socket; its accept time is not believed beyond
+/// now.
+fn returned_connection(shared: &Shared, conn: Connection) -> Option<Connection> {
+    use nix::sys::socket::{getpeername, getsockname, getsockopt, SockType, SockaddrLike, SockaddrStorage};
+    let fd = conn.socket.as_raw_fd();
+    if getsockopt(&conn.socket, sockopt::SockType).ok()? != SockType::Stream {
+        return None;
+    }
+    let local = getsockname::<SockaddrStorage>(fd).ok()?;
+    let local_address = listener::to_socket_addr(&local)?;
+    let ours = shared.listeners.iter().any(|l| {
+        let Ok(bound) = getsockname::<SockaddrStorage>(l.as_raw_fd()) else { return false };
+        let Some(bound_address) = listener::to_socket_addr(&bound) else { return false };
+        bound.family() == local.family()
+            && bound_address.port() == local_address.port()
+            && (bound_address.ip().is_unspecified() || bound_address.ip() == local_address.ip())
+    });
+    if !ours {
+        return None;
+    }
+    let peer = listener::to_socket_addr(&getpeername::<SockaddrStorage>(fd).ok()?)?;
+    let now = crate::queue_stats::monotonic_ns();
+    Some(Connection { peer: Some(peer), accepted_at: conn.accepted_at.min(now), ..conn })
 }
 
 /// A connection off `listener`, close-on-exec, the peer's address kept in

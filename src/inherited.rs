@@ -71,8 +71,41 @@ struct Passed {
 
 /// What systemd passed, read once: `None` until first asked.
 static PASSED: Mutex<Option<Result<Vec<Passed>, String>>> = Mutex::new(None);
-/// The readiness pipe of an upgrade, while nothing was said on it.
+/// The readiness pipe of an upgrade, while nothing was said on it. Only
+/// this process reports on it: a child forked meanwhile (a worker) closes
+/// its copy at the fork (`forget_ready_in_child`).
 static READY: Mutex<Option<OwnedFd>> = Mutex::new(None);
+
+thread_local! {
+    /// `READY`, locked by the forking thread across a fork.
+    static READY_HELD: std::cell::RefCell<Option<std::sync::MutexGuard<'static, Option<OwnedFd>>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Registers, once, the fork step that closes a child's copy of the
+/// readiness pipe.
+fn forget_ready_in_child() {
+    static REGISTERED: std::sync::Once = std::sync::Once::new();
+    REGISTERED.call_once(|| {
+        crate::fork_safety::on_fork(
+            || {
+                let _ = READY_HELD
+                    .try_with(|held| *held.borrow_mut() = Some(READY.lock().unwrap_or_else(|p| p.into_inner())));
+            },
+            || {
+                let _ = READY_HELD.try_with(|held| held.borrow_mut().take());
+            },
+            || {
+                let _ = READY_HELD.try_with(|held| {
+                    if let Some(mut ready) = held.borrow_mut().take() {
+                        // close(2) only: the pipe is the parent's to report on.
+                        drop(ready.take());
+                    }
+                });
+            },
+        )
+    });
+}
 
 /// Reads the socket-activation variables (once) and removes them from this
 /// process's environment with `unset`, which the caller runs (the Tcl
@@ -87,6 +120,7 @@ fn read_environment(unset: &mut dyn FnMut(&str)) -> Result<Vec<Passed>, String> 
     let for_me = pid.as_deref().and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
     if let Some(fd) = ready.and_then(|fd| fd.parse::<RawFd>().ok()).filter(|&fd| for_me && fd > 2) {
         if fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).is_ok() {
+            forget_ready_in_child();
             // SAFETY: the previous generation passed this pipe to us alone.
             *READY.lock().unwrap_or_else(|p| p.into_inner()) = Some(unsafe { OwnedFd::from_raw_fd(fd) });
             // The previous generation serves until we say ready: we take

@@ -37,6 +37,7 @@ pub mod queue_stats;
 mod queue_time;
 pub mod receiver;
 mod registration;
+mod shared_pages;
 #[doc(hidden)]
 pub mod sys;
 mod upgrade;

@@ -1,26 +1,31 @@
 //! What a port's hand-off queue holds and how long connections wait in it,
 //! readable by every process of the port without a message per connection.
 //!
-//! The figures live in a shared anonymous mapping made when the port opens,
-//! before any worker is forked (as the pool's scoreboard is), so that the
-//! accepting threads count what they queue, the workers count what they
-//! take (and how long it waited), and the supervisor reads both. The queue's
-//! depth is the difference. The accepting threads also read it to bound the
-//! queue (`-maxqueue`): at the bound they either pause (and sleep on the
-//! `room` waker, which a worker rings only while some thread is paused, so
-//! a live connection costs no extra system call) or close what they accept.
+//! The figures live in memory shared with the processes forked later
+//! (`shared_pages`), in two parts by who writes them: what the accepting
+//! threads count (connections queued and rejected, whether a thread is
+//! paused), which a pool's worker can only read; and what the processes
+//! that take connections count (taken, abandoned, the queue waits), which
+//! every worker writes. The queue's depth is the difference. The
+//! accepting threads also bound the queue (`-maxqueue`): at the bound they
+//! either pause (and sleep on the `room` waker, which a worker rings only
+//! while some thread is paused, so a live connection costs no extra
+//! system call) or close what they accept. The bound and the policy at it,
+//! and the time paused, are this process's own memory: no worker can
+//! change them. A worker can still lie about what it took; the depth it
+//! makes up is checked against the kernel's count of what is unread
+//! whenever a thread would pause or close for it (`resync_if_empty`).
 //!
 //! Queue waits go into a histogram with fixed buckets (Prometheus `le`
 //! bounds, 1 ms to 10 s), a count and a sum: one relaxed add each.
 
-use std::num::NonZeroUsize;
 use std::os::fd::{BorrowedFd, RawFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
-
-use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::{Mutex, MutexGuard};
 
 use crate::fork_safety;
+use crate::shared_pages::{SharedPages, Writers};
 use crate::sys::{self, Waker};
 
 /// The upper bounds of the histogram's buckets, in seconds, as `pool info`
@@ -64,42 +69,71 @@ impl Overload {
     }
 }
 
-/// The figures in the shared mapping; all zeroes is the start.
+/// What the accepting threads count; all zeroes is the start. Read-only
+/// in a pool's workers.
 #[repr(C)]
-struct Figures {
+struct Counts {
     /// Messages sent into the queue (re-queued ones included).
     queued: AtomicU64,
-    /// Messages taken off the queue by workers.
-    taken: AtomicU64,
     /// Connections closed at the bound (`-overload close`).
     rejected: AtomicU64,
+    /// Accepting threads paused now (workers ring `room` while non-zero).
+    paused_threads: AtomicU32,
+}
+
+/// What the processes that take connections count; all zeroes is the
+/// start. Every worker writes it.
+#[repr(C)]
+struct Takes {
+    /// Messages taken off the queue by workers.
+    taken: AtomicU64,
     /// Connections whose client left while queued, closed unserved.
     abandoned: AtomicU64,
-    /// The bound (0: none) and what happens at it (`Overload`).
-    max_queue: AtomicU64,
-    overload: AtomicU32,
-    /// Accepting threads paused now, and since when (monotonic ns) the
-    /// first of them; nanoseconds paused in all, and how many pauses.
-    paused_threads: AtomicU32,
-    pause_started: AtomicU64,
-    paused_ns: AtomicU64,
-    pauses: AtomicU64,
     /// Queue waits: per bucket (not cumulative), how many, and their sum.
     buckets: [AtomicU64; BUCKETS],
     waits: AtomicU64,
     wait_sum_ns: AtomicU64,
 }
 
+/// Pauses of the accepting threads, in this process only: one lock, so
+/// that a reader never sees a pause half counted.
+#[derive(Default)]
+struct Pauses {
+    threads: u32,
+    /// When the first of the threads paused now paused (monotonic ns).
+    started: u64,
+    /// Nanoseconds of pauses that are over.
+    total_ns: u64,
+    count: u64,
+    /// The most ever reported: the figure never goes back.
+    reported_ns: u64,
+}
+
+/// Where the figures live: shared pages, or, where the system refuses
+/// them, this process's own memory (workers' takes are then not seen).
+enum Backing {
+    Shared { _counts: SharedPages, _takes: SharedPages },
+    Private,
+}
+
 /// A port's queue figures (see the module's comment).
 pub struct QueueStats {
-    figures: NonNull<Figures>,
-    /// Whether `figures` is a shared mapping (else a private fallback).
-    mapped: bool,
+    counts: NonNull<Counts>,
+    takes: NonNull<Takes>,
+    backing: Backing,
+    /// The bound (0: none) and what happens at it (`Overload`).
+    max_queue: AtomicU64,
+    overload: AtomicU32,
+    /// Added to the depth: set when the kernel says the queue is empty
+    /// while the counts say otherwise (a worker that lied about its takes).
+    adjust: AtomicI64,
+    pauses: Mutex<Pauses>,
     /// Rung by a worker that takes a connection while a thread is paused.
     room: Option<Waker>,
 }
 
-// SAFETY: `figures` points to atomics only, valid for the value's life.
+// SAFETY: `counts` and `takes` point to atomics only, valid for the
+// value's life.
 unsafe impl Send for QueueStats {}
 // SAFETY: as above.
 unsafe impl Sync for QueueStats {}
@@ -111,97 +145,148 @@ impl Default for QueueStats {
 }
 
 impl QueueStats {
-    /// Shared figures; where the system refuses a mapping, private ones
-    /// (the accepting process's own counts: workers' takes are not seen).
+    /// Shared figures; where the system refuses them, private ones.
     pub fn new() -> QueueStats {
-        let bytes = NonZeroUsize::new(std::mem::size_of::<Figures>()).expect("non-zero");
-        // SAFETY: a fresh anonymous mapping, zero-filled by the kernel; all
-        // zeroes is a valid `Figures` (atomics).
-        let shared =
-            unsafe { mmap_anonymous(None, bytes, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED) };
-        let (figures, mapped) = match shared {
-            Ok(memory) => (memory.cast::<Figures>(), true),
-            // SAFETY: as above, zeroed memory is a valid `Figures`.
-            Err(_) => (NonNull::from(Box::leak(Box::new(unsafe { std::mem::zeroed::<Figures>() }))), false),
+        let shared = SharedPages::new(1, std::mem::size_of::<Counts>(), Writers::OneWorker).and_then(|counts| {
+            SharedPages::new(1, std::mem::size_of::<Takes>(), Writers::AllWorkers).map(|takes| (counts, takes))
+        });
+        let (counts, takes, backing) = match shared {
+            Ok((counts, takes)) => {
+                (counts.item(0).cast(), takes.item(0).cast(), Backing::Shared { _counts: counts, _takes: takes })
+            }
+            // SAFETY: zeroed memory is a valid `Counts` and `Takes` (atomics).
+            Err(_) => unsafe {
+                (
+                    NonNull::from(Box::leak(Box::new(std::mem::zeroed::<Counts>()))),
+                    NonNull::from(Box::leak(Box::new(std::mem::zeroed::<Takes>()))),
+                    Backing::Private,
+                )
+            },
         };
         let room = {
             let _no_fork = (!sys::CLOEXEC_IS_ATOMIC).then(fork_safety::hold_off_forks);
             Waker::new().ok()
         };
-        QueueStats { figures, mapped, room }
+        QueueStats {
+            counts,
+            takes,
+            backing,
+            max_queue: AtomicU64::new(0),
+            overload: AtomicU32::new(Overload::None as u32),
+            adjust: AtomicI64::new(0),
+            pauses: Mutex::new(Pauses::default()),
+            room,
+        }
     }
 
-    fn figures(&self) -> &Figures {
+    fn counts(&self) -> &Counts {
         // SAFETY: valid for as long as self (see `new`).
-        unsafe { self.figures.as_ref() }
+        unsafe { self.counts.as_ref() }
+    }
+
+    fn takes(&self) -> &Takes {
+        // SAFETY: valid for as long as self (see `new`).
+        unsafe { self.takes.as_ref() }
+    }
+
+    fn pauses(&self) -> MutexGuard<'_, Pauses> {
+        self.pauses.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Sets the bound (0: none) and the policy at it.
     pub fn set_bound(&self, max_queue: u64, overload: Overload) {
-        let f = self.figures();
-        f.overload.store(if max_queue == 0 { Overload::None } else { overload } as u32, SeqCst);
-        f.max_queue.store(max_queue, SeqCst);
+        self.overload.store(if max_queue == 0 { Overload::None } else { overload } as u32, SeqCst);
+        self.max_queue.store(max_queue, SeqCst);
         // A paused thread looks at the new bound.
         self.ring();
     }
 
     /// The bound (0: none) and the policy at it.
     pub fn bound(&self) -> (u64, Overload) {
-        let f = self.figures();
-        let overload = match f.overload.load(Relaxed) {
+        let overload = match self.overload.load(Relaxed) {
             1 => Overload::Pause,
             2 => Overload::Close,
             _ => Overload::None,
         };
-        (f.max_queue.load(Relaxed), overload)
+        (self.max_queue.load(Relaxed), overload)
+    }
+
+    fn depth_of(&self, queued: u64) -> u64 {
+        let taken = self.takes().taken.load(SeqCst);
+        let depth = queued as i128 - taken as i128 + i128::from(self.adjust.load(SeqCst));
+        depth.clamp(0, i128::from(u64::MAX)) as u64
     }
 
     /// Connections in the queue now: queued and not yet taken.
     pub fn depth(&self) -> u64 {
-        let f = self.figures();
-        let taken = f.taken.load(SeqCst);
-        f.queued.load(SeqCst).saturating_sub(taken)
+        self.depth_of(self.counts().queued.load(SeqCst))
     }
 
     /// Whether the queue is at its bound (false without one).
     pub fn full(&self) -> bool {
-        let max = self.figures().max_queue.load(Relaxed);
+        let max = self.max_queue.load(Relaxed);
         max != 0 && self.depth() >= max
     }
 
-    /// Before a send into the queue; `unqueued` if the send failed.
+    /// Counts one connection about to be sent, if the queue is below its
+    /// bound (always, without one): the check and the count are one step,
+    /// so that threads that look at once never pass the bound together.
+    /// `unqueued` if the send fails.
+    pub fn reserve(&self) -> bool {
+        let max = self.max_queue.load(Relaxed);
+        let queued = &self.counts().queued;
+        if max == 0 {
+            queued.fetch_add(1, SeqCst);
+            return true;
+        }
+        queued.fetch_update(SeqCst, SeqCst, |count| (self.depth_of(count) < max).then_some(count + 1)).is_ok()
+    }
+
+    /// Counts one connection about to be sent, whatever the bound.
     pub fn count_queued(&self) {
-        self.figures().queued.fetch_add(1, SeqCst);
+        self.counts().queued.fetch_add(1, SeqCst);
     }
 
     pub fn unqueued(&self) {
-        self.figures().queued.fetch_sub(1, SeqCst);
+        self.counts().queued.fetch_sub(1, SeqCst);
+    }
+
+    /// The queue looks full, and `unread` (the kernel's count of bytes
+    /// sent into the queue and not yet received, `None` where the system
+    /// cannot say) is zero: the takes counted are short of the truth. The
+    /// depth is set back to zero.
+    pub fn resync_if_empty(&self, unread: Option<usize>) {
+        if unread == Some(0) {
+            let depth = self.depth();
+            if depth > 0 {
+                self.adjust.fetch_sub(depth as i64, SeqCst);
+            }
+        }
     }
 
     /// A worker took a message: rings a paused accepting thread, if any.
     pub fn count_taken(&self) {
-        let f = self.figures();
-        f.taken.fetch_add(1, SeqCst);
-        if f.paused_threads.load(SeqCst) != 0 {
+        self.takes().taken.fetch_add(1, SeqCst);
+        if self.counts().paused_threads.load(SeqCst) != 0 {
             self.ring();
         }
     }
 
     pub fn count_rejected(&self) {
-        self.figures().rejected.fetch_add(1, Relaxed);
+        self.counts().rejected.fetch_add(1, Relaxed);
     }
 
     pub fn count_abandoned(&self) {
-        self.figures().abandoned.fetch_add(1, Relaxed);
+        self.takes().abandoned.fetch_add(1, Relaxed);
     }
 
     /// Records one queue wait, in nanoseconds.
     pub fn record_wait(&self, wait_ns: u64) {
-        let f = self.figures();
+        let t = self.takes();
         let bucket = BUCKET_BOUNDS.iter().position(|(_, bound)| wait_ns <= *bound).unwrap_or(BUCKETS - 1);
-        f.buckets[bucket].fetch_add(1, Relaxed);
-        f.waits.fetch_add(1, Relaxed);
-        f.wait_sum_ns.fetch_add(wait_ns, Relaxed);
+        t.buckets[bucket].fetch_add(1, Relaxed);
+        t.waits.fetch_add(1, Relaxed);
+        t.wait_sum_ns.fetch_add(wait_ns, Relaxed);
     }
 
     fn ring(&self) {
@@ -212,11 +297,13 @@ impl QueueStats {
 
     /// An accepting thread pauses: marks it, so that workers ring.
     pub fn enter_pause(&self) {
-        let f = self.figures();
-        if f.paused_threads.fetch_add(1, SeqCst) == 0 {
-            f.pause_started.store(monotonic_ns(), SeqCst);
-            f.pauses.fetch_add(1, Relaxed);
+        let mut pauses = self.pauses();
+        if pauses.threads == 0 {
+            pauses.started = monotonic_ns();
+            pauses.count += 1;
         }
+        pauses.threads += 1;
+        self.counts().paused_threads.store(pauses.threads, SeqCst);
     }
 
     /// An accepting thread resumes; the last one adds the time paused. One
@@ -224,10 +311,11 @@ impl QueueStats {
     /// only one (the others would sleep out their poll, and `paused` would
     /// stay set with room in the queue).
     pub fn leave_pause(&self) {
-        let f = self.figures();
-        let started = f.pause_started.load(SeqCst);
-        if f.paused_threads.fetch_sub(1, SeqCst) == 1 {
-            f.paused_ns.fetch_add(monotonic_ns().saturating_sub(started), Relaxed);
+        let mut pauses = self.pauses();
+        pauses.threads = pauses.threads.saturating_sub(1);
+        self.counts().paused_threads.store(pauses.threads, SeqCst);
+        if pauses.threads == 0 {
+            pauses.total_ns += monotonic_ns().saturating_sub(pauses.started);
         } else {
             self.ring();
         }
@@ -252,15 +340,16 @@ impl QueueStats {
 
     /// A snapshot for `pool info`.
     pub fn snapshot(&self) -> Snapshot {
-        let f = self.figures();
-        let paused_now = f.paused_threads.load(SeqCst) != 0;
-        let mut paused_ns = f.paused_ns.load(Relaxed);
-        if paused_now {
-            paused_ns += monotonic_ns().saturating_sub(f.pause_started.load(SeqCst));
-        }
+        let (paused_now, paused_ns, pauses) = {
+            let mut p = self.pauses();
+            let now = if p.threads != 0 { monotonic_ns().saturating_sub(p.started) } else { 0 };
+            p.reported_ns = p.reported_ns.max(p.total_ns + now);
+            (p.threads != 0, p.reported_ns, p.count)
+        };
         let (max_queue, overload) = self.bound();
+        let t = self.takes();
         let mut cumulative = 0;
-        let buckets = f
+        let buckets = t
             .buckets
             .iter()
             .map(|b| {
@@ -272,26 +361,26 @@ impl QueueStats {
             depth: self.depth(),
             max_queue,
             overload,
-            rejected: f.rejected.load(Relaxed),
-            abandoned: f.abandoned.load(Relaxed),
+            rejected: self.counts().rejected.load(Relaxed),
+            abandoned: t.abandoned.load(Relaxed),
             paused_now,
             paused_seconds: paused_ns as f64 / 1e9,
-            pauses: f.pauses.load(Relaxed),
+            pauses,
             buckets,
-            waits: f.waits.load(Relaxed),
-            wait_sum_seconds: f.wait_sum_ns.load(Relaxed) as f64 / 1e9,
+            waits: t.waits.load(Relaxed),
+            wait_sum_seconds: t.wait_sum_ns.load(Relaxed) as f64 / 1e9,
         }
     }
 }
 
 impl Drop for QueueStats {
     fn drop(&mut self) {
-        if self.mapped {
-            // SAFETY: mapped by `new` with this size; no reference outlives self.
-            let _ = unsafe { munmap(self.figures.cast(), std::mem::size_of::<Figures>()) };
-        } else {
-            // SAFETY: leaked from a Box by `new`.
-            drop(unsafe { Box::from_raw(self.figures.as_ptr()) });
+        if let Backing::Private = self.backing {
+            // SAFETY: leaked from Boxes by `new`.
+            unsafe {
+                drop(Box::from_raw(self.counts.as_ptr()));
+                drop(Box::from_raw(self.takes.as_ptr()));
+            }
         }
     }
 }

@@ -63,3 +63,36 @@ fn stopping_leaves_a_shared_listener_listening() {
     let (_accepted, peer) = listener.accept().expect("the other holder accepts");
     assert_eq!(peer.ip(), address.ip());
 }
+
+#[test]
+fn threads_woken_together_never_pass_the_queue_bound() {
+    use socketserver::queue_stats::Overload;
+    // Every address (IPv4 and IPv6), 8 threads each: 16 accepting threads.
+    let listeners = listener::open(None, 0, 1024).expect("listener");
+    let port = listeners.addresses[0].port();
+    let (accept_end, worker_end) = handoff::new_queue().expect("queue");
+    let counters = Arc::new(Counters::default());
+    counters.queue.set_bound(2, Overload::Pause);
+    let accept_loop = AcceptLoop::start(listeners.sockets, accept_end, Arc::clone(&counters), 8).expect("start");
+    let _clients: Vec<TcpStream> =
+        (0..400).map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect")).collect();
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while counters.queue.depth() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut most = counters.queue.depth();
+    // Each take rings the paused threads: all of them look at once. The
+    // queue is emptied each round, so that all find room.
+    for _ in 0..40 {
+        while let Ok(Received::Connection(conn)) =
+            handoff::receive_connection(worker_end.as_fd(), MsgFlags::MSG_DONTWAIT)
+        {
+            counters.queue.count_taken();
+            drop(conn);
+        }
+        std::thread::sleep(Duration::from_millis(30));
+        most = most.max(counters.queue.depth());
+    }
+    accept_loop.stop();
+    assert_eq!(most, 2, "the queue passed its bound of 2");
+}

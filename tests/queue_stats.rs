@@ -72,3 +72,34 @@ fn a_forked_process_takes_and_the_parent_sees_it() {
         }
     }
 }
+
+#[test]
+fn paused_seconds_never_go_back_while_threads_pause_and_resume() {
+    let stats = std::sync::Arc::new(QueueStats::new());
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let (stats, done) = (std::sync::Arc::clone(&stats), std::sync::Arc::clone(&done));
+            std::thread::spawn(move || {
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    stats.enter_pause();
+                    std::hint::spin_loop();
+                    stats.leave_pause();
+                }
+            })
+        })
+        .collect();
+    let (mut last, mut drops) = (0.0f64, 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
+    while std::time::Instant::now() < deadline {
+        let now = stats.snapshot().paused_seconds;
+        if now < last {
+            drops += 1;
+        }
+        last = now;
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    threads.into_iter().for_each(|t| t.join().unwrap());
+    assert_eq!(drops, 0, "pausedtime went back {drops} times");
+    assert!(stats.snapshot().paused_seconds >= last);
+}

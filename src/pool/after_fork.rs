@@ -6,15 +6,17 @@
 //!
 //! - The supervisor (the process, and the thread in it, that runs the
 //!   pools) owns the signal dispositions it installed, the signal pipe, the
-//!   Tcl file handler on the pipe, the tick timer, and the write ends of its
-//!   workers' leave pipes.
+//!   Tcl file handlers on the pipe and on the workers' wake channels
+//!   (`wake`), the tick timer, and its ends of its workers' leave
+//!   channels.
 //! - Any child gets none of these: the dispositions of before the first
 //!   pool, no pipe, no file handler or timer of the supervisor's, and no
-//!   leave pipe (a copy kept open would keep a worker from seeing end of
+//!   leave channel (a copy kept open would keep a worker from seeing end of
 //!   file when it is asked to leave). The pools themselves are forgotten
 //!   on the child's first pool command (`Supervisor::adopt_if_forked`).
-//! - A worker keeps one thing more, its copy of the pipe's write end, to
-//!   notify the supervisor; then it sets up its own signals (`worker`).
+//! - A worker keeps its own end of its leave channel, which is also its
+//!   one way to wake the supervisor (`wake`); then it sets up its own
+//!   signals (`worker`). Nothing of the supervisor's signal pipe.
 //! - A new generation (`pool upgrade`) is such a child until its exec.
 
 use std::cell::{Cell, RefCell};
@@ -36,8 +38,9 @@ fn leave_ends() -> MutexGuard<'static, Vec<RawFd>> {
     LEAVE_ENDS.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// The supervisor's end of a worker's leave pipe: closing it asks the
-/// worker to leave. Closed in every child at the fork.
+/// The supervisor's end of a worker's leave channel: closing it asks the
+/// worker to leave; what the worker writes into its end wakes the
+/// supervisor (`wake`). Closed in every child at the fork.
 pub struct LeaveEnd {
     fd: ManuallyDrop<OwnedFd>,
     /// The process it belongs to: a child's copy of the struct (in a pool
@@ -46,13 +49,15 @@ pub struct LeaveEnd {
 }
 
 impl LeaveEnd {
-    /// A new leave pipe: the worker's read end, and ours. Made under the
-    /// lock the fork takes, so that no child is forked before it knows.
+    /// A new leave channel (a stream socketpair): the worker's end, and
+    /// ours, watched for wakes. Made under the lock the fork takes, so that
+    /// no child is forked before it knows.
     pub fn pipe() -> nix::Result<(OwnedFd, LeaveEnd)> {
         let mut ends = leave_ends();
-        let (read_end, write_end) = crate::sys::pipe_cloexec(false)?;
-        ends.push(write_end.as_raw_fd());
-        Ok((read_end, LeaveEnd { fd: ManuallyDrop::new(write_end), pid: getpid() }))
+        let (worker_end, own_end) = crate::sys::socketpair_cloexec(nix::sys::socket::SockType::Stream)?;
+        super::wake::watch(std::os::fd::AsFd::as_fd(&own_end))?;
+        ends.push(own_end.as_raw_fd());
+        Ok((worker_end, LeaveEnd { fd: ManuallyDrop::new(own_end), pid: getpid() }))
     }
 }
 
@@ -70,22 +75,28 @@ impl Drop for LeaveEnd {
         }
         let mut ends = leave_ends();
         let fd = self.fd.as_raw_fd();
+        super::wake::unwatch(std::os::fd::AsFd::as_fd(&*self.fd));
         ends.retain(|&end| end != fd);
         // SAFETY: dropped once, here, in the process that owns it.
         unsafe { ManuallyDrop::drop(&mut self.fd) };
     }
 }
 
-/// What the supervisor thread has in Tcl's notifier: the file handler on
-/// the signal pipe and the tick timer.
+/// What the supervisor thread has in Tcl's notifier: the file handlers on
+/// the signal pipe and on the workers' wake channels, and the tick timer.
 #[derive(Clone, Copy)]
 pub struct EventSources {
     pub pipe: Option<RawFd>,
+    pub wake: Option<RawFd>,
     pub tick: Option<tcl::Timer>,
 }
 
+impl EventSources {
+    pub const NONE: EventSources = EventSources { pipe: None, wake: None, tick: None };
+}
+
 thread_local! {
-    static EVENT_SOURCES: Cell<EventSources> = const { Cell::new(EventSources { pipe: None, tick: None }) };
+    static EVENT_SOURCES: Cell<EventSources> = const { Cell::new(EventSources::NONE) };
     static LEAVE_ENDS_HELD: RefCell<Option<MutexGuard<'static, Vec<RawFd>>>> = const { RefCell::new(None) };
 }
 
@@ -119,10 +130,10 @@ fn in_child() {
     // Only the forking thread goes on in the child: if it is the
     // supervisor's, its handler and timer are removed from Tcl's notifier
     // before the pipe closes under them.
-    let sources = EVENT_SOURCES.try_with(|cell| cell.replace(EventSources { pipe: None, tick: None }));
-    if let Ok(EventSources { pipe, tick }) = sources {
-        if let Some(pipe) = pipe {
-            tcl::delete_file_handler(pipe);
+    let sources = EVENT_SOURCES.try_with(|cell| cell.replace(EventSources::NONE));
+    if let Ok(EventSources { pipe, wake, tick }) = sources {
+        for fd in pipe.into_iter().chain(wake) {
+            tcl::delete_file_handler(fd);
         }
         if let Some(tick) = tick {
             tcl::delete_timer(tick);
@@ -135,5 +146,6 @@ fn in_child() {
             }
         }
     });
+    super::wake::in_child();
     signals::in_child();
 }

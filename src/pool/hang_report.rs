@@ -204,7 +204,7 @@ pub struct InPool {
 
 impl InPool {
     pub fn new(wanted: bool, slots: usize) -> nix::Result<InPool> {
-        Ok(InPool { cells: if wanted { Some(SharedArray::new(slots)?) } else { None }, last: None })
+        Ok(InPool { cells: if wanted { Some(SharedArray::per_worker(slots)?) } else { None }, last: None })
     }
 
     /// The cell of the worker on `slot`, as the supervisor reads it.

@@ -178,7 +178,7 @@ impl Pool {
                     && super::recycling::due(slot).is_some(),
             });
             let cause = self.recycled_reason(child.slot, outcome == Outcome::Recycled);
-            self.scoreboard.slot(child.slot).free();
+            self.scoreboard.free(child.slot);
             let mut fields = vec![
                 ("pid", Obj::new_int(pid.as_raw().into())),
                 ("generation", Obj::new_int(child.generation.into())),
@@ -507,7 +507,7 @@ impl Pool {
         let (leave_read, leave_write) = match LeaveEnd::pipe() {
             Ok(ends) => ends,
             Err(errno) => {
-                pool.scoreboard.slot(slot).free();
+                pool.scoreboard.free(slot);
                 // Out of descriptors is a failed start, backed off as one.
                 pool.count_failure(format!("pipe: {}", errno.desc()));
                 let entry = pool.entry("error", vec![("message", Obj::new_string(&format!("pipe: {}", errno.desc())))]);
@@ -574,7 +574,7 @@ impl Pool {
                 log.push(entry);
             }
             Err(errno) => {
-                pool.scoreboard.slot(slot).free();
+                pool.scoreboard.free(slot);
                 pool.count_failure(format!("fork: {}", errno.desc()));
                 let entry = pool.entry("error", vec![("message", Obj::new_string(&format!("fork: {}", errno.desc())))]);
                 log.push(entry);

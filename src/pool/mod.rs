@@ -44,6 +44,7 @@ mod signals;
 mod sizing;
 mod stderr_log;
 mod supervisor;
+mod wake;
 mod worker;
 
 pub use after_fork::watch_forks;

@@ -1,18 +1,19 @@
 //! The scoreboard: what each worker of a pool is doing, readable by the
 //! supervisor without a message per connection.
 //!
-//! As in Apache's prefork MPM, it is a shared anonymous mapping made before
-//! the first fork, so the supervisor and every worker see the same memory.
-//! Each worker owns one slot and updates it with relaxed atomic stores (a
-//! few nanoseconds per connection); the supervisor assigns slots and reads
-//! them. Nothing in it is needed for correctness of the hand-off: it is for
+//! As in Apache's prefork MPM, it is shared memory made before the first
+//! fork, so the supervisor and every worker see the same memory. Each
+//! worker owns one slot and updates it with relaxed atomic stores (a few
+//! nanoseconds per connection); the supervisor assigns slots and reads
+//! them. Unlike Apache's, each slot has pages of its own, and a worker can
+//! write only its own (`shared_pages::keep_writable_only`): what a slot
+//! says is its worker's claim about itself, never about another.
+//! Nothing in it is needed for correctness of the hand-off: it is for
 //! `pool info`, the busy timeout and the rolling reload.
 
-use std::num::NonZeroUsize;
-use std::ptr::NonNull;
-use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 
-use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
+use crate::shared_pages::{SharedPages, Writers};
 
 /// What a worker is doing, as `pool info` names it.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -221,55 +222,54 @@ impl Slot {
         self.pid.store(pid, Relaxed);
     }
 
-    pub fn free(&self) {
+    fn free(&self) {
         self.pid.store(0, Relaxed);
         self.set_state(State::Free);
     }
 }
 
-/// A pool's scoreboard: `capacity` slots in one shared mapping.
+/// A pool's scoreboard: `capacity` slots, each on pages of its own.
 pub struct Scoreboard {
-    slots: NonNull<Slot>,
-    capacity: usize,
+    pages: SharedPages,
+    /// Which slots are given to a worker, in the supervisor's own memory:
+    /// a worker that writes "free" into its slot must not get a second
+    /// worker put into it (which could then write there too).
+    in_use: Vec<AtomicBool>,
 }
 
 impl Scoreboard {
     pub fn new(capacity: usize) -> nix::Result<Scoreboard> {
-        let bytes = NonZeroUsize::new(capacity.max(1) * std::mem::size_of::<Slot>()).expect("non-zero");
-        // SAFETY: a fresh anonymous mapping, zero-filled by the kernel; all
-        // zeroes is a valid Slot (atomics), in state Free.
-        let memory =
-            unsafe { mmap_anonymous(None, bytes, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED)? };
-        Ok(Scoreboard { slots: memory.cast(), capacity: capacity.max(1) })
+        // All zeroes is a valid Slot (atomics), in state Free.
+        let pages = SharedPages::new(capacity, std::mem::size_of::<Slot>(), Writers::OneWorker)?;
+        let in_use = (0..pages.items()).map(|_| AtomicBool::new(false)).collect();
+        Ok(Scoreboard { pages, in_use })
     }
 
     pub fn slot(&self, index: usize) -> &Slot {
-        assert!(index < self.capacity, "scoreboard slot out of range");
-        // SAFETY: index is in range and the mapping lives as long as self.
-        unsafe { &*self.slots.as_ptr().add(index) }
+        assert!(index < self.pages.items(), "scoreboard slot out of range");
+        // SAFETY: an item of the mapping, as large as a Slot and aligned
+        // to a page; the mapping lives as long as self.
+        unsafe { self.pages.item(index).cast::<Slot>().as_ref() }
     }
 
     /// Takes a free slot for a new worker of `generation`.
     pub fn assign(&self, generation: u32) -> Option<usize> {
-        let index = (0..self.capacity).find(|&i| self.slot(i).state() == State::Free)?;
+        let index = self.in_use.iter().position(|used| !used.swap(true, Relaxed))?;
         self.slot(index).assign(generation);
         Some(index)
+    }
+
+    /// Gives a slot back once its worker is gone (or was never forked).
+    pub fn free(&self, index: usize) {
+        self.slot(index).free();
+        self.in_use[index].store(false, Relaxed);
     }
 
     /// The slot as a `'static` reference, for a forked worker, which keeps
     /// the mapping until it exits.
     pub fn leak_slot(&self, index: usize) -> &'static Slot {
         // SAFETY: the caller is a worker that never unmaps the scoreboard.
-        unsafe { &*self.slots.as_ptr().add(index.min(self.capacity - 1)) }
-    }
-}
-
-impl Drop for Scoreboard {
-    fn drop(&mut self) {
-        let bytes = self.capacity * std::mem::size_of::<Slot>();
-        // SAFETY: the mapping was made by `new` with this size, and no slot
-        // reference outlives the scoreboard in this process.
-        let _ = unsafe { munmap(self.slots.cast(), bytes) };
+        unsafe { self.pages.item(index).cast::<Slot>().as_ref() }
     }
 }
 

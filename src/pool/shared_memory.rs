@@ -1,12 +1,9 @@
-//! Arrays in memory shared by the supervisor and the workers it forks: an
-//! anonymous shared mapping made before the first fork, as the scoreboard
-//! is, for the rooms that need a few atomics more than a slot has
-//! (`recycling`'s turns, `hang_report`'s stack texts).
+//! Arrays in memory shared by the supervisor and the workers it forks,
+//! made before the first fork as the scoreboard is (`shared_pages`), for
+//! the rooms that need a few atomics more than a slot has (`hang_report`'s
+//! stack texts, one per worker, which only that worker writes).
 
-use std::num::NonZeroUsize;
-use std::ptr::NonNull;
-
-use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
+use crate::shared_pages::{SharedPages, Writers};
 
 /// Types for which all-zero bytes are a valid value (atomics and arrays
 /// of them), so that a fresh mapping holds `len` of them.
@@ -17,40 +14,36 @@ use nix::sys::mman::{mmap_anonymous, munmap, MapFlags, ProtFlags};
 pub unsafe trait Zeroed {}
 
 pub struct SharedArray<T: Zeroed> {
-    items: NonNull<T>,
-    len: usize,
+    pages: SharedPages,
+    _items: std::marker::PhantomData<T>,
 }
 
 impl<T: Zeroed> SharedArray<T> {
-    pub fn new(len: usize) -> nix::Result<SharedArray<T>> {
-        let len = len.max(1);
-        let bytes = NonZeroUsize::new(len * std::mem::size_of::<T>().max(1)).expect("non-zero");
-        // SAFETY: a fresh anonymous mapping, zero-filled by the kernel; all
-        // zeroes is a valid T (`Zeroed`).
-        let memory =
-            unsafe { mmap_anonymous(None, bytes, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED)? };
-        Ok(SharedArray { items: memory.cast(), len })
+    /// One item per worker, which only that worker may write
+    /// (`hang_report`'s stack texts, one per scoreboard slot).
+    pub fn per_worker(len: usize) -> nix::Result<SharedArray<T>> {
+        Self::with_writers(len, Writers::OneWorker)
+    }
+
+    fn with_writers(len: usize, writers: Writers) -> nix::Result<SharedArray<T>> {
+        // Pages are zero-filled: all zeroes is a valid T (`Zeroed`).
+        Ok(SharedArray {
+            pages: SharedPages::new(len, std::mem::size_of::<T>(), writers)?,
+            _items: std::marker::PhantomData,
+        })
     }
 
     pub fn get(&self, index: usize) -> &T {
-        assert!(index < self.len, "shared array index out of range");
-        // SAFETY: index is in range and the mapping lives as long as self.
-        unsafe { &*self.items.as_ptr().add(index) }
+        assert!(index < self.pages.items(), "shared array index out of range");
+        // SAFETY: an item of the mapping, as large as a T and page-aligned;
+        // the mapping lives as long as self.
+        unsafe { self.pages.item(index).cast::<T>().as_ref() }
     }
 
     /// Item `index` as a `'static` reference, for a forked worker, which
     /// keeps the mapping until it exits.
     pub fn leak(&self, index: usize) -> &'static T {
         // SAFETY: the caller is a worker that never unmaps the array.
-        unsafe { &*self.items.as_ptr().add(index.min(self.len - 1)) }
-    }
-}
-
-impl<T: Zeroed> Drop for SharedArray<T> {
-    fn drop(&mut self) {
-        let bytes = self.len * std::mem::size_of::<T>().max(1);
-        // SAFETY: the mapping was made by `new` with this size, and no
-        // reference into it outlives the array in this process.
-        let _ = unsafe { munmap(self.items.cast(), bytes) };
+        unsafe { self.pages.item(index).cast::<T>().as_ref() }
     }
 }

@@ -18,28 +18,21 @@
 //! ours is still in force: a handler the script set since (TclX's `signal
 //! trap`) is the script's, and stays. A forked child never keeps them
 //! (`in_child`): it gets the dispositions of before the pool, by the same
-//! rule, and no pipe; a pool's worker keeps only its copy of the write
-//! end, to notify the supervisor.
+//! rule, and no pipe.
 //!
 //! A worker has a pipe of its own for the signals it handles (a stop signal
 //! sent to the whole process group, as Ctrl-C and systemd do, must not cut
 //! its connections short): see `worker`.
 
 use std::cell::{Cell, RefCell};
-use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use nix::sys::signal::{pthread_sigmask, sigaction, SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal};
 
-/// The byte a worker writes to wake the supervisor.
-pub const NOTIFY: u8 = 0;
-
 /// The write end of this process's pipe, for the signal handler.
 static WRITE_END: AtomicI32 = AtomicI32::new(-1);
-/// Where `notify_supervisor` writes: the supervisor's pipe (in the
-/// supervisor itself, the same as `WRITE_END`).
-static SUPERVISOR_END: AtomicI32 = AtomicI32::new(-1);
 
 /// The signals (`hooks::mask`) a worker handles itself: its fork keeps our
 /// handler on them (writing nowhere until the worker watches them), so a
@@ -53,7 +46,8 @@ pub fn keep_in_workers(mask: u64) {
 /// The signals this process handles through its pipe.
 struct Handling {
     read_end: OwnedFd,
-    write_end: OwnedFd,
+    /// Open while we handle signals: `WRITE_END` names it.
+    _write_end: OwnedFd,
     /// The actions in force before ours, restored when we let go.
     previous: Vec<(Signal, SigAction)>,
 }
@@ -81,9 +75,7 @@ pub fn pipe_read_end() -> nix::Result<RawFd> {
         let _no_fork = (!crate::sys::CLOEXEC_IS_ATOMIC).then(crate::fork_safety::hold_off_forks);
         let (read_end, write_end) = crate::sys::pipe_cloexec(true)?;
         WRITE_END.store(write_end.as_raw_fd(), Ordering::SeqCst);
-        // A worker keeps the supervisor's; only the supervisor's own is new.
-        let _ = SUPERVISOR_END.compare_exchange(-1, write_end.as_raw_fd(), Ordering::SeqCst, Ordering::SeqCst);
-        *handling = Some(Handling { read_end, write_end, previous: Vec::new() });
+        *handling = Some(Handling { read_end, _write_end: write_end, previous: Vec::new() });
     }
     Ok(handling.as_ref().map(|h| h.read_end.as_raw_fd()).unwrap_or(-1))
 }
@@ -123,10 +115,8 @@ pub fn hold_exactly(wanted: &[Signal]) -> nix::Result<()> {
 /// Gives every signal back to what handled it before, then closes the pipe.
 pub fn release_all() {
     let Some(handling) = handling().take() else { return };
-    let write_end = handling.write_end.as_raw_fd();
     give_back(&handling.previous);
     WRITE_END.store(-1, Ordering::SeqCst);
-    let _ = SUPERVISOR_END.compare_exchange(write_end, -1, Ordering::SeqCst, Ordering::SeqCst);
 }
 
 /// Restores each signal's previous action where our handler is still the
@@ -167,7 +157,7 @@ pub fn reset_in_worker() {
 }
 
 /// Runs `fork` as the fork of one of the supervisor's workers: its child
-/// keeps a copy of the pipe's write end to notify the supervisor.
+/// keeps our handler on the signals it handles itself (`keep_in_workers`).
 pub fn fork_worker<R>(fork: impl FnOnce() -> R) -> R {
     FORKING_WORKER.with(|forking| forking.set(true));
     let result = fork();
@@ -194,54 +184,41 @@ pub fn in_parent() {
     }
 }
 
-/// In any child: the dispositions of before the first pool, and no pipe.
-/// A worker's child keeps its copy of the write end (as `SUPERVISOR_END`);
-/// any other child closes it too.
+/// In any child: the dispositions of before the first pool, and no pipe
+/// (both of its ends close here, in workers too).
 pub fn in_child() {
     let held = HELD_ACROSS_FORK.try_with(|held| held.borrow_mut().take()).ok().flatten();
     let Some((mut guard, mask)) = held else { return };
     let worker = FORKING_WORKER.try_with(|forking| forking.replace(false)).unwrap_or(false);
     WRITE_END.store(-1, Ordering::SeqCst);
-    let mut own_write_end = -1;
     if let Some(handling) = guard.take() {
         let kept = if worker { KEPT_IN_WORKERS.load(Ordering::SeqCst) } else { 0 };
         // One at a time: no allocation in a forked child.
         for previous in handling.previous.iter().filter(|(s, _)| kept & 1 << (*s as i32) == 0) {
             give_back(std::slice::from_ref(previous));
         }
-        own_write_end = handling.write_end.as_raw_fd();
-        if worker {
-            // Now the worker's, for `notify_supervisor`, until it exits.
-            let _ = handling.write_end.into_raw_fd();
-        }
-    }
-    if !worker {
-        // A worker's child (a fork in a handler) closes the worker's copy of
-        // the supervisor's write end; the supervisor's own closed above.
-        let notify_end = SUPERVISOR_END.swap(-1, Ordering::SeqCst);
-        if notify_end >= 0 && notify_end != own_write_end {
-            let _ = nix::unistd::close(notify_end);
-        }
+        // Dropping `handling` closes both ends (close(2) only).
     }
     drop(guard);
     let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&mask), None);
 }
 
-/// Wakes the supervisor to look at the scoreboard.
+/// Wakes the supervisor to look at this worker's slot (`wake`).
 pub fn notify_supervisor() {
-    write_byte(SUPERVISOR_END.load(Ordering::Relaxed), NOTIFY);
+    super::wake::notify();
 }
 
-/// Reads what is waiting in the pipe: the signals received (as numbers) and
-/// whether a worker asked for attention.
+/// Reads what is waiting in the pipe: the signals received (as numbers);
+/// the second value is kept for callers and always false (workers no
+/// longer write into this pipe).
 pub fn drain(read_end: RawFd) -> (Vec<Signal>, bool) {
     let mut signals = Vec::new();
-    let mut notified = false;
+    let notified = false;
     let mut buffer = [0u8; 64];
     while let Ok(count @ 1..) = nix::unistd::read(read_end, &mut buffer) {
         for byte in &buffer[..count] {
             match *byte {
-                NOTIFY => notified = true,
+                0 => {}
                 number => {
                     if let Ok(signal) = Signal::try_from(i32::from(number)) {
                         if !signals.contains(&signal) || signal == Signal::SIGTTIN || signal == Signal::SIGTTOU {

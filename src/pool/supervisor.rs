@@ -415,6 +415,12 @@ impl Supervisor {
             sources.pipe = Some(pipe);
             after_fork::set_event_sources(sources);
         }
+        if sources.wake.is_none() {
+            let wake = super::wake::set_fd().map_err(posix)?;
+            tcl::create_file_handler(wake, on_pipe, std::ptr::null_mut());
+            sources.wake = Some(wake);
+            after_fork::set_event_sources(sources);
+        }
         self.hold_signals(handle_signals).map_err(posix)?;
         if sources.tick.is_none() {
             sources.tick = Some(tcl::create_timer(TICK_MS, on_tick, std::ptr::null_mut()));
@@ -633,10 +639,10 @@ impl Supervisor {
             let _ = self.hold_signals(false);
             return;
         }
-        let EventSources { pipe, tick } = after_fork::event_sources();
-        after_fork::set_event_sources(EventSources { pipe: None, tick: None });
-        if let Some(pipe) = pipe {
-            tcl::delete_file_handler(pipe);
+        let EventSources { pipe, wake, tick } = after_fork::event_sources();
+        after_fork::set_event_sources(EventSources::NONE);
+        for fd in pipe.into_iter().chain(wake) {
+            tcl::delete_file_handler(fd);
         }
         if let Some(tick) = tick {
             tcl::delete_timer(tick);
@@ -662,6 +668,7 @@ unsafe extern "C" fn on_pipe(_: *mut c_void, _mask: std::ffi::c_int) {
         let hooked = with_supervisor(|sup| {
             // Only the supervisor thread of the supervisor has this handler.
             let Some(pipe) = after_fork::event_sources().pipe else { return Vec::new() };
+            super::wake::drain();
             let (received, _notified) = signals::drain(pipe);
             sup.on_signals(&received);
             let hooked = hooks::forward(sup, &received);

@@ -221,6 +221,44 @@ pub fn run(assignment: Assignment) -> ! {
     unsafe { libc::_exit(EXIT_INTERNAL) }
 }
 
+/// Leaves the operator's session before anything of the script's runs: a
+/// worker has no controlling terminal (it cannot type into it with
+/// TIOCSTI, nor get the terminal's signals), and a terminal on its standard
+/// input becomes /dev/null. Ctrl-C reaches the supervisor only, which
+/// stops its workers gracefully itself. A process without a controlling
+/// terminal (under systemd, in a container, a daemon) has no session to
+/// leave, and its workers stay in it: on Linux a session is also a
+/// scheduler autogroup, and a group per worker would leave the accepting
+/// threads one share in N+1 of a saturated machine.
+fn leave_terminal(slot: &Slot) {
+    use nix::fcntl::{open, OFlag};
+    let terminal = open("/dev/tty", OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty());
+    let has_terminal = match terminal {
+        Ok(fd) => {
+            let _ = nix::unistd::close(fd);
+            true
+        }
+        // No controlling terminal. Any other error: leave, to be sure.
+        Err(errno) => errno != nix::errno::Errno::ENXIO,
+    };
+    if has_terminal {
+        if let Err(errno) = nix::unistd::setsid() {
+            give_up(slot, &format!("couldn't leave the session: {}", errno.desc()));
+        }
+    }
+    if nix::unistd::isatty(0).unwrap_or(false) {
+        let null = nix::fcntl::open("/dev/null", nix::fcntl::OFlag::O_RDWR, nix::sys::stat::Mode::empty());
+        match null {
+            Ok(null) if null != 0 => {
+                let _ = nix::unistd::dup2(null, 0);
+                let _ = nix::unistd::close(null);
+            }
+            Ok(_) => {}
+            Err(errno) => give_up(slot, &format!("couldn't open /dev/null: {}", errno.desc())),
+        }
+    }
+}
+
 /// Ends a worker that cannot serve: the reason goes to the supervisor's log
 /// (through the scoreboard), never straight to stderr.
 fn give_up(slot: &Slot, message: &str) -> ! {
@@ -248,6 +286,17 @@ fn serve(assignment: Assignment) -> ! {
         privileges,
         graceful,
     } = assignment;
+    // First of all: from here on this process can write only its own slot
+    // and hang-report cell of the memory it shares with the supervisor.
+    let own = [std::ptr::from_ref(slot) as usize, hang_report.map_or(0, |cell| std::ptr::from_ref(cell) as usize)];
+    if crate::shared_pages::keep_writable_only(&own).is_err() {
+        // SAFETY: _exit ends the process at once; its slot may be
+        // read-only already, so the reason cannot be written: the exit
+        // status says it.
+        unsafe { libc::_exit(EXIT_FAILED) }
+    }
+    leave_terminal(slot);
+    super::wake::set_own_end(leave.as_raw_fd());
     signals::reset_in_worker();
     let hooked = super::hooks::worker_signals();
     let signal_pipe = if signals || !hooked.is_empty() {
@@ -285,6 +334,11 @@ fn serve(assignment: Assignment) -> ! {
         if let Err(message) = interp.eval_global(&script) {
             give_up(slot, &super::report::init_failure(interp, &message, super::scoreboard::FAILURE_BYTES));
         }
+    }
+    if !is_worker() {
+        // A child that `-init` forked and that returned from it: it is not
+        // the worker the supervisor forked and tracks, and never serves.
+        tcl::exit(0);
     }
     if PHASE.compare_exchange(IN_INIT, SERVING, Ordering::SeqCst, Ordering::SeqCst).is_err() {
         // The control thread is ending the process: asked to leave during

@@ -1,6 +1,6 @@
 //! Linux's facts.
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 
 use nix::sys::socket::{MsgFlags, SockType};
 
@@ -59,4 +59,65 @@ pub fn resident_bytes() -> Option<u64> {
     let len = file.read_at(&mut text, 0).ok()?;
     let pages: u64 = std::str::from_utf8(&text[..len]).ok()?.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * super::page_size())
+}
+
+/// A file in memory of `bytes` zero bytes, as two close-on-exec
+/// descriptors: read-write, and read-only (opened again through
+/// /proc/self/fd, so that a mapping made from it can never be made
+/// writable: `shared_pages`).
+pub fn shared_memory_file(bytes: usize) -> nix::Result<(OwnedFd, OwnedFd)> {
+    use nix::fcntl::{open, OFlag};
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let read_write = memfd_create(c"socketserver", MemFdCreateFlag::MFD_CLOEXEC)?;
+    nix::unistd::ftruncate(&read_write, bytes as libc::off_t)?;
+    let path = format!("/proc/self/fd/{}", read_write.as_raw_fd());
+    let read_only = open(path.as_str(), OFlag::O_RDONLY | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty())?;
+    // SAFETY: open just returned it; nothing else owns it.
+    Ok((read_write, unsafe { OwnedFd::from_raw_fd(read_only) }))
+}
+
+/// Descriptors watched together through one descriptor that is readable
+/// while any of them is (epoll), so that the supervisor's event loop has
+/// one file handler for every worker's wake channel.
+pub struct ReadySet(nix::sys::epoll::Epoll);
+
+impl ReadySet {
+    pub fn new() -> nix::Result<ReadySet> {
+        nix::sys::epoll::Epoll::new(nix::sys::epoll::EpollCreateFlags::EPOLL_CLOEXEC).map(ReadySet)
+    }
+
+    /// Watches `fd` for reading (or its peer's close).
+    pub fn add(&self, fd: BorrowedFd<'_>) -> nix::Result<()> {
+        use nix::sys::epoll::{EpollEvent, EpollFlags};
+        use std::os::fd::AsRawFd;
+        self.0.add(fd, EpollEvent::new(EpollFlags::EPOLLIN, fd.as_raw_fd() as u64))
+    }
+
+    pub fn remove(&self, fd: BorrowedFd<'_>) {
+        let _ = self.0.delete(fd);
+    }
+
+    /// The descriptors ready now, without waiting.
+    pub fn ready(&self) -> Vec<std::os::fd::RawFd> {
+        use nix::sys::epoll::{EpollEvent, EpollTimeout};
+        let mut events = [EpollEvent::empty(); 64];
+        let count = self.0.wait(&mut events, EpollTimeout::ZERO).unwrap_or(0);
+        events[..count].iter().map(|e| e.data() as std::os::fd::RawFd).collect()
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.0 .0.as_fd()
+    }
+}
+
+/// Bytes sent on the socket `fd` that its peer has not received yet
+/// (SIOCOUTQ: for a Unix socket, the messages still queued to the peer).
+pub fn unsent_bytes(fd: BorrowedFd<'_>) -> Option<usize> {
+    use std::os::fd::AsRawFd;
+    let mut bytes: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int into `bytes`.
+    let done = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut bytes) };
+    (done == 0).then_some(bytes.max(0) as usize)
 }
