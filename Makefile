@@ -61,8 +61,8 @@ install-package:
 	if [ -n "$(TCL9LIBSOURCE)" ]; then scripts/install-atomic $(TCL9LIBSOURCE) $(PKGDIR)/$(TCL9LIBFILE); fi
 	scripts/install-atomic tcl/socketserver.tcl $(PKGDIR)/socketserver.tcl
 	sed -e 's/@VERSION@/$(VERSION)/g' -e 's/@LIBFILE@/$(LIBFILE)/g' -e 's/@TCL9LIBFILE@/$(TCL9LIBFILE)/g' \
-	    pkgIndex.tcl.in > $(PKGDIR)/.pkgIndex.tcl.new
-	mv -f $(PKGDIR)/.pkgIndex.tcl.new $(PKGDIR)/pkgIndex.tcl
+	    pkgIndex.tcl.in > $(PKGDIR)/.pkgIndex.tcl.new.$$$$ && \
+	    mv -f $(PKGDIR)/.pkgIndex.tcl.new.$$$$ $(PKGDIR)/pkgIndex.tcl
 
 # Tcl 9.0 from Debian 13 into build/tcl9 (the system is left as it was), and
 # the library built against its headers beside the 8.6 one (README, "Tcl
