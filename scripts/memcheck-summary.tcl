@@ -2,26 +2,31 @@
 #
 #	Reads the valgrind logs that `make memcheck` leaves in a directory and
 #	separates reports that involve socketserver's library from those of
-#	the Tcl core and other libraries. Exits 1 if any invalid access or
-#	definite leak involves our library.
-#
-#	Memory that a thread of ours owns while it runs (its closure, its
-#	buffers) is listed apart: valgrind reports it as lost when the process
-#	exits with the thread still running, or in a forked child, where the
-#	thread does not exist. It is bounded (one set per port and per
-#	registration), not per connection. So is, in a forked child, what
-#	another thread of the parent (a Thread-package thread) had allocated
-#	at the moment of the fork: that thread, and its stack, which held the
-#	only pointers, do not exist in the child.
+#	the Tcl core and other libraries. Definite losses of ours that are no
+#	leak are counted by kind, each with its reason (scripts/memcheck.kinds).
+#	Exits 1 if any other report involves our library: an invalid access,
+#	a jump on an uninitialised value, a bad syscall parameter, or a
+#	definite loss of no kind.
 #
 #	Usage: tclsh scripts/memcheck-summary.tcl DIRECTORY
 
 set dir [lindex $argv 0]
+
+# The kinds: name -> {where pattern exclude reason}.
+set kinds [dict create]
+proc kind {name where pattern exclude reason} {
+    dict set ::kinds $name [list $where $pattern $exclude [string trim [regsub -all {\s+} $reason { }]]]
+}
+source [file join [file dirname [file normalize [info script]]] memcheck.kinds]
+
 set ours {}
-set threadOwned {}
+set byKind [dict create]
+dict for {name -} $kinds {dict set byKind $name 0}
 set theirs {}
 set processes 0
 set forked 0
+set invalid 0
+set invalidOurs 0
 
 # The command line and parent of each process.
 proc header {log} {
@@ -31,6 +36,18 @@ proc header {log} {
     regexp -line {^==\d+== Command: (.*)$} $text -> command
     regexp -line {^==\d+== Parent PID: (\d+)$} $text -> parent
     list [expr {[info exists command] ? $command : {}}] [expr {[info exists parent] ? $parent : {}}]
+}
+
+# The kind of a definite loss of ours, or {} if none.
+proc kindOf {report isForked} {
+    dict for {name entry} $::kinds {
+        lassign $entry where pattern exclude
+        if {$where eq "forked" && !$isForked} continue
+        if {![regexp $pattern $report]} continue
+        if {$exclude ne {} && [regexp $exclude $report]} continue
+        return $name
+    }
+    return {}
 }
 
 foreach log [lsort [glob -nocomplain -directory $dir *.log]] {
@@ -51,18 +68,21 @@ foreach log [lsort [glob -nocomplain -directory $dir *.log]] {
     foreach line [split $text \n] {
         set body [regsub {^==\d+== ?} $line {}]
         if {$body eq {}} {
-            if {[regexp {^(Invalid (read|write|free)|Conditional jump|Syscall param|Mismatched free|.*definitely lost in loss record)} [lindex $block 0]]} {
+            set first [lindex $block 0]
+            if {[regexp {^(Invalid (read|write|free)|Conditional jump|Syscall param|Mismatched free|.*definitely lost in loss record)} $first]} {
                 set report [join $block \n]
-                if {[regexp {libsocketserver|socketserver::} $report]} {
-                    if {[string match *definitely* [lindex $block 0]]
-                            && ([regexp {thread_start|spawn_unchecked|AcceptLoop::start|Receiver::spawn} $report]
-                                || ($isForked && [string match *start_thread* $report]))} {
-                        lappend threadOwned [lindex $block 0]
-                    } else {
-                        lappend ours "[file tail $log]: $report"
-                    }
+                set isOurs [regexp {libsocketserver|socketserver::} $report]
+                if {[string match Invalid* $first]} {
+                    incr invalid
+                    incr invalidOurs $isOurs
+                }
+                if {!$isOurs} {
+                    lappend theirs $first
+                } elseif {[string match *definitely* $first]
+                          && [set kind [kindOf $report $isForked]] ne {}} {
+                    dict incr byKind $kind
                 } else {
-                    lappend theirs [lindex $block 0]
+                    lappend ours "[file tail $log]: $report"
                 }
             }
             set block {}
@@ -73,8 +93,12 @@ foreach log [lsort [glob -nocomplain -directory $dir *.log]] {
 }
 
 puts "memcheck: $processes tclsh processes checked ($forked of them forked children)"
-puts "reports involving socketserver: [llength $ours]"
-puts "memory owned by socketserver threads running at exit or left behind by fork: [llength $threadOwned]"
+puts "invalid accesses: $invalid, of which involving socketserver: $invalidOurs"
+puts "reports involving socketserver that are no known kind (failures): [llength $ours]"
+puts "definite losses involving socketserver that are no leak, by kind (scripts/memcheck.kinds):"
+dict for {name count} $byKind {
+    puts [format "  %5d  %s: %s" $count $name [lindex [dict get $kinds $name] 3]]
+}
 foreach report $ours {puts "\n$report"}
 set counts [dict create]
 foreach first $theirs {

@@ -215,7 +215,25 @@ proc alive {pid} {
 # freePort --
 #	A port free on 127.0.0.1 a moment ago, for tests that need a fixed
 #	port (another process, or a later generation, must find it again).
+#	Below the ephemeral range (where port 0 binds): a connect to a port in
+#	that range on which nothing listens yet may be given that same port as
+#	its source and connect to itself, so a test asking "does the server
+#	listen yet?" was answered by its own socket (faults-9.5 counted the
+#	refusals that followed as lost connections).
 proc freePort {} {
+    set low 32768
+    catch {
+        set f [open /proc/sys/net/ipv4/ip_local_port_range]
+        set low [lindex [read $f] 0]
+        close $f
+    }
+    for {set i 0} {$i < 1000 && $low > 11024} {incr i} {
+        set port [expr {10000 + int(rand() * ($low - 11024))}]
+        if {![catch {socket -server {apply {args {}}} -myaddr 127.0.0.1 $port} probe]} {
+            close $probe
+            return $port
+        }
+    }
     set probe [socket -server {apply {args {}}} -myaddr 127.0.0.1 0]
     set port [lindex [fconfigure $probe -sockname] 2]
     close $probe

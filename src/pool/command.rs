@@ -255,6 +255,7 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
     if worker::is_worker() {
         return Err(supervisor::not_here());
     }
+    hooks::check_thread()?;
     if config.signals {
         hooks::check_pool_signals()?;
     }

@@ -19,10 +19,18 @@
 //! is an error, as is creating such a pool while one of them is hooked.
 //! Hooks act while the process has a pool; without one a signal does what
 //! it did before the pools.
+//!
+//! Hooks are kept, held and run by the thread that runs the pools of the
+//! process: one set in another thread would never run, and its signal,
+//! held by nobody, would end the process. So setting a hook claims the
+//! pools' thread as `pool create` does, and both are refused in any other
+//! thread while this one has hooks or pools.
 
 use std::cell::RefCell;
+use std::sync::Mutex;
 
 use nix::sys::signal::{kill, Signal};
+use nix::unistd::{getpid, Pid};
 
 use crate::tcl::{self, Interp, NameTable, Obj, TclError, TclResult, Tcl_Obj};
 
@@ -73,6 +81,39 @@ thread_local! {
     static HOOKS: RefCell<Vec<Hook>> = const { RefCell::new(Vec::new()) };
 }
 
+/// The thread that holds the hooks of this process, while it has any. The
+/// pools' thread claim (`supervisor`) is let go when the last pool ends;
+/// this one stays while hooks are left.
+static HOOKS_THREAD: Mutex<Option<(Pid, std::thread::ThreadId)>> = Mutex::new(None);
+
+/// Refuses to set hooks or create pools in this thread while another
+/// thread of the process has hooks or runs pools.
+pub fn check_thread() -> TclResult<()> {
+    let owner = HOOKS_THREAD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    match *owner {
+        Some((pid, thread)) if pid == getpid() && thread != std::thread::current().id() => Err(TclError::new(
+            "signal hooks of this process are set by another thread",
+            &["SOCKETSERVER", "SIGNAL", "THREAD"],
+        )),
+        _ if supervisor::pools_run_by_another_thread() => {
+            Err(TclError::new("pools of this process are run by another thread", &["SOCKETSERVER", "POOL", "THREAD"]))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Records whether this thread holds hooks now; with none left, and no
+/// pool, it lets another thread claim the pools.
+fn record_thread(held: bool) {
+    let mut owner = HOOKS_THREAD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let here = (getpid(), std::thread::current().id());
+    if held {
+        *owner = Some(here);
+    } else if *owner == Some(here) || owner.is_some_and(|(pid, _)| pid != here.0) {
+        *owner = None;
+    }
+}
+
 /// The set of signals `signals` as a bit mask (every signal number is
 /// below 64).
 pub fn mask(signals: impl IntoIterator<Item = Signal>) -> u64 {
@@ -100,6 +141,7 @@ pub fn command(interp: Interp, objv: &[*mut Tcl_Obj], args: &[Obj]) -> TclResult
     if worker::is_worker() {
         return Err(supervisor::not_here());
     }
+    check_thread()?;
     let (mut words, mut workers) = (args, false);
     if let [rest @ .., option, value] = words {
         if option.to_string_lossy() == "-workers" {
@@ -137,6 +179,10 @@ pub fn command(interp: Interp, objv: &[*mut Tcl_Obj], args: &[Obj]) -> TclResult
                     &["SOCKETSERVER", "SIGNAL", "POOL"],
                 ));
             }
+            if !script.to_string_lossy().is_empty() {
+                // Atomic with every other thread's `pool create` and hook.
+                supervisor::claim_supervisor_thread()?;
+            }
             set(signal, interp, script, workers);
             supervisor::hold_signals_now();
             Ok(Obj::new_string(""))
@@ -153,7 +199,11 @@ fn set(signal: Signal, interp: Interp, script: Obj, workers: bool) {
             hooks.push(Hook { signal, interp, script, workers });
         }
         signals::keep_in_workers(mask(hooks.iter().filter(|h| h.workers).map(|h| h.signal)));
+        record_thread(!hooks.is_empty());
     });
+    if hooks().is_empty() {
+        supervisor::release_supervisor_thread_if_idle();
+    }
 }
 
 /// Refuses a pool that would act on a signal the script has hooked.
@@ -176,6 +226,7 @@ pub fn interp_deleted(interp: Interp) {
         if let Ok(mut hooks) = hooks.try_borrow_mut() {
             hooks.retain(|h| h.interp.as_ptr() != interp.as_ptr());
             signals::keep_in_workers(mask(hooks.iter().filter(|h| h.workers).map(|h| h.signal)));
+            record_thread(!hooks.is_empty());
         }
     });
 }

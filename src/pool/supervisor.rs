@@ -92,7 +92,8 @@ thread_local! {
 static SUPERVISOR_THREAD: Mutex<Option<(Pid, std::thread::ThreadId)>> = Mutex::new(None);
 
 /// Whether this thread may run pools: no other thread of this process does.
-fn claim_supervisor_thread() -> TclResult<()> {
+/// Setting a signal hook claims the thread too (`hooks`).
+pub(super) fn claim_supervisor_thread() -> TclResult<()> {
     let mut owner = SUPERVISOR_THREAD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let here = (nix::unistd::getpid(), std::thread::current().id());
     match *owner {
@@ -114,6 +115,20 @@ fn release_supervisor_thread() -> bool {
         *owner = None;
     }
     ours
+}
+
+/// Whether another thread of this process runs pools now.
+pub(super) fn pools_run_by_another_thread() -> bool {
+    let owner = SUPERVISOR_THREAD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    matches!(*owner, Some((pid, thread)) if pid == nix::unistd::getpid() && thread != std::thread::current().id())
+}
+
+/// Lets another thread run pools if this one has none (its last signal
+/// hook was removed).
+pub(super) fn release_supervisor_thread_if_idle() {
+    if SUPERVISOR.with(|s| s.try_borrow().is_ok_and(|s| s.pools.is_empty())) {
+        release_supervisor_thread();
+    }
 }
 
 /// Runs `f` on the supervisor's state, then hands out the log entries it
