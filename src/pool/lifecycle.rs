@@ -199,7 +199,13 @@ impl Pool {
             };
             let mut backoff_entry = None;
             if outcome.respawned() {
-                self.to_respawn += 1;
+                if child.retired.is_none() && child.leaving_since.is_some() {
+                    // Seen leaving unasked before it exited
+                    // (`hold_to_claims`): its replacement is forked already.
+                    self.totals.respawned += 1;
+                } else {
+                    self.to_respawn += 1;
+                }
             }
             match outcome {
                 Outcome::Recycled => {
