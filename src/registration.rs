@@ -566,8 +566,34 @@ unsafe extern "C" fn purge_delivery(event: *mut Tcl_Event, state: *mut c_void) -
     1
 }
 
+/// Registers `state`'s thread exit handler (see `on_thread_exit`); the
+/// interpreter's deletion removes it.
+pub fn watch_thread_exit(state: *mut c_void) {
+    tcl::create_thread_exit_handler_with(on_thread_exit, state);
+}
+
+/// Tcl's thread exit handler for an interpreter's state: its thread ends
+/// without deleting the interpreter (a handler or script called
+/// `thread::exit`). Nothing can be delivered here again: the receivers
+/// stop and the connections on their way go back to the queue, as when the
+/// interpreter is deleted (the state itself stays, with the interpreter).
+/// Not when the process exits: the exit flag gives connections back then.
+unsafe extern "C" fn on_thread_exit(state: *mut c_void) {
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        if exiting() {
+            return;
+        }
+        // SAFETY: registered by `watch_thread_exit` with the live state of
+        // an interpreter of this thread; its deletion removes the handler.
+        let state = unsafe { &*state.cast::<InterpState>() };
+        state.reset_if_forked();
+        state.give_back_all();
+    }));
+}
+
 /// Tcl's assoc-data delete procedure: the interpreter is going away.
 pub unsafe extern "C" fn on_interp_deleted(state: *mut c_void, _interp: *mut tcl::Tcl_Interp) {
+    tcl::delete_thread_exit_handler(on_thread_exit, state);
     let _ = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: `state` is the Box that `Socketserver_Init` leaked for this
         // interpreter; Tcl calls this procedure once.

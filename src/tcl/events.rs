@@ -117,6 +117,21 @@ pub fn create_thread_exit_handler(handler: unsafe extern "C" fn(*mut c_void)) {
     unsafe { stub!(tcl_CreateThreadExitHandler)(Some(handler), ptr::null_mut()) }
 }
 
+/// Asks Tcl to call `handler(data)` when the current thread ends
+/// (`Tcl_CreateThreadExitHandler`); `delete_thread_exit_handler` undoes it.
+pub fn create_thread_exit_handler_with(handler: unsafe extern "C" fn(*mut c_void), data: *mut c_void) {
+    // SAFETY: Tcl keeps `data` as an opaque word; the caller keeps it valid
+    // until the handler runs or is deleted.
+    unsafe { stub!(tcl_CreateThreadExitHandler)(Some(handler), data) }
+}
+
+/// Removes a handler that `create_thread_exit_handler_with` registered on
+/// this thread with the same `data`.
+pub fn delete_thread_exit_handler(handler: unsafe extern "C" fn(*mut c_void), data: *mut c_void) {
+    // SAFETY: removing an absent handler is a no-op in Tcl.
+    unsafe { stub!(tcl_DeleteThreadExitHandler)(Some(handler), data) }
+}
+
 /// Removes from the current thread's queue every event for which `filter`
 /// returns true (Tcl frees their memory; `filter` must take their payloads).
 pub fn delete_events(filter: unsafe extern "C" fn(*mut Tcl_Event, *mut c_void) -> c_int, data: *mut c_void) {
