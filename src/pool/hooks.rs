@@ -209,13 +209,14 @@ pub(super) fn forward(sup: &mut Supervisor, received: &[Signal]) -> Vec<Signal> 
 }
 
 /// Runs the hooks of `signals` in this process, at global level; an error
-/// goes to `interp bgerror`. Never while the pool's state is borrowed: a
-/// hook may call `pool` commands.
+/// goes to `interp bgerror`. Queued as events of this thread, run from its
+/// event loop: never while the pool's state is borrowed (a hook may call
+/// `pool` commands), and outside the caller's `catch_unwind` (a hook may
+/// end its thread, see `run_hook`).
 pub fn run(signals: &[Signal]) {
+    let thread = tcl::current_thread();
     for signal in signals {
-        if let Some(hook) = hooks().into_iter().find(|h| h.signal == *signal) {
-            hook.interp.eval_global_in_background(&[Obj::new_string("eval"), hook.script]);
-        }
+        tcl::queue_unwinding_event(thread, run_hook, *signal as i32);
     }
 }
 
@@ -224,16 +225,17 @@ pub fn run(signals: &[Signal]) {
 /// among them unhooked (the pool's stop signal: the worker leaves).
 pub fn in_worker(thread: tcl::ThreadId, received: &[Signal], hooked: u64) -> bool {
     for signal in received.iter().filter(|s| hooked & mask([**s]) != 0) {
-        tcl::queue_unwinding_event(thread, run_in_worker, *signal as i32);
+        tcl::queue_unwinding_event(thread, run_hook, *signal as i32);
     }
     received.contains(&Signal::SIGTERM) && hooked & mask([Signal::SIGTERM]) == 0
 }
 
-/// Runs a signal's hook in a worker: "C-unwind", and the hook's script
-/// outside `catch_unwind`, as it may end the thread (`tcl::ScriptCall`).
-unsafe extern "C-unwind" fn run_in_worker(event: *mut tcl::Tcl_Event, _flags: std::ffi::c_int) -> std::ffi::c_int {
+/// Runs a signal's hook (queued by `run` or `in_worker`): "C-unwind", and
+/// the hook's script outside `catch_unwind`, as it may end the thread
+/// (`tcl::ScriptCall`).
+unsafe extern "C-unwind" fn run_hook(event: *mut tcl::Tcl_Event, _flags: std::ffi::c_int) -> std::ffi::c_int {
     let call = tcl::rust_part(|| {
-        // SAFETY: queued by `in_worker` with an `i32` payload, taken once.
+        // SAFETY: queued by `run` or `in_worker` with an `i32` payload, taken once.
         let number = unsafe { tcl::Event::<i32>::take_payload(event) };
         let signal = Signal::try_from(number).ok()?;
         let hook = hooks().into_iter().find(|h| h.signal == signal)?;
