@@ -146,6 +146,11 @@ fn server(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
     };
     let mut server = ServerOptions::default();
     for pair in options.chunks(2) {
+        // A word that is no option where one is expected (`server 8080
+        // extra`): too many arguments, as Tcl's `socket` and 1.1.3 say.
+        if !pair[0].to_string_lossy().starts_with('-') {
+            return Err(interp.wrong_num_args(objv, 2, SERVER_USAGE));
+        }
         let index = interp.get_index(&pair[0], &SERVER_OPTIONS, c"option")?;
         server.take(interp, SERVER_OPTIONS.name(index), &pair[1])?;
     }

@@ -107,6 +107,7 @@ fn init(interp: Interp) -> tcl::TclResult<()> {
     if state.is_null() {
         state = Box::into_raw(Box::new(InterpState::new(interp))).cast::<c_void>();
         interp.set_assoc_data(ASSOC_KEY, Some(registration::on_interp_deleted), state);
+        registration::watch_thread_exit(state);
     }
     interp.create_command(c"::socketserver::socket", Some(socket_command), state);
     interp.create_command(c"::socketserver::pool", Some(pool_command), state);

@@ -14,8 +14,8 @@ static WAIT_OPTIONS: NameTable<2> = NameTable([c"-nohang".as_ptr(), std::ptr::nu
 
 /// Forks, after flushing every channel of `interp` (stdout and stderr
 /// included): output still buffered at the fork would be written by both
-/// processes. (A lambda, so that no global variable of the script is
-/// touched.) Every fork of the library whose child goes on in Tcl goes
+/// processes. (Through the C API: no variable or command of the script
+/// is used, whatever it redefined.) Every fork of the library whose child goes on in Tcl goes
 /// through here (an upgrade's child execs at once).
 ///
 /// # Safety
@@ -24,7 +24,7 @@ static WAIT_OPTIONS: NameTable<2> = NameTable([c"-nohang".as_ptr(), std::ptr::nu
 /// safe by `fork_safety`, which also gives the child its own notifier
 /// where Tcl's would be shared.
 pub unsafe fn fork_flushed(interp: Interp) -> nix::Result<ForkResult> {
-    let _ = interp.eval_global(&Obj::new_string("apply {{} {foreach c [chan names] {catch {flush $c}}}}"));
+    interp.flush_all_channels();
     // SAFETY: the caller's promise.
     unsafe { fork_process() }
 }

@@ -51,7 +51,9 @@ pub struct Setting {
 /// What becomes of a connection once its header is read, or failed.
 pub trait Next {
     /// The header named `conn.peer`'s client (already set): hand it over.
-    fn accepted(self: Box<Self>, conn: Connection);
+    /// A handler's call is returned, for the Tcl callback to run outside
+    /// `catch_unwind` (see `tcl::ScriptCall`).
+    fn accepted(self: Box<Self>, conn: Connection) -> Option<tcl::ScriptCall>;
     /// The connection was closed: wait for another.
     fn rejected(self: Box<Self>, why: &str);
     /// The read's owner or thread went before the header was whole: `conn`
@@ -65,8 +67,9 @@ pub trait Next {
 pub type Owner = usize;
 
 /// Reads the header of `conn`, then calls `next`. Should the read have to
-/// wait, `owner` owns it (see the module's documentation).
-pub fn read(conn: Connection, setting: Setting, owner: Owner, next: Box<dyn Next>) {
+/// wait, `owner` owns it (see the module's documentation). Returns the
+/// handler's call when the header was there at once.
+pub fn read(conn: Connection, setting: Setting, owner: Owner, next: Box<dyn Next>) -> Option<tcl::ScriptCall> {
     if !crate::proxy_trust::admits(setting.trusted.as_deref(), conn.peer) {
         return fail(conn, next, crate::proxy_trust::UNTRUSTED);
     }
@@ -88,7 +91,10 @@ pub fn read(conn: Connection, setting: Setting, owner: Owner, next: Box<dyn Next
     match outcome {
         Attempt::Done(source) => finish_ok(conn, source, next),
         Attempt::Failed(why) => fail(conn, next, why),
-        Attempt::Wait => wait(conn, setting, owner, next),
+        Attempt::Wait => {
+            wait(conn, setting, owner, next);
+            None
+        }
     }
 }
 
@@ -128,8 +134,8 @@ fn wait(conn: Connection, setting: Setting, owner: Owner, next: Box<dyn Next>) {
         pending.last_key
     });
     let millis = u32::try_from(setting.deadline.as_millis()).unwrap_or(u32::MAX);
-    let timer = tcl::create_timer(millis, on_deadline, key as *mut c_void);
-    tcl::create_file_handler(conn.socket.as_raw_fd(), on_readable, key as *mut c_void);
+    let timer = tcl::create_unwinding_timer(millis, on_deadline, key as *mut c_void);
+    tcl::create_unwinding_file_handler(conn.socket.as_raw_fd(), on_readable, key as *mut c_void);
     let read = PendingRead { conn, setting, next, timer: Some(timer), owner, pid: getpid() };
     PENDING.with(|pending| pending.borrow_mut().reads.insert(key, read));
 }
@@ -249,24 +255,29 @@ fn peer_done_sending(fd: std::os::fd::RawFd) -> bool {
     ready > 0 && poll.revents & (closed | libc::POLLHUP | libc::POLLERR) != 0
 }
 
-fn finish_ok(mut conn: Connection, source: Option<std::net::SocketAddr>, next: Box<dyn Next>) {
+fn finish_ok(
+    mut conn: Connection,
+    source: Option<std::net::SocketAddr>,
+    next: Box<dyn Next>,
+) -> Option<tcl::ScriptCall> {
     if let Some(source) = source {
         conn.peer = Some(source);
     }
-    next.accepted(conn);
+    next.accepted(conn)
 }
 
-fn fail(conn: Connection, next: Box<dyn Next>, why: &'static str) {
+fn fail(conn: Connection, next: Box<dyn Next>, why: &'static str) -> Option<tcl::ScriptCall> {
     drop(conn);
     next.rejected(why);
+    None
 }
 
 /// The pending read `key` is done (or was copied into a forked child):
-/// ends it and passes its connection on.
-fn finish(key: usize, outcome: Attempt) {
-    let Some(read) = end(|k, _| k == key).pop() else { return };
+/// ends it and passes its connection on; returns the handler's call.
+fn finish(key: usize, outcome: Attempt) -> Option<tcl::ScriptCall> {
+    let read = end(|k, _| k == key).pop()?;
     if read.pid != getpid() {
-        return;
+        return None;
     }
     match outcome {
         Attempt::Done(source) => finish_ok(read.conn, source, read.next),
@@ -275,9 +286,11 @@ fn finish(key: usize, outcome: Attempt) {
     }
 }
 
-unsafe extern "C" fn on_readable(data: *mut c_void, _mask: c_int) {
+/// The file handler of a pending read: "C-unwind", and its Rust code apart
+/// from the handler's script, which may end the thread (`tcl::ScriptCall`).
+unsafe extern "C-unwind" fn on_readable(data: *mut c_void, _mask: c_int) {
     let key = data as usize;
-    let _ = std::panic::catch_unwind(|| {
+    let call = tcl::rust_part(|| {
         let outcome = PENDING.with(|pending| {
             let pending = pending.borrow();
             let read = pending.reads.get(&key)?;
@@ -289,23 +302,37 @@ unsafe extern "C" fn on_readable(data: *mut c_void, _mask: c_int) {
             Some(attempt(&read.conn, read.setting.mode))
         });
         match outcome {
-            None | Some(Attempt::Wait) => {}
+            None | Some(Attempt::Wait) => None,
             Some(outcome) => finish(key, outcome),
         }
     });
+    run(call.flatten());
 }
 
-unsafe extern "C" fn on_deadline(data: *mut c_void) {
+/// The timer of a pending read, as `on_readable`.
+unsafe extern "C-unwind" fn on_deadline(data: *mut c_void) {
     let key = data as usize;
-    let _ = std::panic::catch_unwind(|| {
+    let call = tcl::rust_part(|| {
         // The timer is spent: `end` must not delete it again.
         PENDING.with(|pending| {
             if let Some(read) = pending.borrow_mut().reads.get_mut(&key) {
                 read.timer = None;
             }
         });
-        finish(key, Attempt::Failed("no header before the deadline"));
+        finish(key, Attempt::Failed("no header before the deadline"))
     });
+    run(call.flatten());
+}
+
+/// Runs the handler's call that a header read came to, from a Tcl callback
+/// (inlined there: a frame that holds nothing to drop).
+#[inline(always)]
+fn run(call: Option<tcl::ScriptCall>) {
+    if let Some(call) = call {
+        // SAFETY: on the interpreter's thread (header reads run there), right
+        // after it was made, from a "C-unwind" callback outside catch_unwind.
+        unsafe { call.run() };
+    }
 }
 
 /// Counts a rejected connection in `counters`, an untrusted peer apart.

@@ -38,11 +38,12 @@ pub enum Handler {
 pub struct ScriptHandler {
     script: Obj,
     /// The words, when the handler is one command with exactly these words
-    /// (`h`, `[list obj method]`): then it is called with `Tcl_EvalObjv`,
+    /// (`h`, `[list obj method]`): then it is called as a list of words,
     /// not parsed again for every connection.
     words: Option<Vec<Obj>>,
-    /// The namespace `client` was called from, when not the global one: a
-    /// handler's command name is looked up there first (then globally).
+    /// The namespace `client` was called from, when not the global one:
+    /// the handler is evaluated there (found again by name when a
+    /// connection comes; the global namespace when it is gone by then).
     namespace: Option<String>,
 }
 
@@ -54,26 +55,24 @@ impl ScriptHandler {
         ScriptHandler { script, words, namespace }
     }
 
-    /// Calls the handler with `tail` (channel, address, port) appended, at
-    /// global level; a failure is a background error. Returns whether it
-    /// succeeded.
-    fn call(self, interp: Interp, tail: [Obj; 3]) -> bool {
-        match self.words {
+    /// Prepares the call of the handler with `tail` (channel, address,
+    /// port) appended, at global level in the namespace `client` was called
+    /// from, as `namespace eval` there would (see `tcl::ScriptCall`): its
+    /// commands are looked up there, then globally, and that namespace's
+    /// `namespace unknown` handler (or `::unknown`, which finds auto_index
+    /// entries of that namespace) runs for a name found nowhere. A failure
+    /// is a background error. `then` runs after it.
+    fn prepare(self, interp: Interp, tail: [Obj; 3], then: impl FnOnce(tcl::Evaluated) + 'static) -> tcl::ScriptCall {
+        let script = match self.words {
+            // A pure list: evaluated as one command with exactly these
+            // words, not parsed again.
             Some(mut words) => {
-                // Resolved now, from the registering namespace: `::app::h`
-                // for `h` registered in `::app`, else what Tcl finds
-                // globally. A name that is no command now stays as given,
-                // for `unknown` (auto_index) to find at global level.
-                if let Some(namespace) = &self.namespace {
-                    if let Some(full_name) = interp.resolve_command_in(&words[0], namespace) {
-                        words[0] = full_name;
-                    }
-                }
                 words.extend(tail);
-                interp.eval_global_in_background(&words)
+                Obj::new_list(&words)
             }
-            None => interp.eval_script_global_in_background(&self.script.concat_words(&Obj::new_list(&tail))),
-        }
+            None => self.script.concat_words(&Obj::new_list(&tail)),
+        };
+        tcl::ScriptCall::new(interp, script, self.namespace.as_deref(), then)
     }
 }
 
@@ -147,7 +146,7 @@ impl Mailbox {
             }
             return;
         }
-        tcl::queue_event(self.thread, on_delivery, Delivery { to: self.clone(), outcome });
+        tcl::queue_unwinding_event(self.thread, on_delivery, Delivery { to: self.clone(), outcome });
     }
 }
 
@@ -339,8 +338,16 @@ impl InterpState {
         self.registrations.borrow().iter().any(|r| r.port == port && r.handler.is_some())
     }
 
-    /// Calls `handler` with `conn`, now a channel of this interpreter.
-    fn hand_over(&self, interp: Interp, handler: Handler, conn: crate::handoff::Connection, counters: &Counters) {
+    /// Gives `conn` to `handler`, as a channel of this interpreter: a
+    /// script handler's call is returned, for the caller to run outside
+    /// `catch_unwind` (see `tcl::ScriptCall`).
+    fn hand_over(
+        &self,
+        interp: Interp,
+        handler: Handler,
+        conn: crate::handoff::Connection,
+        counters: &Counters,
+    ) -> Option<tcl::ScriptCall> {
         counters.received.fetch_add(1, Ordering::Relaxed);
         match handler {
             Handler::Script(handler) => {
@@ -352,23 +359,33 @@ impl InterpState {
                 channel.on_close(mark_closed, Arc::into_raw(Arc::clone(&closed)).cast_mut().cast());
                 let name = channel.name();
                 let tail = [Obj::new_string(&name), Obj::new_string(&host), Obj::new_string(&peer_port)];
-                // A handler that fails (a command that does not exist by
-                // now included) leaves nobody to close its channel: close
-                // it, as Tcl's own `socket -server` does. Unless it was
-                // closed (its name may be another channel's by now) or moved.
-                if !handler.call(interp, tail)
-                    && !closed.load(Ordering::Acquire)
-                    && interp.holds_channel(&name, channel)
-                {
-                    interp.unregister_channel(channel);
-                }
+                Some(handler.prepare(interp, tail, move |evaluated| {
+                    // A handler that fails (a command that does not exist
+                    // by now included) leaves nobody to close its channel:
+                    // close it, as Tcl's own `socket -server` does. Unless
+                    // it was closed (its name may be another channel's by
+                    // now) or moved, or the interpreter was deleted (it is
+                    // preserved, not usable, and closes its channels when
+                    // released).
+                    if !evaluated.succeeded
+                        && !evaluated.interp_deleted
+                        && !closed.load(Ordering::Acquire)
+                        && interp.holds_channel(&name, channel)
+                    {
+                        interp.unregister_channel(channel);
+                    }
+                }))
             }
-            Handler::Native(native) => (native.connection)(interp, conn),
+            Handler::Native(native) => {
+                (native.connection)(interp, conn);
+                None
+            }
         }
     }
 
-    /// Runs on the interpreter's thread when a receiver delivers.
-    fn deliver(&self, port: u16, queue: &OwnedFd, outcome: Outcome) {
+    /// Runs on the interpreter's thread when a receiver delivers; returns
+    /// the handler's call, for the caller to run (see `hand_over`).
+    fn deliver(&self, port: u16, queue: &OwnedFd, outcome: Outcome) -> Option<tcl::ScriptCall> {
         let mut registrations = self.registrations.borrow_mut();
         let registration = registrations.iter_mut().find(|r| r.port == port);
         let interp = self.interp;
@@ -377,7 +394,7 @@ impl InterpState {
                 let Some(registration) = registration.filter(|r| r.handler.is_some()) else {
                     // Cancelled while the connection was on its way.
                     receiver::give_back(queue, conn);
-                    return;
+                    return None;
                 };
                 if conn.accepted_at != 0 {
                     registration.counters.queue.record_wait(conn.queue_wait_ns());
@@ -394,7 +411,7 @@ impl InterpState {
                 };
                 // The handler usually registers again: release the borrow first.
                 drop(registrations);
-                let Some(handler) = handler else { return };
+                let handler = handler?;
                 match proxy {
                     Some(setting) => proxy_header::read(
                         conn,
@@ -419,6 +436,7 @@ impl InterpState {
                         &["SOCKETSERVER", "CLOSED", &port.to_string()],
                     ));
                 }
+                None
             }
             Outcome::Failed { error, ended } => {
                 if ended {
@@ -431,6 +449,7 @@ impl InterpState {
                     format!("socketserver port {port}: {error}"),
                     &["SOCKETSERVER", "RECEIVE", &port.to_string()],
                 ));
+                None
             }
         }
     }
@@ -449,12 +468,11 @@ struct AfterHeader {
 }
 
 impl proxy_header::Next for AfterHeader {
-    fn accepted(mut self: Box<Self>, conn: crate::handoff::Connection) {
+    fn accepted(mut self: Box<Self>, conn: crate::handoff::Connection) -> Option<tcl::ScriptCall> {
         // SAFETY: see `StatePtr`; header reads run on the interpreter's thread.
         let state = unsafe { &*self.state.0 };
-        if let Some(handler) = self.handler.take() {
-            state.hand_over(state.interp, handler, conn, &self.counters);
-        }
+        let handler = self.handler.take()?;
+        state.hand_over(state.interp, handler, conn, &self.counters)
     }
 
     fn rejected(mut self: Box<Self>, why: &str) {
@@ -491,25 +509,42 @@ unsafe extern "C" fn mark_closed(data: *mut c_void) {
     closed.store(true, Ordering::Release);
 }
 
-/// The Tcl event procedure for a delivery.
-unsafe extern "C" fn on_delivery(event: *mut Tcl_Event, flags: c_int) -> c_int {
+/// The Tcl event procedure for a delivery: "C-unwind", and its Rust code
+/// apart from the handler's script, which may end the thread (see
+/// `tcl::ScriptCall`). The interpreter is preserved for the whole delivery:
+/// a handler that deletes it leaves its memory and state valid until the
+/// end (and its state is freed then, at the release).
+unsafe extern "C-unwind" fn on_delivery(event: *mut Tcl_Event, flags: c_int) -> c_int {
     // Connections are file events: wait while Tcl processes other kinds only.
     if flags & tcl::TCL_FILE_EVENTS == 0 {
         return 0;
     }
-    // SAFETY: only `spawn_receiver` queues events with this procedure, and
-    // Tcl calls it once per event.
-    let delivery = unsafe { Event::<Delivery>::take_payload(event) };
-    let _ = catch_unwind(AssertUnwindSafe(|| {
+    let prepared = tcl::rust_part(|| {
+        // SAFETY: only `Mailbox::post` queues events with this procedure,
+        // and Tcl calls it once per event.
+        let delivery = unsafe { Event::<Delivery>::take_payload(event) };
         let to = &delivery.to;
         // An event copied into a forked child: the parent delivers it.
         if to.pid != getpid() {
-            return;
+            return None;
         }
         // SAFETY: see `StatePtr`.
         let state = unsafe { &*to.state.0 };
-        state.deliver(to.port, &to.queue, delivery.outcome);
-    }));
+        let interp = state.interp;
+        interp.preserve();
+        Some((interp, state.deliver(to.port, &to.queue, delivery.outcome)))
+    })
+    .flatten();
+    if let Some((interp, call)) = prepared {
+        if let Some(call) = call {
+            // SAFETY: on the interpreter's thread, right after it was made;
+            // this frame holds nothing to drop.
+            unsafe { call.run() };
+        }
+        // SAFETY: preserved above; this may delete the interpreter and free
+        // its state, which nothing here uses again.
+        unsafe { interp.release() };
+    }
     1
 }
 
@@ -531,8 +566,34 @@ unsafe extern "C" fn purge_delivery(event: *mut Tcl_Event, state: *mut c_void) -
     1
 }
 
+/// Registers `state`'s thread exit handler (see `on_thread_exit`); the
+/// interpreter's deletion removes it.
+pub fn watch_thread_exit(state: *mut c_void) {
+    tcl::create_thread_exit_handler_with(on_thread_exit, state);
+}
+
+/// Tcl's thread exit handler for an interpreter's state: its thread ends
+/// without deleting the interpreter (a handler or script called
+/// `thread::exit`). Nothing can be delivered here again: the receivers
+/// stop and the connections on their way go back to the queue, as when the
+/// interpreter is deleted (the state itself stays, with the interpreter).
+/// Not when the process exits: the exit flag gives connections back then.
+unsafe extern "C" fn on_thread_exit(state: *mut c_void) {
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        if exiting() {
+            return;
+        }
+        // SAFETY: registered by `watch_thread_exit` with the live state of
+        // an interpreter of this thread; its deletion removes the handler.
+        let state = unsafe { &*state.cast::<InterpState>() };
+        state.reset_if_forked();
+        state.give_back_all();
+    }));
+}
+
 /// Tcl's assoc-data delete procedure: the interpreter is going away.
 pub unsafe extern "C" fn on_interp_deleted(state: *mut c_void, _interp: *mut tcl::Tcl_Interp) {
+    tcl::delete_thread_exit_handler(on_thread_exit, state);
     let _ = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: `state` is the Box that `Socketserver_Init` leaked for this
         // interpreter; Tcl calls this procedure once.

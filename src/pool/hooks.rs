@@ -260,33 +260,43 @@ pub(super) fn forward(sup: &mut Supervisor, received: &[Signal]) -> Vec<Signal> 
 }
 
 /// Runs the hooks of `signals` in this process, at global level; an error
-/// goes to `interp bgerror`. Never while the pool's state is borrowed: a
-/// hook may call `pool` commands.
+/// goes to `interp bgerror`. Queued as events of this thread, run from its
+/// event loop: never while the pool's state is borrowed (a hook may call
+/// `pool` commands), and outside the caller's `catch_unwind` (a hook may
+/// end its thread, see `run_hook`).
 pub fn run(signals: &[Signal]) {
+    let thread = tcl::current_thread();
     for signal in signals {
-        if let Some(hook) = hooks().into_iter().find(|h| h.signal == *signal) {
-            hook.interp.eval_global_in_background(&[Obj::new_string("eval"), hook.script]);
-        }
+        tcl::queue_unwinding_event(thread, run_hook, *signal as i32);
     }
 }
 
 /// In a worker's control thread: queues the hooks of `received` on the
-/// worker's Tcl thread. Returns whether SIGTERM is among them unhooked
-/// (the pool's stop signal: the worker leaves).
+/// worker's Tcl thread, one event per signal. Returns whether SIGTERM is
+/// among them unhooked (the pool's stop signal: the worker leaves).
 pub fn in_worker(thread: tcl::ThreadId, received: &[Signal], hooked: u64) -> bool {
-    let to_run: Vec<i32> = received.iter().filter(|s| hooked & mask([**s]) != 0).map(|s| *s as i32).collect();
-    if !to_run.is_empty() {
-        tcl::queue_event(thread, run_in_worker, to_run);
+    for signal in received.iter().filter(|s| hooked & mask([**s]) != 0) {
+        tcl::queue_unwinding_event(thread, run_hook, *signal as i32);
     }
     received.contains(&Signal::SIGTERM) && hooked & mask([Signal::SIGTERM]) == 0
 }
 
-unsafe extern "C" fn run_in_worker(event: *mut tcl::Tcl_Event, _flags: std::ffi::c_int) -> std::ffi::c_int {
-    // SAFETY: queued by `in_worker` with a `Vec<i32>` payload, taken once.
-    let numbers = unsafe { tcl::Event::<Vec<i32>>::take_payload(event) };
-    let _ = std::panic::catch_unwind(|| {
-        let signals: Vec<Signal> = numbers.into_iter().filter_map(|n| Signal::try_from(n).ok()).collect();
-        run(&signals);
-    });
+/// Runs a signal's hook (queued by `run` or `in_worker`): "C-unwind", and
+/// the hook's script outside `catch_unwind`, as it may end the thread
+/// (`tcl::ScriptCall`).
+unsafe extern "C-unwind" fn run_hook(event: *mut tcl::Tcl_Event, _flags: std::ffi::c_int) -> std::ffi::c_int {
+    let call = tcl::rust_part(|| {
+        // SAFETY: queued by `run` or `in_worker` with an `i32` payload, taken once.
+        let number = unsafe { tcl::Event::<i32>::take_payload(event) };
+        let signal = Signal::try_from(number).ok()?;
+        let hook = hooks().into_iter().find(|h| h.signal == signal)?;
+        Some(tcl::ScriptCall::new(hook.interp, hook.script, None, |_| {}))
+    })
+    .flatten();
+    if let Some(call) = call {
+        // SAFETY: on the worker's Tcl thread, right after it was made; this
+        // frame holds nothing to drop.
+        unsafe { call.run() };
+    }
     1
 }

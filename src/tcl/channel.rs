@@ -61,6 +61,35 @@ impl Interp {
         }
     }
 
+    /// Flushes every channel of this interpreter that has output buffered
+    /// (`Tcl_GetChannelNamesEx`, `Tcl_Flush`), through the C API: none of
+    /// the script's commands (`flush`, `chan`) is called. The interpreter's
+    /// result is left empty.
+    pub fn flush_all_channels(&self) {
+        // SAFETY: interpreter live on this thread; the names list is held
+        // (`Obj`) while it is walked; each channel is looked up by name,
+        // and only writable ones are flushed (errors ignored: a channel
+        // that cannot be flushed now is left as it is).
+        unsafe {
+            if stub!(tcl_GetChannelNamesEx)(self.as_ptr(), ptr::null()) != TCL_OK {
+                stub!(tcl_ResetResult)(self.as_ptr());
+                return;
+            }
+            let names = super::Obj::from_raw(stub!(tcl_GetObjResult)(self.as_ptr()));
+            stub!(tcl_ResetResult)(self.as_ptr());
+            let Ok(names) = names.list_elements(*self) else { return };
+            for name in names {
+                let Ok(name) = CString::new(name.to_string_lossy()) else { continue };
+                let mut mode: c_int = 0;
+                let channel = stub!(tcl_GetChannel)(self.as_ptr(), name.as_ptr(), &mut mode);
+                if !channel.is_null() && mode & TCL_WRITABLE != 0 {
+                    stub!(tcl_Flush)(channel);
+                }
+            }
+            stub!(tcl_ResetResult)(self.as_ptr());
+        }
+    }
+
     /// Drops this interpreter's reference to `channel`, which closes it
     /// when no other interpreter holds it (`Tcl_UnregisterChannel`).
     pub fn unregister_channel(&self, channel: Channel) {

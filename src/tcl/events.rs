@@ -58,6 +58,17 @@ pub fn queue_event<T>(thread: ThreadId, proc_: EventProc, payload: T) {
     }
 }
 
+/// An event procedure that runs a script, which may end the thread (see
+/// `script_call`): "C-unwind", so that the forced unwind may pass it.
+pub type UnwindingEventProc = unsafe extern "C-unwind" fn(*mut Tcl_Event, c_int) -> c_int;
+
+/// `queue_event` for an event procedure that runs a script.
+pub fn queue_unwinding_event<T>(thread: ThreadId, proc_: UnwindingEventProc, payload: T) {
+    // SAFETY: the same calling convention; the type Tcl's table declares
+    // ("C") only says less about unwinding, and Rust never calls it.
+    queue_event(thread, unsafe { std::mem::transmute::<UnwindingEventProc, EventProc>(proc_) }, payload)
+}
+
 /// An event as queued by `queue_event`: Tcl's header, then our payload.
 #[repr(C)]
 pub struct Event<T> {
@@ -80,7 +91,7 @@ impl<T> Event<T> {
     ///
     /// # Safety
     /// `event` must point to a live Tcl event.
-    pub unsafe fn is_ours(event: *mut Tcl_Event, proc_: EventProc) -> bool {
+    pub unsafe fn is_ours(event: *mut Tcl_Event, proc_: UnwindingEventProc) -> bool {
         // SAFETY: every Tcl event starts with a Tcl_Event header.
         unsafe { (*event).proc_.map(|p| p as usize) == Some(proc_ as usize) }
     }
@@ -106,6 +117,21 @@ pub fn create_thread_exit_handler(handler: unsafe extern "C" fn(*mut c_void)) {
     unsafe { stub!(tcl_CreateThreadExitHandler)(Some(handler), ptr::null_mut()) }
 }
 
+/// Asks Tcl to call `handler(data)` when the current thread ends
+/// (`Tcl_CreateThreadExitHandler`); `delete_thread_exit_handler` undoes it.
+pub fn create_thread_exit_handler_with(handler: unsafe extern "C" fn(*mut c_void), data: *mut c_void) {
+    // SAFETY: Tcl keeps `data` as an opaque word; the caller keeps it valid
+    // until the handler runs or is deleted.
+    unsafe { stub!(tcl_CreateThreadExitHandler)(Some(handler), data) }
+}
+
+/// Removes a handler that `create_thread_exit_handler_with` registered on
+/// this thread with the same `data`.
+pub fn delete_thread_exit_handler(handler: unsafe extern "C" fn(*mut c_void), data: *mut c_void) {
+    // SAFETY: removing an absent handler is a no-op in Tcl.
+    unsafe { stub!(tcl_DeleteThreadExitHandler)(Some(handler), data) }
+}
+
 /// Removes from the current thread's queue every event for which `filter`
 /// returns true (Tcl frees their memory; `filter` must take their payloads).
 pub fn delete_events(filter: unsafe extern "C" fn(*mut Tcl_Event, *mut c_void) -> c_int, data: *mut c_void) {
@@ -118,6 +144,22 @@ pub fn delete_events(filter: unsafe extern "C" fn(*mut Tcl_Event, *mut c_void) -
 pub fn create_file_handler(fd: c_int, proc_: unsafe extern "C" fn(*mut c_void, c_int), data: *mut c_void) {
     // SAFETY: Tcl only polls the descriptor and passes `data` back.
     unsafe { stub!(tcl_CreateFileHandler)(fd, TCL_READABLE, Some(proc_), data) }
+}
+
+type FileProc = unsafe extern "C" fn(*mut c_void, c_int);
+type UnwindingFileProc = unsafe extern "C-unwind" fn(*mut c_void, c_int);
+type TimerProc = unsafe extern "C" fn(*mut c_void);
+type UnwindingTimerProc = unsafe extern "C-unwind" fn(*mut c_void);
+
+/// `create_file_handler` for a procedure that runs a script, which may end
+/// the thread (see `script_call`).
+pub fn create_unwinding_file_handler(
+    fd: c_int,
+    proc_: unsafe extern "C-unwind" fn(*mut c_void, c_int),
+    data: *mut c_void,
+) {
+    // SAFETY: as in `queue_unwinding_event`.
+    create_file_handler(fd, unsafe { std::mem::transmute::<UnwindingFileProc, FileProc>(proc_) }, data)
 }
 
 /// Removes the file handler of `fd` (`Tcl_DeleteFileHandler`).
@@ -135,6 +177,17 @@ pub fn create_timer(millis: u32, proc_: unsafe extern "C" fn(*mut c_void), data:
     let millis = c_int::try_from(millis).unwrap_or(c_int::MAX);
     // SAFETY: Tcl keeps `data` as an opaque word and calls `proc_` once.
     Timer(unsafe { stub!(tcl_CreateTimerHandler)(millis, Some(proc_), data) })
+}
+
+/// `create_timer` for a procedure that runs a script, which may end the
+/// thread (see `script_call`).
+pub fn create_unwinding_timer(
+    millis: u32,
+    proc_: unsafe extern "C-unwind" fn(*mut c_void),
+    data: *mut c_void,
+) -> Timer {
+    // SAFETY: as in `queue_unwinding_event`.
+    create_timer(millis, unsafe { std::mem::transmute::<UnwindingTimerProc, TimerProc>(proc_) }, data)
 }
 
 /// Cancels a timer that has not fired yet.

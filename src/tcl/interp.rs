@@ -100,52 +100,22 @@ impl Interp {
         }
     }
 
-    /// The fully qualified name of the command that `name` calls when it
-    /// is called from namespace `namespace` (looked up there, along its
-    /// path, then in the global namespace, as Tcl does), now. `None` when
-    /// no such command exists, or the namespace no longer does: the
-    /// namespace is found again by name, never kept across calls.
-    pub fn resolve_command_in(&self, name: &Obj, namespace: &str) -> Option<Obj> {
-        let namespace = CString::new(namespace).ok()?;
-        // SAFETY: the interpreter and `name` are live on this thread; the
-        // namespace and command tokens are used before anything can run
-        // that could delete them; Tcl appends the full name to a new,
-        // unshared object.
-        unsafe {
-            let found = stub!(tcl_FindNamespace)(
-                self.as_ptr(),
-                namespace.as_ptr(),
-                ptr::null_mut(),
-                tcl_sys::TCL_GLOBAL_ONLY as c_int,
-            );
-            if found.is_null() {
-                return None;
-            }
-            let command_name = stub!(tcl_GetString)(name.as_ptr());
-            let command = stub!(tcl_FindCommand)(self.as_ptr(), command_name, found, 0);
-            if command.is_null() {
-                return None;
-            }
-            let full_name = Obj::from_raw(stub!(tcl_NewObj)());
-            stub!(tcl_GetCommandFullName)(self.as_ptr(), command, full_name.as_ptr());
-            Some(full_name)
-        }
+    /// `Tcl_Preserve`: the interpreter's memory (and its associated data)
+    /// stays valid until the matching `release`, even if it is deleted.
+    pub fn preserve(&self) {
+        // SAFETY: the interpreter is live on this thread.
+        unsafe { stub!(tcl_Preserve)(self.as_ptr().cast()) }
     }
 
-    /// Evaluates `script` at global level; a non-OK outcome is reported
-    /// with `Tcl_BackgroundException`. Returns whether it succeeded.
-    pub fn eval_script_global_in_background(&self, script: &Obj) -> bool {
-        // SAFETY: interpreter and script are live; Tcl_Preserve keeps the
-        // interpreter's memory valid even if the script deletes it.
-        unsafe {
-            stub!(tcl_Preserve)(self.as_ptr().cast());
-            let code = stub!(tcl_EvalObjEx)(self.as_ptr(), script.as_ptr(), tcl_sys::TCL_EVAL_GLOBAL as c_int);
-            if code != TCL_OK {
-                stub!(tcl_BackgroundException)(self.as_ptr(), code);
-            }
-            stub!(tcl_Release)(self.as_ptr().cast());
-            code == TCL_OK
-        }
+    /// `Tcl_Release`: ends a `preserve`.
+    ///
+    /// # Safety
+    /// Matches one `preserve`. When the interpreter was deleted meanwhile
+    /// this frees it: this handle, and everything kept with the interpreter
+    /// (its associated data), must not be used after.
+    pub unsafe fn release(&self) {
+        // SAFETY: see the contract.
+        unsafe { stub!(tcl_Release)(self.as_ptr().cast()) }
     }
 
     /// Evaluates `words` as one command at global level; a non-OK outcome

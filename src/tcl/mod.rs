@@ -9,7 +9,8 @@
 //!
 //! One file per thing wrapped: `obj` (values), `interp` (interpreters,
 //! commands, evaluation), `channel` (channels), `events` (the event queue,
-//! file handlers, timers, async handlers, exit handlers); this file holds
+//! file handlers, timers, async handlers, exit handlers), `script_call`
+//! (a handler's script, which may end its thread); this file holds
 //! what they share (the stubs table, sizes, errors).
 
 use std::ffi::{c_int, CStr, CString};
@@ -48,11 +49,13 @@ mod channel;
 mod events;
 mod interp;
 mod obj;
+mod script_call;
 
 pub use channel::Channel;
 pub use events::*;
 pub use interp::Interp;
 pub use obj::{NameTable, Obj};
+pub use script_call::{rust_part, Evaluated, ScriptCall};
 
 extern "C" {
     /// `Tcl_InitStubs(interp, "8.6", 0) != NULL`, from `src/stubs_shim.c`.

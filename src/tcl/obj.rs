@@ -62,6 +62,20 @@ impl Obj {
         self.ptr.as_ptr()
     }
 
+    /// Gives up this reference without releasing it: it belongs to the
+    /// raw pointer now, until `from_owned_raw` takes it back.
+    pub fn into_raw(self) -> *mut Tcl_Obj {
+        std::mem::ManuallyDrop::new(self).as_ptr()
+    }
+
+    /// Takes back the reference that `into_raw` gave up.
+    ///
+    /// # Safety
+    /// `ptr` must come from `into_raw`, on this thread, and be taken once.
+    pub unsafe fn from_owned_raw(ptr: *mut Tcl_Obj) -> Obj {
+        Obj { ptr: NonNull::new(ptr).expect("null Tcl_Obj"), _not_send: PhantomData }
+    }
+
     /// The value as a double, with Tcl's own error message when it is not one.
     pub fn get_double(&self, interp: Interp) -> TclResult<f64> {
         let mut value: f64 = 0.0;

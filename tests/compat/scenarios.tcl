@@ -160,6 +160,63 @@ set ::compatScenarios {
         finish [list [reply [connect]]]
     }
 
+    namespace-script
+    {handlers registered from a namespace that are not one list ("h {x}", "h  x"), a global one of the same name existing}
+    {{::app::h five} {::app::h two}} {{::app::h five} {::app::h two}} {} {
+        ::socketserver::socket server $port
+        child {
+            proc ::h {tag chan addr p} {answer [list ::h $tag] $chan $addr $p}
+            namespace eval ::app {
+                proc h {tag chan addr p} {
+                    answer [list ::app::h $tag] $chan $addr $p
+                    if {$tag eq "five"} {::socketserver::socket client "h  two"}
+                }
+                proc run {} {
+                    ::socketserver::socket client "h {five}"
+                    vwait ::forever
+                }
+            }
+            ::app::run
+        }
+        finish [list [lindex [reply [connect]] 0] [lindex [reply [connect]] 0]]
+    }
+
+    namespace-unknown
+    {a handler that the registering namespace's namespace unknown handler supplies}
+    {{loaded 127.0.0.1}} {{loaded 127.0.0.1}} {} {
+        ::socketserver::socket server $port
+        child {
+            namespace eval ::app {
+                namespace unknown ::app::load
+                proc load {name args} {
+                    proc ::app::$name {chan addr p} {answer loaded $chan $addr $p}
+                    tailcall ::app::$name {*}$args
+                }
+                proc run {} {
+                    ::socketserver::socket client onConnection
+                    vwait ::forever
+                }
+            }
+            ::app::run
+        }
+        finish [list [reply [connect]]]
+    }
+
+    client-option-word
+    {client with an option word other than -port}
+    {{0 0}} {{1 1}} {} {
+        ::socketserver::socket server $port
+        proc h args {}
+        finish [list [list [catch {::socketserver::socket client -Port $port h}] [catch {::socketserver::socket client --port $port h}]]]
+    }
+
+    server-extra-word
+    {server with a word after the port}
+    {{TCL WRONGARGS}} {{TCL WRONGARGS}} {} {
+        catch {::socketserver::socket server $port x} msg opts
+        finish [list [dict get $opts -errorcode]]
+    }
+
     port-0
     {client -port 0 is the default port}
     {{h 127.0.0.1}} {{h 127.0.0.1}} {} {
