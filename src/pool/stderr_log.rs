@@ -41,8 +41,8 @@ thread_local! {
     static WRITER: RefCell<Option<Writer>> = const { RefCell::new(None) };
 }
 
-/// Lines of the default log lost so far (stderr full, or its writer
-/// thread could not start).
+/// Lines of the default log lost so far (stderr full or failing, or its
+/// writer thread could not start).
 pub fn lost() -> u64 {
     LOST.load(Relaxed)
 }
@@ -88,13 +88,17 @@ fn start() -> Option<Writer> {
                 // Straight to descriptor 2, not through Rust's `Stderr`:
                 // its lock, held here while a full pipe blocks us, would
                 // be held for good in every child forked meanwhile. A
-                // closed stderr loses the line; nothing else to do.
+                // stderr that refuses it (closed, a full disk, a reader
+                // gone) loses the line, counted as one the queue dropped.
                 let mut rest = line.as_bytes();
                 while !rest.is_empty() {
                     match nix::unistd::write(std::io::stderr(), rest) {
                         Ok(n) => rest = &rest[n..],
                         Err(nix::errno::Errno::EINTR) => {}
-                        Err(_) => break,
+                        Err(_) => {
+                            LOST.fetch_add(1, Relaxed);
+                            break;
+                        }
                     }
                 }
                 written.fetch_sub(1, Relaxed);
