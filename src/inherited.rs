@@ -195,6 +195,8 @@ pub fn announce_ready_if_done(pools_ready: bool) {
         return;
     }
     if let Some(pipe) = READY.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        // The pid file names us before the old generation stops.
+        crate::pool::commit_deferred_pid_files();
         crate::accept_loop::release_accepting();
         let _ = nix::unistd::write(&pipe, b"ready");
     }

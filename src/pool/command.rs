@@ -261,11 +261,15 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
     }
     // Bound before the port opens: a taken address leaves nothing open.
     config.metrics = metrics.as_deref().map(super::metrics::bind).transpose()?;
-    // Written before the port opens too; taken back if the pool fails.
-    if let Some(path) = &pidfile {
-        super::pidfile::write(path)?;
-    }
-    let unwrite = || pidfile.as_deref().into_iter().for_each(super::pidfile::remove);
+    // Prepared beside its path before the port opens (a directory it
+    // cannot be written in is an error that opens nothing), renamed over
+    // the path only once the pool serves with its signal handlers: a
+    // create that fails leaves a running service's file alone.
+    let mut pidfile = match pidfile.as_deref() {
+        Some(path) => Some(super::pidfile::prepare(super::pidfile::absolute(path)?)?),
+        None => None,
+    };
+    let mut unwrite = || pidfile.take().into_iter().for_each(super::pidfile::abandon);
     // The bound holds from the moment the port accepts (a socket passed by
     // systemd may have a backlog already), not only once the workers are
     // forked: the new port's threads are held until it is set. A create
@@ -293,6 +297,12 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
         }
         unwrite();
         return Err(error);
+    }
+    if let Some(prepared) = pidfile.take() {
+        if let Err(error) = super::pidfile::commit(prepared) {
+            supervisor::stop(port);
+            return Err(error);
+        }
     }
     Ok(Obj::new_int(port.into()))
 }

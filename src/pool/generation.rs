@@ -37,6 +37,8 @@ struct Pending {
     reaped: Vec<(Pid, String)>,
     /// The service is the next generation's: the metrics addresses are its.
     handed_over: bool,
+    /// The next generation the service was handed to, while not reaped.
+    handed_to: Option<Pid>,
     /// Pools whose metrics endpoint could not listen again (logged once).
     metrics_failed: Vec<u16>,
 }
@@ -54,9 +56,77 @@ fn pending<R>(f: impl FnOnce(&mut Pending) -> R) -> R {
 static STARTING_DIRECTORY: OnceLock<Option<PathBuf>> = OnceLock::new();
 
 /// Records the current directory as the starting one; the first call of
-/// the process counts (the library's load).
+/// the process counts (the library's load). As the shell named it (`$PWD`)
+/// when that names the same directory, as unicorn does: a deploy that
+/// swaps a `current` symlink to the next release upgrades to it, where
+/// `getcwd()` would name the old release's directory for good.
 pub fn remember_starting_directory() {
-    STARTING_DIRECTORY.get_or_init(|| std::env::current_dir().ok());
+    STARTING_DIRECTORY.get_or_init(|| {
+        let resolved = std::env::current_dir().ok()?;
+        let named = std::env::var_os("PWD").map(PathBuf::from).filter(|named| named.is_absolute());
+        Some(named.filter(|named| same_directory(named, &resolved)).unwrap_or(resolved))
+    });
+}
+
+fn same_directory(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.is_dir() && a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Why this process must not start a next generation now, if it must not.
+fn upgrade_refused(handed_over: bool) -> Option<(String, &'static str)> {
+    if crate::inherited::ready_pending() || super::notify::awaiting_handover() {
+        // Started by an upgrade and not handed the service yet: a next
+        // generation of ours would be ready before us, and the previous
+        // one, never told we were ready, would serve on beside it.
+        return Some((
+            "can't upgrade a generation that has not been handed the service yet \
+             (signal the one the pid file names)"
+                .into(),
+            "STARTING",
+        ));
+    }
+    if handed_over {
+        return Some(("can't upgrade: this generation handed the service over and is stopping".into(), "STOPPING"));
+    }
+    if nix::unistd::getpid().as_raw() == 1 {
+        // The next generation is our child: when process 1 of a PID
+        // namespace exits, the kernel kills everything in it.
+        return Some((
+            "can't upgrade as process 1: the new generation would end with this process \
+             (run the server under a service manager that outlives it, such as systemd, or restart it)"
+                .into(),
+            "PID1",
+        ));
+    }
+    init_that_exits_with_us().map(|name| {
+        (
+            format!(
+                "can't upgrade under {name}: it exits when this process does, and the new generation \
+                 would end with it (run the server under a service manager that outlives it, such as \
+                 systemd, or restart the container instead)"
+            ),
+            "INIT",
+        )
+    })
+}
+
+/// Inits that exit when their child does (tini, also as `docker run
+/// --init`'s docker-init, dumb-init, podman's catatonit), when one is our
+/// parent. The old generation is their child: its exit ends them, and
+/// the end of process 1 of a PID namespace kills the new generation with
+/// it. As a subreaper (`tini -s`, not process 1) tini exits all the same,
+/// and the container with it. Known by name: process 1 in general may be
+/// a service manager that outlives its children (systemd), and a next
+/// generation is itself an orphan whose parent is process 1.
+fn init_that_exits_with_us() -> Option<String> {
+    const EXIT_WITH_CHILD: [&str; 5] = ["tini", "tini-static", "docker-init", "dumb-init", "catatonit"];
+    let parent = nix::unistd::getppid().as_raw();
+    let name = std::fs::read_to_string(format!("/proc/{parent}/comm")).ok()?.trim().to_string();
+    EXIT_WITH_CHILD.contains(&name.as_str()).then(|| format!("{name} (process {parent})"))
 }
 
 impl Supervisor {
@@ -64,14 +134,8 @@ impl Supervisor {
         if self.upgrading.is_some() {
             return Err(TclError::new("an upgrade is already under way", &["SOCKETSERVER", "UPGRADE", "BUSY"]));
         }
-        if nix::unistd::getpid().as_raw() == 1 {
-            // The next generation is our child: when process 1 of a PID
-            // namespace exits, the kernel kills everything in it.
-            return Err(TclError::new(
-                "can't upgrade as process 1: the new generation would end with this process \
-                 (run the server under an init, such as tini, dumb-init or docker run --init)",
-                &["SOCKETSERVER", "UPGRADE", "PID1"],
-            ));
+        if let Some((message, code)) = upgrade_refused(pending(|p| p.handed_over)) {
+            return Err(TclError::new(message, &["SOCKETSERVER", "UPGRADE", code]));
         }
         let listeners = port_table::table().listener_fds();
         // The default command is this program as it was started, in the
@@ -171,7 +235,10 @@ impl Supervisor {
                     self.pools[index].entry("upgraded", vec![("pid", Obj::new_int(outcome.pid.as_raw().into()))]);
                 self.log.push(entry);
             }
-            pending(|p| p.handed_over = true);
+            pending(|p| {
+                p.handed_over = true;
+                p.handed_to = Some(outcome.pid);
+            });
             super::notify::handed_over(outcome.pid);
             self.exit_when_stopped = true;
             for port in ports {
@@ -198,6 +265,7 @@ impl Supervisor {
     }
 
     fn log_upgrade_failed(&mut self, pid: Pid, status: &str, why: Option<&str>) {
+        super::pidfile::restore_after_failed_upgrade(pid);
         for index in 0..self.pools.len() {
             let mut fields = vec![("pid", Obj::new_int(pid.as_raw().into())), ("status", Obj::new_string(status))];
             if let Some(why) = why {
@@ -205,6 +273,33 @@ impl Supervisor {
             }
             let entry = self.pools[index].entry("upgrade-failed", fields);
             self.log.push(entry);
+        }
+    }
+
+    fn log_next_generation_exited(&mut self, pid: Pid, status: &str) {
+        let message = "the generation the service was handed to exited; this one is stopping: nothing serves";
+        for index in 0..self.pools.len() {
+            let fields = vec![
+                ("pid", Obj::new_int(pid.as_raw().into())),
+                ("status", Obj::new_string(status)),
+                ("message", Obj::new_string(message)),
+            ];
+            let entry = self.pools[index].entry("upgrade-lost", fields);
+            self.log.push(entry);
+        }
+    }
+
+    /// A stop of the service (TERM, INT) while a next generation warms up
+    /// stops that one too: it would otherwise say ready to a generation
+    /// that is stopping, and serve on after the stop. Killed, as one not
+    /// ready in time: it took no connection yet, and a graceful stop would
+    /// wait for its warm-up. It fails as any failed upgrade
+    /// (`upgrade-failed`, with its status).
+    pub(super) fn cancel_upgrade(&mut self) {
+        if let Some(pid) = self.upgrading {
+            if self.next_generations.contains(&pid) {
+                let _ = kill(pid, Signal::SIGKILL);
+            }
         }
     }
 
@@ -256,6 +351,13 @@ impl Supervisor {
             Err(_) => false,
         });
         for (pid, status) in reaped {
+            if pending(|p| p.handed_to.take_if(|to| *to == pid).is_some()) {
+                // It said ready, then died while this one was stopping:
+                // nothing serves. This one's ports are closed already and
+                // its workers are leaving: the operator must know now.
+                self.log_next_generation_exited(pid, &status);
+                continue;
+            }
             let upgrading = self.upgrading == Some(pid);
             let failed = pending(|p| match p.failed.iter().position(|(failed, _)| *failed == pid) {
                 Some(at) => Some(p.failed.remove(at).1),

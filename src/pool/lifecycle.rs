@@ -143,8 +143,10 @@ impl Pool {
                     continue;
                 }
                 Ok(status) => status,
-                // Reaped by someone else (a script's own `wait`): gone all the same.
-                Err(_) => WaitStatus::Exited(pid, 255),
+                // Reaped by someone else (a script's own `wait`, or the
+                // kernel when SIGCHLD is ignored): gone all the same, with
+                // a status nobody can know.
+                Err(_) => WaitStatus::StillAlive,
             };
             let child = self.children.remove(index);
             let slot = self.scoreboard.slot(child.slot);
@@ -158,6 +160,7 @@ impl Pool {
             let (status_text, clean, signaled) = match status {
                 WaitStatus::Exited(_, code) => (format!("exit {code}"), code == 0, false),
                 WaitStatus::Signaled(_, signal, _) => (format!("signal {}", signal.as_str()), false, true),
+                WaitStatus::StillAlive => ("unknown".to_string(), false, false),
                 other => (format!("{other:?}"), false, false),
             };
             // Asked for its stack past `-timeout`: killed for it, even if

@@ -50,4 +50,5 @@ mod worker;
 pub use after_fork::watch_forks;
 pub use command::dispatch;
 pub use generation::remember_starting_directory;
+pub use pidfile::commit_deferred as commit_deferred_pid_files;
 pub use supervisor::{all_ready, interp_deleted};

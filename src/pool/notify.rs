@@ -278,7 +278,21 @@ pub(super) fn handover_pipe() -> Option<OwnedFd> {
     Some(read_end)
 }
 
+/// Whether this process is a next generation whose previous one has not
+/// said yet that it handed the service over (it may not start another).
+pub(super) fn awaiting_handover() -> bool {
+    NOTIFIER
+        .try_with(|n| {
+            n.try_borrow().ok().is_some_and(|n| n.as_ref().is_some_and(|n| n.pid == getpid() && n.awaiting_handover()))
+        })
+        .unwrap_or(false)
+}
+
 impl Notifier {
+    fn awaiting_handover(&self) -> bool {
+        self.waiting_for_handover.is_some_and(|until| Instant::now() < until) && !handover_done()
+    }
+
     /// Whether the message went out (not when the receiver is gone or
     /// full: the service goes on).
     fn send(&self, message: &str) -> bool {
@@ -295,6 +309,11 @@ impl Notifier {
     /// up only when nobody receives (no socket there), not when full.
     fn offer_handover(&mut self) -> bool {
         let Some(pid) = self.owed else { return true };
+        if self.awaiting_handover() {
+            // Not the main process ourselves yet: systemd would drop our
+            // MAINPID= (NotifyAccess=main), or take it before ours.
+            return false;
+        }
         // READY=1 with it: the new generation's own READY=1 comes later.
         let sent = self.try_send(&format!("MAINPID={pid}\nREADY=1\nSTATUS=handed over to pid {pid}\n"));
         if matches!(sent, Err(Errno::EAGAIN | Errno::ENOBUFS | Errno::EINTR)) {

@@ -33,16 +33,18 @@ pub(super) fn check(sup: &mut Supervisor) {
         new
     });
     for signal in new {
+        let message = if signal == Signal::SIGCHLD {
+            // Workers are still reaped and replaced at each tick; ignored
+            // (TclX's `signal ignore SIGCHLD`), the kernel reaps them first.
+            "another handler was set after pool create: worker exits are seen at the next tick, \
+             and while SIGCHLD is ignored their status is lost (logged as unknown)"
+        } else {
+            "another handler was set after pool create; the pool no longer sees it"
+        };
         for index in 0..sup.pools.len() {
             let entry = sup.pools[index].entry(
                 "signal-replaced",
-                vec![
-                    ("signal", Obj::new_string(signal.as_str())),
-                    (
-                        "message",
-                        Obj::new_string("another handler was set after pool create; the pool no longer sees it"),
-                    ),
-                ],
+                vec![("signal", Obj::new_string(signal.as_str())), ("message", Obj::new_string(message))],
             );
             sup.log.push(entry);
         }

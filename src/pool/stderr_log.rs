@@ -22,6 +22,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::unistd::{getpid, Pid};
 
+use crate::tcl::{self, Interp, Obj};
+
 /// Lines waiting for the writer; more are dropped.
 const QUEUE_LINES: usize = 1024;
 /// How long an exiting process waits for its queued lines to be written.
@@ -41,8 +43,8 @@ thread_local! {
     static WRITER: RefCell<Option<Writer>> = const { RefCell::new(None) };
 }
 
-/// Lines of the default log lost so far (stderr full, or its writer
-/// thread could not start).
+/// Lines of the default log lost so far (stderr full or failing, or its
+/// writer thread could not start).
 pub fn lost() -> u64 {
     LOST.load(Relaxed)
 }
@@ -74,6 +76,60 @@ pub fn write_line(line: &str) {
     }
 }
 
+/// In a worker: its background errors (a handler that failed, where the
+/// script defines no `bgerror`) go to the default log's queue rather than
+/// through Tcl's default report, a blocking write to stderr. On a stderr
+/// nobody reads, that write never returns: the worker, registered again
+/// already and shown idle, would take connections it never serves. Left
+/// alone where the script set a handler of its own (`interp bgerror`),
+/// and a `bgerror` command, when there is one, is called as Tcl calls it.
+pub(super) fn report_background_errors(interp: Interp) {
+    let handler = interp.eval_global(&Obj::new_string("interp bgerror {}")).map(|h| h.to_string_lossy());
+    if handler.as_deref() != Ok(TCL_DEFAULT_HANDLER) {
+        return;
+    }
+    interp.create_command(BACKGROUND_ERROR_COMMAND, Some(on_background_error), std::ptr::null_mut());
+    let mut set = "interp bgerror {} ".to_string();
+    set.push_str(BACKGROUND_ERROR_COMMAND.to_str().unwrap_or_default());
+    let _ = interp.eval_global(&Obj::new_string(&set));
+}
+
+const TCL_DEFAULT_HANDLER: &str = "::tcl::Bgerror";
+const BACKGROUND_ERROR_COMMAND: &std::ffi::CStr = c"::socketserver::WorkerBackgroundError";
+
+/// `interp bgerror` handler of a worker: `message options`.
+unsafe extern "C" fn on_background_error(
+    _: *mut std::ffi::c_void,
+    interp: *mut tcl::Tcl_Interp,
+    objc: std::ffi::c_int,
+    objv: *const *mut tcl::Tcl_Obj,
+) -> std::ffi::c_int {
+    let result = std::panic::catch_unwind(|| {
+        // SAFETY: Tcl calls a command with its live interpreter and objc
+        // live words in objv.
+        let (interp, words) = unsafe {
+            let words = std::slice::from_raw_parts(objv, usize::try_from(objc).unwrap_or(0));
+            (Interp::from_raw(interp), words.iter().map(|&w| Obj::from_raw(w)).collect::<Vec<_>>())
+        };
+        let [_, message, options] = words.as_slice() else { return tcl::TCL_OK };
+        let has_bgerror = interp
+            .eval_global(&Obj::new_string("llength [info commands ::bgerror]"))
+            .is_ok_and(|n| n.to_string_lossy() != "0");
+        if has_bgerror {
+            // Tcl's own report, which calls `bgerror`.
+            let words = [Obj::new_string(TCL_DEFAULT_HANDLER), message.clone(), options.clone()];
+            let _ = interp.eval_global(&Obj::new_list(&words));
+            return tcl::TCL_OK;
+        }
+        let get = [Obj::new_string("dict"), Obj::new_string("get"), options.clone(), Obj::new_string("-errorinfo")];
+        let text = interp.eval_global(&Obj::new_list(&get)).map(|info| info.to_string_lossy());
+        let text = text.unwrap_or_else(|_| message.to_string_lossy());
+        write_line(&format!("socketserver worker {}: {text}", getpid()));
+        tcl::TCL_OK
+    });
+    result.unwrap_or(tcl::TCL_OK)
+}
+
 /// The writer thread of this process, and the exit handler that gives it
 /// time to finish.
 fn start() -> Option<Writer> {
@@ -88,13 +144,17 @@ fn start() -> Option<Writer> {
                 // Straight to descriptor 2, not through Rust's `Stderr`:
                 // its lock, held here while a full pipe blocks us, would
                 // be held for good in every child forked meanwhile. A
-                // closed stderr loses the line; nothing else to do.
+                // stderr that refuses it (closed, a full disk, a reader
+                // gone) loses the line, counted as one the queue dropped.
                 let mut rest = line.as_bytes();
                 while !rest.is_empty() {
                     match nix::unistd::write(std::io::stderr(), rest) {
                         Ok(n) => rest = &rest[n..],
                         Err(nix::errno::Errno::EINTR) => {}
-                        Err(_) => break,
+                        Err(_) => {
+                            LOST.fetch_add(1, Relaxed);
+                            break;
+                        }
                     }
                 }
                 written.fetch_sub(1, Relaxed);

@@ -525,6 +525,7 @@ impl Supervisor {
                 Signal::SIGTERM | Signal::SIGINT => {
                     let again = self.exit_when_stopped;
                     self.exit_when_stopped = true;
+                    self.cancel_upgrade();
                     for &port in &ports {
                         if again {
                             // A second stop signal: do not wait for busy workers.

@@ -330,6 +330,8 @@ fn serve(assignment: Assignment) -> ! {
     if let Some(cell) = hang_report {
         hang_report::arm(interp, cell);
     }
+    // Before `-init`, which may set a handler of its own.
+    super::stderr_log::report_background_errors(interp);
     if let Some(script) = init {
         if let Err(message) = interp.eval_global(&script) {
             give_up(slot, &super::report::init_failure(interp, &message, super::scoreboard::FAILURE_BYTES));
