@@ -31,7 +31,7 @@ TCLPKGDIR ?= $(PREFIX)/lib/tcltk
 NEED      := scripts/need-packages
 
 BUILD_PACKAGES := tcl8.6 tcl8.6-dev tcl-dev libclang-dev pkg-config
-TEST_PACKAGES  := tclx8.4 tcl-thread tcllib binutils apache2-utils systemd tcl-tls openssl curl haproxy prometheus python3
+TEST_PACKAGES  := tclx8.4 tcl-thread tcllib binutils apache2-utils systemd tcl-tls openssl curl haproxy prometheus python3 tini dumb-init
 BENCH_PACKAGES := apache2-utils gcc
 PORTS_PACKAGES := rustc-web rust-web-src
 PORTABLEDIR := build/portable
