@@ -105,6 +105,25 @@ set ::compatPrelude {
     proc sayReady {what} {
         puts $::readyOut $what
     }
+    # Until every thread of process `pid` sleeps (Linux: /proc): a worker
+    # that said it registered may not yet have a thread blocked in the
+    # queue's wait, and the kernel passes a wakeup over a waiter that is
+    # not yet waiting (README, Design: a worker on a starved CPU is passed
+    # over), so an order among waiting workers is only theirs once they wait.
+    proc waitAsleep {pid} {
+        if {![file isdirectory /proc/$pid/task]} return
+        while 1 {
+            set running 0
+            foreach task [glob -nocomplain /proc/$pid/task/*/stat] {
+                if {[catch {open $task} f]} continue
+                set stat [read $f]
+                close $f
+                if {[lindex [split [lindex [split $stat )] end]] 1] ni {S D}} {incr running}
+            }
+            if {!$running} return
+            after 20
+        }
+    }
 }
 
 set ::compatScenarios {
@@ -399,6 +418,7 @@ set ::compatScenarios {
                 sayReady WHO
             }]
             waitReady [llength $::kids]
+            waitAsleep [lindex $::kids end]
         }
         set order {}
         foreach i {1 2 3} {lappend order [lindex [reply [connect]] 0]}
