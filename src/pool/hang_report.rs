@@ -24,10 +24,11 @@ use nix::sys::signal::{kill, Signal};
 
 use crate::tcl::{self, AsyncHandler, Interp, Obj, Tcl_Interp};
 
-use super::lifecycle::{Child, Kill, Pool};
-use super::report::LogEntry;
+use super::model::Kill;
 use super::shared_memory::{SharedArray, Zeroed};
 use super::signals;
+use super::state::LogEntry;
+use super::state::{Child, Pool};
 
 /// The signal that asks a worker for its stack.
 pub const REPORT_SIGNAL: Signal = Signal::SIGWINCH;

@@ -35,7 +35,9 @@ use nix::unistd::{getpid, Pid};
 use crate::tcl::{self, Interp, NameTable, Obj, TclError, TclResult, Tcl_Obj};
 
 use super::signals;
-use super::supervisor::{self, Supervisor, ACTED_ON};
+use super::state::Supervisor;
+use super::supervisor::{self, ACTED_ON};
+use super::supervisor_thread;
 use super::worker;
 
 /// The signals a hook may be set on, by name without "SIG".
@@ -95,7 +97,7 @@ pub fn check_thread() -> TclResult<()> {
             "signal hooks of this process are set by another thread",
             &["SOCKETSERVER", "SIGNAL", "THREAD"],
         )),
-        _ if supervisor::pools_run_by_another_thread() => {
+        _ if supervisor_thread::pools_run_by_another_thread() => {
             Err(TclError::new("pools of this process are run by another thread", &["SOCKETSERVER", "POOL", "THREAD"]))
         }
         _ => Ok(()),
@@ -181,7 +183,7 @@ pub fn command(interp: Interp, objv: &[*mut Tcl_Obj], args: &[Obj]) -> TclResult
             }
             if !script.to_string_lossy().is_empty() {
                 // Atomic with every other thread's `pool create` and hook.
-                supervisor::claim_supervisor_thread()?;
+                supervisor_thread::claim_supervisor_thread()?;
             }
             set(signal, interp, script, workers);
             supervisor::hold_signals_now();

@@ -30,8 +30,8 @@ use nix::unistd::{getpid, Pid};
 
 use crate::tcl::{self, TclError, TclResult};
 
-use super::lifecycle::{Phase, Pool, Reload};
 use super::scoreboard::{now_millis, State};
+use super::state::{Phase, Pool, Reload};
 use super::supervisor::with_supervisor;
 
 /// The most a scraper may send before its request ends.

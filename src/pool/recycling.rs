@@ -20,12 +20,13 @@ use std::time::Instant;
 
 use crate::tcl::Obj;
 
-use super::lifecycle::{Child, Pool, Retired};
 use super::model::recycling::{self as policy, Candidate, Turn};
 pub use super::model::recycling::{Policy, Reason};
 use super::model::Observed;
-use super::report::LogEntry;
+use super::model::Retired;
 use super::scoreboard::{Slot, State};
+use super::state::LogEntry;
+use super::state::{Child, Pool};
 
 fn mark_due(slot: &Slot, reason: Reason) -> bool {
     // The first reason stays.
@@ -112,8 +113,17 @@ impl InPool {
 pub(super) fn lifetime_deadline(policy: &Policy, forked: Instant) -> Option<Instant> {
     let lifetime = policy.max_lifetime?;
     let jitter = policy.lifetime_jitter.unwrap_or(lifetime / 10);
-    let extra = super::lifecycle::random_below(jitter.as_millis() as u64 + 1);
+    let extra = random_below(jitter.as_millis() as u64 + 1);
     policy::lifetime_deadline(forked, Some(lifetime), extra)
+}
+
+/// A random number in `0..bound`, for the recycling jitter.
+pub(super) fn random_below(bound: u64) -> u64 {
+    let mut bytes = [0u8; 8];
+    if !crate::sys::fill_random(&mut bytes) || bound == 0 {
+        return 0;
+    }
+    u64::from_ne_bytes(bytes) % bound
 }
 
 /// A slot's state as the model names it (`None`: free).

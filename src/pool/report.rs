@@ -6,17 +6,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use crate::queue_stats::{Snapshot, BUCKET_BOUNDS};
 use crate::tcl::{Interp, Obj};
 
-use super::lifecycle::{Child, Phase, Pool, Reload};
 use super::scoreboard::{now_millis, State};
-
-/// A log entry waiting to be handed to the pool's `-log` command, which
-/// runs after the supervisor's state is released (it may call back in).
-pub struct LogEntry {
-    log: Option<Vec<Obj>>,
-    interp: Interp,
-    port: u16,
-    fields: Vec<(&'static str, Obj)>,
-}
+use super::state::{Child, LogEntry, Phase, Pool, Reload};
 
 impl Pool {
     pub(super) fn entry(&self, event: &str, fields: Vec<(&'static str, Obj)>) -> LogEntry {

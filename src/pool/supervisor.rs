@@ -14,7 +14,7 @@
 
 use std::cell::RefCell;
 use std::ffi::c_void;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -30,13 +30,15 @@ pub use super::config::Config;
 use super::generation::{default_command, DEFAULT_UPGRADE_TIMEOUT};
 use super::hang_report::InPool as HangsInPool;
 use super::hooks;
-use super::lifecycle::{Kill, Phase, Pool, Reload, Totals};
 use super::model::backoff::RELOAD_FAILURES;
 use super::model::forks_this_turn;
+use super::model::Kill;
 use super::recycling::InPool as RecyclingInPool;
-use super::report::{flush_entries, LogEntry};
+use super::report::flush_entries;
 use super::scoreboard::Scoreboard;
 use super::signals;
+use super::state::{Phase, Pool, Reload, Supervisor, Totals, SUPERVISOR};
+use super::supervisor_thread::{claim_supervisor_thread, release_supervisor_thread};
 use super::worker;
 
 /// How often the supervisor looks at its workers without being woken.
@@ -47,81 +49,6 @@ pub use super::model::sizing::MAX_WORKERS;
 /// The signals a pool with `-signals 1` acts on.
 pub(super) const ACTED_ON: [Signal; 6] =
     [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGTTIN, Signal::SIGTTOU, Signal::SIGUSR2];
-
-/// The pools of a process, on the one thread that runs them. Its signal
-/// dispositions and pipe belong to the process (`signals`), its file
-/// handler and timer to this thread (`after_fork::EventSources`); what a
-/// forked child keeps of it is stated in `after_fork`.
-pub(super) struct Supervisor {
-    /// The process the pools belong to; a forked child has none.
-    pub(super) pid: Pid,
-    pub(super) pools: Vec<Pool>,
-    /// A signal asked for the stop: exit once every pool is gone.
-    pub(super) exit_when_stopped: bool,
-    /// Nesting depth of `pool wait`.
-    pub(super) waiting: u32,
-    /// Exit the process once the supervisor's state is released.
-    pub(super) exit_requested: bool,
-    /// The pid of a new generation that has not said "ready" yet.
-    pub(super) upgrading: Option<Pid>,
-    /// Next generations started and not reaped yet.
-    pub(super) next_generations: Vec<Pid>,
-    /// Every port this process has had a pool on: `pool wait` on one whose
-    /// pool is gone has nothing left to wait for.
-    pub(super) had: Vec<u16>,
-    pub(super) log: Vec<LogEntry>,
-}
-
-thread_local! {
-    static SUPERVISOR: RefCell<Supervisor> = const { RefCell::new(Supervisor {
-        pid: Pid::from_raw(0),
-        pools: Vec::new(),
-        exit_when_stopped: false,
-        waiting: 0,
-        exit_requested: false,
-        upgrading: None,
-        next_generations: Vec::new(),
-        had: Vec::new(),
-        log: Vec::new(),
-    }) };
-}
-
-/// The thread that runs the pools of this process, while it has any: a
-/// pool made in another thread would share the process's signals and
-/// pipe with it, and the signals act on one thread's pools only.
-static SUPERVISOR_THREAD: Mutex<Option<(Pid, std::thread::ThreadId)>> = Mutex::new(None);
-
-/// Whether this thread may run pools: no other thread of this process does.
-/// Setting a signal hook claims the thread too (`hooks`).
-pub(super) fn claim_supervisor_thread() -> TclResult<()> {
-    let mut owner = SUPERVISOR_THREAD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let here = (nix::unistd::getpid(), std::thread::current().id());
-    match *owner {
-        Some((pid, thread)) if pid == here.0 && thread != here.1 => {
-            Err(TclError::new("pools of this process are run by another thread", &["SOCKETSERVER", "POOL", "THREAD"]))
-        }
-        _ => {
-            *owner = Some(here);
-            Ok(())
-        }
-    }
-}
-
-/// Lets another thread run pools; returns whether this one did.
-fn release_supervisor_thread() -> bool {
-    let mut owner = SUPERVISOR_THREAD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let ours = *owner == Some((nix::unistd::getpid(), std::thread::current().id()));
-    if ours {
-        *owner = None;
-    }
-    ours
-}
-
-/// Whether another thread of this process runs pools now.
-pub(super) fn pools_run_by_another_thread() -> bool {
-    let owner = SUPERVISOR_THREAD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    matches!(*owner, Some((pid, thread)) if pid == nix::unistd::getpid() && thread != std::thread::current().id())
-}
 
 /// Lets another thread run pools if this one has none (its last signal
 /// hook was removed).
