@@ -21,7 +21,7 @@ use crate::port_table;
 use crate::tcl::{self, Interp, Obj, TclError, TclResult};
 
 use super::state::Supervisor;
-use super::supervisor::with_supervisor;
+use super::supervisor_access::with_supervisor;
 
 /// How long a next generation may take to say "ready" (`pool upgrade`
 /// without `-timeout`, SIGUSR2).

@@ -6,8 +6,10 @@
 //! simulation. `state` is the pool's data (`Supervisor`, `Pool`, `Child`,
 //! log entries) as plain fields: the observers (`report`, the log and
 //! `pool info`; `metrics`, Prometheus; `notify`, systemd) and the policy
-//! rooms (`sizing`, `recycling`, `init_timeout`, `hang_report`) read and
-//! change it there, never through `lifecycle` or `supervisor`. `lifecycle`
+//! rooms (`sizing`, `recycling_turns`, `init_timeout`, `hang_watch`) read
+//! and change it there, never through `lifecycle` or `supervisor`; what
+//! a worker shares of recycling and of a hang report (`recycling`,
+//! `hang_report`) lies below the data. `lifecycle`
 //! starts, reaps, retires and kills workers; `supervisor` runs the tick
 //! and decides what should run; `generation` starts the next generation
 //! (`pool upgrade`); `command` parses the Tcl command. Below them, leaf
@@ -20,48 +22,48 @@
 //! `signal_watch` notices a pool's signal taken over by the script.
 //!
 //! Floors, bottom first: a room names through `super::` only rooms on a
-//! lower floor (`scripts/check-pool-layers`, run by `make lint`, reads
-//! this list). The edges marked `up` still point up and are the ones left
-//! to turn: no other may be added.
+//! lower floor, so dependencies point one way and there is no circle
+//! (`scripts/check-pool-layers`, run by `make lint`, reads this list; a
+//! room missing from it fails the check). An edge that must point up for
+//! a while is written `//! - up: a -> b`, with why: there is none.
+//! The check reads paths, not method calls: `Pool` and `Supervisor` are
+//! still given methods by several rooms, and a few are called from below
+//! (`recycling_turns` and `sizing` call `lifecycle`'s `retire`,
+//! `ready_count` and `serving`; `report` calls the policies' `*_info`;
+//! `generation` calls `supervisor`'s `stop` and `pool_sizes`): turning
+//! those into arguments and returned decisions is what is left.
 //!
-//! 1. model, wake, shared_memory, pidfile, stderr_log, privileges, scoreboard, supervisor_thread
+//! 1. model, wake, shared_memory, pidfile, stderr_log, privileges, scoreboard, supervisor_thread, metrics
 //! 2. signals
-//! 3. after_fork
+//! 3. after_fork, hang_report, recycling
 //! 4. config
 //! 5. state
 //! 6. signal_watch
 //! 7. report, notify
-//! 8. metrics, sizing, init_timeout, hang_report, recycling
-//! 9. worker
-//! 10. hooks
+//! 8. supervisor_access
+//! 9. metrics_exposition, sizing, init_timeout, hang_watch, recycling_turns, hooks, generation
+//! 10. worker
 //! 11. lifecycle
-//! 12. generation
-//! 13. supervisor
-//! 14. command
-//!
-//! - up: config -> metrics (the bound `-metrics` socket)
-//! - up: state -> metrics (a pool's endpoint)
-//! - up: state -> hang_report (the cells a hung worker answers in)
-//! - up: state -> recycling (a pool's recycled counts)
-//! - up: metrics -> supervisor (a scrape finds its pool)
-//! - up: worker -> hooks (the signals a worker runs hooks for)
-//! - up: hooks -> supervisor (`pool signal` holds the pools' signals)
-//! - up: generation -> supervisor (an upgrade's outcome reaches the pools)
+//! 12. supervisor
+//! 13. command
 
 mod after_fork;
 mod command;
 mod config;
 mod generation;
 mod hang_report;
+mod hang_watch;
 mod hooks;
 mod init_timeout;
 mod lifecycle;
 mod metrics;
+mod metrics_exposition;
 mod model;
 mod notify;
 mod pidfile;
 mod privileges;
 mod recycling;
+mod recycling_turns;
 mod report;
 mod scoreboard;
 mod shared_memory;
@@ -71,6 +73,7 @@ mod sizing;
 mod state;
 mod stderr_log;
 mod supervisor;
+mod supervisor_access;
 mod supervisor_thread;
 mod wake;
 mod worker;

@@ -10,12 +10,6 @@ use super::scoreboard::{now_millis, State};
 use super::state::{Child, LogEntry, Phase, Pool, Reload};
 
 impl Pool {
-    pub(super) fn entry(&self, event: &str, fields: Vec<(&'static str, Obj)>) -> LogEntry {
-        let mut all = vec![("event", Obj::new_string(event)), ("port", Obj::new_int(self.port.into()))];
-        all.extend(fields);
-        LogEntry { log: self.config.log.clone(), interp: self.interp, port: self.port, fields: all }
-    }
-
     pub(super) fn info(&self) -> Obj {
         let now = now_millis();
         let mut workers = Vec::new();

@@ -1,13 +1,16 @@
-//! The pool's data, below every room that reads or changes it: a pool's
-//! workers (`Child`), its totals, phase and reload, as plain fields. The
-//! observers (`report`, `metrics`, `notify`) and the policy rooms read it
-//! from here, never from `lifecycle` or `supervisor`, which act on it.
+//! The pools' data, below every room that reads or changes it: the
+//! supervisor's (`Supervisor`, one per thread that runs pools), each
+//! pool's workers (`Child`), totals, phase and reload, and the log entries
+//! made, as plain fields. The observers (`report`, `notify`,
+//! `metrics_exposition`) and the policies' shell rooms read it from here,
+//! never from `lifecycle` or `supervisor`, which act on it.
 
 use std::cell::RefCell;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Instant;
 
+use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use crate::counters::Counters;
@@ -18,8 +21,9 @@ use super::after_fork::LeaveEnd;
 use super::config::Config;
 use super::model::backoff::FailureRun;
 use super::model::timeouts::BusyWatch;
-pub(super) use super::model::{Kill, Retired};
+use super::model::{Kill, Retired};
 use super::scoreboard::Scoreboard;
+use super::supervisor_thread::release_supervisor_thread;
 
 pub(super) struct Child {
     pub(super) pid: Pid,
@@ -158,4 +162,25 @@ pub struct LogEntry {
     pub(super) interp: Interp,
     pub(super) port: u16,
     pub(super) fields: Vec<(&'static str, Obj)>,
+}
+
+/// The signals a pool with `-signals 1` acts on.
+pub(super) const ACTED_ON: [Signal; 6] =
+    [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGTTIN, Signal::SIGTTOU, Signal::SIGUSR2];
+
+/// Lets another thread run pools if this one has none (its last signal
+/// hook was removed).
+pub(super) fn release_supervisor_thread_if_idle() {
+    if SUPERVISOR.with(|s| s.try_borrow().is_ok_and(|s| s.pools.is_empty())) {
+        release_supervisor_thread();
+    }
+}
+
+impl Pool {
+    /// A log entry of this pool, for its `-log` command or stderr.
+    pub(super) fn entry(&self, event: &str, fields: Vec<(&'static str, Obj)>) -> LogEntry {
+        let mut all = vec![("event", Obj::new_string(event)), ("port", Obj::new_int(self.port.into()))];
+        all.extend(fields);
+        LogEntry { log: self.config.log.clone(), interp: self.interp, port: self.port, fields: all }
+    }
 }

@@ -34,11 +34,11 @@ use super::model::backoff::RELOAD_FAILURES;
 use super::model::forks_this_turn;
 use super::model::Kill;
 use super::recycling::InPool as RecyclingInPool;
-use super::report::flush_entries;
 use super::scoreboard::Scoreboard;
 use super::signals;
-use super::state::{Phase, Pool, Reload, Supervisor, Totals, SUPERVISOR};
-use super::supervisor_thread::{claim_supervisor_thread, release_supervisor_thread};
+use super::state::{Phase, Pool, Reload, Supervisor, Totals, ACTED_ON, SUPERVISOR};
+use super::supervisor_access::with_supervisor;
+use super::supervisor_thread::{claim_supervisor_thread, not_here, release_supervisor_thread};
 use super::worker;
 
 /// How often the supervisor looks at its workers without being woken.
@@ -46,41 +46,6 @@ const TICK_MS: u32 = 100;
 /// Workers a pool may have; its scoreboard has room for twice as many
 /// (a full generation beside another).
 pub use super::model::sizing::MAX_WORKERS;
-/// The signals a pool with `-signals 1` acts on.
-pub(super) const ACTED_ON: [Signal; 6] =
-    [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGTTIN, Signal::SIGTTOU, Signal::SIGUSR2];
-
-/// Lets another thread run pools if this one has none (its last signal
-/// hook was removed).
-pub(super) fn release_supervisor_thread_if_idle() {
-    if SUPERVISOR.with(|s| s.try_borrow().is_ok_and(|s| s.pools.is_empty())) {
-        release_supervisor_thread();
-    }
-}
-
-/// Runs `f` on the supervisor's state, then hands out the log entries it
-/// made. The state is never borrowed while Tcl code of the user runs, so
-/// `f` cannot be re-entered.
-pub(super) fn with_supervisor<R>(f: impl FnOnce(&mut Supervisor) -> R) -> R {
-    let result = SUPERVISOR.with(|s| {
-        let mut sup = s.borrow_mut();
-        let result = f(&mut sup);
-        super::notify::observe(&sup);
-        result
-    });
-    flush_log();
-    if SUPERVISOR.with(|s| s.try_borrow().is_ok_and(|s| s.exit_requested)) {
-        tcl::exit(0);
-    }
-    result
-}
-
-pub(super) fn not_here() -> TclError {
-    TclError::new(
-        "pools are run by the process that created them, not by its workers",
-        &["SOCKETSERVER", "POOL", "WORKER"],
-    )
-}
 
 fn unknown_pool(port: u16) -> TclError {
     TclError::new(format!("no pool serves port {port}"), &["SOCKETSERVER", "POOL", "UNKNOWN", &port.to_string()])
@@ -147,7 +112,7 @@ pub fn create(interp: Interp, state: *const InterpState, port: u16, mut config: 
             to_respawn: 0,
             phase: Phase::Running,
             ready_once: false,
-            metrics: config_metrics.map(|bound| super::metrics::Endpoint::serve(port, bound)),
+            metrics: config_metrics.map(|bound| super::metrics_exposition::serve(port, bound)),
             recycling,
             hangs,
         });
@@ -201,11 +166,6 @@ pub fn reload(port: u16) {
 
 pub fn resize(port: u16, min: usize, max: usize) {
     with_supervisor(|sup| sup.resize(port, min, max));
-}
-
-/// Whether a pool of this process acts on its signals (`-signals 1`).
-pub(super) fn pools_act_on_signals() -> bool {
-    with_supervisor(|sup| sup.pools.iter().any(|p| p.config.signals))
 }
 
 /// Holds what the pools and the hooks need now, if there is a pool.
@@ -595,12 +555,6 @@ impl Supervisor {
             self.exit_requested = true;
         }
     }
-}
-
-/// Hands the collected log entries to their pools' `-log` commands.
-fn flush_log() {
-    let entries = SUPERVISOR.with(|s| s.try_borrow_mut().map(|mut s| std::mem::take(&mut s.log)).unwrap_or_default());
-    flush_entries(entries);
 }
 
 /// The signal pipe is readable: signals arrived, or a worker asks for

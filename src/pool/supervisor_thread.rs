@@ -45,3 +45,10 @@ pub(super) fn pools_run_by_another_thread() -> bool {
     let owner = SUPERVISOR_THREAD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     matches!(*owner, Some((pid, thread)) if pid == nix::unistd::getpid() && thread != std::thread::current().id())
 }
+
+pub(super) fn not_here() -> TclError {
+    TclError::new(
+        "pools are run by the process that created them, not by its workers",
+        &["SOCKETSERVER", "POOL", "WORKER"],
+    )
+}
