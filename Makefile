@@ -77,6 +77,7 @@ build-tcl9: build tcl9
 
 # Layout and lint, as CI checks them: the house width is in rustfmt.toml.
 lint: deps
+	scripts/check-pool-layers
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets --release -- -D warnings
 	$(CARGO) clippy --all-targets --release --features portable -- -D warnings

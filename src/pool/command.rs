@@ -14,6 +14,7 @@ use super::hooks;
 use super::privileges::{self, Privileges, LIMIT_NAMES};
 use super::sizing::{self, Sizing};
 use super::supervisor::{self, Config};
+use super::supervisor_thread::not_here;
 use super::worker;
 
 static SUBCOMMANDS: NameTable<9> = NameTable([
@@ -122,7 +123,16 @@ pub fn dispatch(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj]) -> T
             supervisor::resize(port, min, max);
             empty()
         }
-        "signal" => hooks::command(interp, objv, &args),
+        "signal" => {
+            if worker::is_worker() {
+                return Err(not_here());
+            }
+            let (result, hooked) = hooks::command(interp, objv, &args)?;
+            if hooked {
+                supervisor::hold_signals_now();
+            }
+            Ok(result)
+        }
         "stop" => {
             supervisor::ports(optional_port("?port?")?)?.into_iter().for_each(supervisor::stop);
             empty()
@@ -253,7 +263,7 @@ fn create(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj], args: &[Ob
     let number = parse_port(interp, port_word)?;
     // Before the port is opened: a worker would keep it, unserved.
     if worker::is_worker() {
-        return Err(supervisor::not_here());
+        return Err(not_here());
     }
     hooks::check_thread()?;
     if config.signals {

@@ -20,7 +20,8 @@ use nix::unistd::Pid;
 use crate::port_table;
 use crate::tcl::{self, Interp, Obj, TclError, TclResult};
 
-use super::supervisor::{with_supervisor, Supervisor};
+use super::state::Supervisor;
+use super::supervisor_access::with_supervisor;
 
 /// How long a next generation may take to say "ready" (`pool upgrade`
 /// without `-timeout`, SIGUSR2).

@@ -14,44 +14,34 @@
 //! thread took the question, the log says the stack could not be read.
 //! Either way the worker is then killed, as it was before this report
 //! existed. `pool info` keeps the last report.
+//!
+//! This file is the question and its answer (the shared cells, the
+//! worker's side), below the pool's data; the supervisor's side, which
+//! asks, logs and kills, is `hang_watch`.
 
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicI64, AtomicPtr, AtomicU32, AtomicU8, Ordering};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Instant;
 
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::Signal;
 
 use crate::tcl::{self, AsyncHandler, Interp, Obj, Tcl_Interp};
 
-use super::lifecycle::{Child, Kill, Pool};
-use super::report::LogEntry;
 use super::shared_memory::{SharedArray, Zeroed};
 use super::signals;
 
 /// The signal that asks a worker for its stack.
 pub const REPORT_SIGNAL: Signal = Signal::SIGWINCH;
-/// How long a worker has to answer before the log says it cannot.
-/// How long a worker's Tcl thread has to answer once its control thread
-/// has taken the question...
-const GRACE: Duration = Duration::from_millis(500);
-/// ...and how long its control thread has to take it, on a machine so
-/// loaded that it has not run yet.
-const TAKE_LIMIT: Duration = Duration::from_secs(3);
-/// Questions asked of a worker of a pool with `-concurrency` above 1
-/// before one answered from inside a command each time is taken as
-/// stuck: an event-driven worker may happen to answer from inside the
-/// handler it runs at that moment, but not every time.
-const TRIES: u8 = 3;
 /// Room for one stack text.
 const REPORT_BYTES: usize = 4000;
 /// Room for one command of the stack.
 const COMMAND_CHARS: usize = 200;
 
-const ASKED: u32 = 1;
-const ANSWERED: u32 = 2;
+pub(super) const ASKED: u32 = 1;
+pub(super) const ANSWERED: u32 = 2;
 /// Taken by the control thread, the async handler marked.
-const TAKEN: u32 = 3;
+pub(super) const TAKEN: u32 = 3;
 
 /// The stack of the code the async handler interrupted, innermost first,
 /// as `errorInfo` words it: the procedure it was in (Tcl keeps no frame
@@ -103,11 +93,11 @@ static BASE: AtomicI64 = AtomicI64::new(0);
 pub struct Cell {
     /// 0, `ASKED` (by the supervisor), `TAKEN` (by the worker's control
     /// thread) or `ANSWERED` (by its Tcl thread).
-    state: AtomicU32,
+    pub(super) state: AtomicU32,
     /// 1: answered from the event loop, no command of the worker running
     /// (it waits for its clients); 0: from inside a running command.
-    idle: AtomicU32,
-    len: AtomicU32,
+    pub(super) idle: AtomicU32,
+    pub(super) len: AtomicU32,
     text: [AtomicU8; REPORT_BYTES],
 }
 
@@ -126,7 +116,7 @@ impl Cell {
         self.len.store(len as u32, Ordering::Relaxed);
     }
 
-    fn read(&self) -> String {
+    pub(super) fn read(&self) -> String {
         let len = (self.len.load(Ordering::Relaxed) as usize).min(REPORT_BYTES);
         let bytes: Vec<u8> = self.text[..len].iter().map(|b| b.load(Ordering::Relaxed)).collect();
         String::from_utf8_lossy(&bytes).into_owned()
@@ -208,7 +198,7 @@ impl InPool {
     }
 
     /// The cell of the worker on `slot`, as the supervisor reads it.
-    fn cell(&self, slot: usize) -> Option<&Cell> {
+    pub(super) fn cell(&self, slot: usize) -> Option<&Cell> {
         self.cells.as_ref().map(|cells| cells.get(slot))
     }
 
@@ -221,159 +211,13 @@ impl InPool {
 /// Where a busy timeout stands for one worker.
 pub(super) struct Asked {
     /// It was asked to take no more connections (`-concurrency 1`).
-    leaving: bool,
+    pub(super) leaving: bool,
     /// Questions asked so far.
-    tries: u8,
-    at: Instant,
+    pub(super) tries: u8,
+    pub(super) at: Instant,
     /// When the supervisor first saw the question taken: the grace runs
     /// from then.
-    taken: Option<Instant>,
-    peer: Obj,
-    busy: f64,
-}
-
-impl Child {
-    /// Asked for its stack and to take no more connections: replaced now.
-    pub(super) fn asked_to_leave(&self) -> bool {
-        self.hang.as_ref().is_some_and(|asked| asked.leaving)
-    }
-}
-
-impl Pool {
-    /// Workers busy on one connection for longer than `-timeout`: the log
-    /// says who and since when, asks for the stack, and the worker is
-    /// killed once it has answered or `GRACE` is over. With `-concurrency
-    /// 1`, from the question on the worker takes no more connections (one
-    /// it took during the grace would be killed with it) and is replaced at
-    /// once. Above 1, the timeout concerns the worker, not one connection:
-    /// one that answers from its event loop (no command of it running: it
-    /// waits for its clients and serves the others) is spared, and asked
-    /// again after another `-timeout`; one stuck in a command is killed,
-    /// its other connections with it. How long
-    /// it has been busy is measured on the supervisor's clock, from when
-    /// it first saw the busy period (`model::timeouts`): the start the
-    /// worker writes in its slot is a claim.
-    pub(super) fn kill_stuck(&mut self, entries: &mut Vec<LogEntry>) {
-        let Some(timeout) = self.config.timeout else { return };
-        let now = Instant::now();
-        for index in 0..self.children.len() {
-            let child = &self.children[index];
-            if child.killed.is_some() {
-                continue;
-            }
-            if child.hang.is_some() {
-                self.answer_or_kill(index, entries);
-                continue;
-            }
-            let slot = self.scoreboard.slot(child.slot);
-            let claimed = slot.busy_since();
-            let Some(busy_for) = self.children[index].busy.observe(claimed, now) else { continue };
-            if busy_for <= timeout {
-                continue;
-            }
-            let child = &self.children[index];
-            let peer_text = slot.peer();
-            let (host, port) = peer_text.rsplit_once(' ').unwrap_or((&peer_text, ""));
-            let peer = Obj::new_list(&[Obj::new_string(host), Obj::new_string(port)]);
-            let busy = busy_for.as_secs_f64();
-            let leaving = self.config.concurrency <= 1;
-            if leaving {
-                slot.request_leave();
-            }
-            let pid = child.pid;
-            entries.push(self.entry(
-                "timeout",
-                vec![
-                    ("pid", Obj::new_int(pid.as_raw().into())),
-                    ("peer", peer.clone()),
-                    ("busy", Obj::new_double(busy)),
-                ],
-            ));
-            if let Some(cell) = self.hangs.cell(self.children[index].slot) {
-                cell.len.store(0, Ordering::Relaxed);
-                cell.idle.store(0, Ordering::Relaxed);
-                cell.state.store(ASKED, Ordering::SeqCst);
-                let _ = kill(pid, REPORT_SIGNAL);
-            }
-            self.children[index].hang = Some(Asked { leaving, tries: 1, at: Instant::now(), taken: None, peer, busy });
-            self.answer_or_kill(index, entries);
-        }
-    }
-
-    fn answer_or_kill(&mut self, index: usize, entries: &mut Vec<LogEntry>) {
-        let cell = self.hangs.cell(self.children[index].slot);
-        let Some(asked) = &mut self.children[index].hang else { return };
-        let state = cell.map(|cell| cell.state.load(Ordering::SeqCst));
-        if state == Some(TAKEN) && asked.taken.is_none() {
-            asked.taken = Some(Instant::now());
-        }
-        // Above -concurrency 1, a worker that answered from its event loop
-        // is waiting for its clients, not stuck.
-        let several = self.config.concurrency > 1;
-        let idle = cell.is_some_and(|cell| cell.idle.load(Ordering::SeqCst) == 1);
-        let spared = several && state == Some(ANSWERED) && idle;
-        if several && state == Some(ANSWERED) && !idle && asked.tries < TRIES {
-            // Answered from inside a command: perhaps the handler it ran at
-            // that moment; asked again.
-            asked.tries += 1;
-            asked.at = Instant::now();
-            asked.taken = None;
-            let pid = self.children[index].pid;
-            if let Some(cell) = cell {
-                cell.len.store(0, Ordering::Relaxed);
-                cell.state.store(ASKED, Ordering::SeqCst);
-                let _ = kill(pid, REPORT_SIGNAL);
-            }
-            return;
-        }
-        let (stack, note) = match (cell, state) {
-            (Some(cell), Some(ANSWERED)) if spared => (
-                cell.read(),
-                "spared: it answered from its event loop, serving its other connections (-concurrency above 1)".into(),
-            ),
-            (Some(cell), Some(ANSWERED)) => (cell.read(), String::new()),
-            (Some(_), Some(TAKEN)) if asked.taken.is_some_and(|at| at.elapsed() < GRACE) => return,
-            (Some(_), Some(TAKEN)) => (
-                String::new(),
-                format!(
-                    "the stack could not be read: the worker ran no Tcl command for {} s (blocked in a system call?)",
-                    GRACE.as_secs_f64()
-                ),
-            ),
-            (Some(_), _) if asked.at.elapsed() < TAKE_LIMIT => return,
-            (Some(_), _) => (
-                String::new(),
-                format!(
-                    "the stack could not be read: the worker did not take the question in {} s",
-                    TAKE_LIMIT.as_secs()
-                ),
-            ),
-            (None, _) => {
-                (String::new(), "the stack could not be read: the pool leaves signals alone (-signals 0)".into())
-            }
-        };
-        let child = &self.children[index];
-        let Some(asked) = &child.hang else { return };
-        let pid = child.pid;
-        let fields = vec![
-            ("pid", Obj::new_int(pid.as_raw().into())),
-            ("peer", asked.peer.clone()),
-            ("busy", Obj::new_double(asked.busy)),
-            ("stack", Obj::new_string(&stack)),
-            ("note", Obj::new_string(&note)),
-        ];
-        let at = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let mut report = fields.clone();
-        report.push(("time", Obj::new_int(at as i64)));
-        self.hangs.last = Some(Obj::new_dict(report));
-        entries.push(self.entry("hang", fields));
-        if spared {
-            // Timed again from now: asked again after another -timeout.
-            self.children[index].hang = None;
-            self.children[index].busy = Default::default();
-            return;
-        }
-        let _ = kill(pid, Signal::SIGKILL);
-        self.children[index].killed = Some(Kill::Timeout);
-    }
+    pub(super) taken: Option<Instant>,
+    pub(super) peer: Obj,
+    pub(super) busy: f64,
 }

@@ -35,8 +35,9 @@ use nix::unistd::{getpid, Pid};
 use crate::tcl::{self, Interp, NameTable, Obj, TclError, TclResult, Tcl_Obj};
 
 use super::signals;
-use super::supervisor::{self, Supervisor, ACTED_ON};
-use super::worker;
+use super::state::{release_supervisor_thread_if_idle, Supervisor, ACTED_ON};
+use super::supervisor_access::pools_act_on_signals;
+use super::supervisor_thread;
 
 /// The signals a hook may be set on, by name without "SIG".
 static HOOKABLE: NameTable<11> = NameTable([
@@ -95,7 +96,7 @@ pub fn check_thread() -> TclResult<()> {
             "signal hooks of this process are set by another thread",
             &["SOCKETSERVER", "SIGNAL", "THREAD"],
         )),
-        _ if supervisor::pools_run_by_another_thread() => {
+        _ if supervisor_thread::pools_run_by_another_thread() => {
             Err(TclError::new("pools of this process are run by another thread", &["SOCKETSERVER", "POOL", "THREAD"]))
         }
         _ => Ok(()),
@@ -136,11 +137,10 @@ pub fn worker_signals() -> Vec<Signal> {
 
 /// `pool signal ?name? ?script? ?-workers boolean?`: with no name, the
 /// hooked signals; with a name alone, its script; with a script, sets the
-/// hook (an empty script removes it).
-pub fn command(interp: Interp, objv: &[*mut Tcl_Obj], args: &[Obj]) -> TclResult<Obj> {
-    if worker::is_worker() {
-        return Err(supervisor::not_here());
-    }
+/// hook (an empty script removes it). Also whether a hook was set: the
+/// caller then holds the pools' signals again (`supervisor`). Never in a
+/// worker: the caller refuses it first.
+pub fn command(interp: Interp, objv: &[*mut Tcl_Obj], args: &[Obj]) -> TclResult<(Obj, bool)> {
     check_thread()?;
     let (mut words, mut workers) = (args, false);
     if let [rest @ .., option, value] = words {
@@ -155,22 +155,25 @@ pub fn command(interp: Interp, objv: &[*mut Tcl_Obj], args: &[Obj]) -> TclResult
         Ok(HOOKABLE_SIGNALS[interp.get_index(&bare, &HOOKABLE, c"signal")?])
     };
     match words {
-        [] if words.len() == args.len() => {
-            Ok(Obj::new_list(&hooks().iter().map(|h| Obj::new_string(&h.signal.as_str()[3..])).collect::<Vec<_>>()))
-        }
+        [] if words.len() == args.len() => Ok((
+            Obj::new_list(&hooks().iter().map(|h| Obj::new_string(&h.signal.as_str()[3..])).collect::<Vec<_>>()),
+            false,
+        )),
         [name] if words.len() == args.len() => {
             let signal = signal(name)?;
-            Ok(hooks()
-                .into_iter()
-                .find(|h| h.signal == signal)
-                .map(|h| h.script)
-                .unwrap_or_else(|| Obj::new_string("")))
+            Ok((
+                hooks()
+                    .into_iter()
+                    .find(|h| h.signal == signal)
+                    .map(|h| h.script)
+                    .unwrap_or_else(|| Obj::new_string("")),
+                false,
+            ))
         }
         [name, script] => {
             let signal = signal(name)?;
             let script = script.clone();
-            if !script.to_string_lossy().is_empty() && ACTED_ON.contains(&signal) && supervisor::pools_act_on_signals()
-            {
+            if !script.to_string_lossy().is_empty() && ACTED_ON.contains(&signal) && pools_act_on_signals() {
                 return Err(TclError::new(
                     format!(
                         "signal \"{}\" is the pool's: create the pools of this process with -signals 0 to hook it",
@@ -181,11 +184,10 @@ pub fn command(interp: Interp, objv: &[*mut Tcl_Obj], args: &[Obj]) -> TclResult
             }
             if !script.to_string_lossy().is_empty() {
                 // Atomic with every other thread's `pool create` and hook.
-                supervisor::claim_supervisor_thread()?;
+                supervisor_thread::claim_supervisor_thread()?;
             }
             set(signal, interp, script, workers);
-            supervisor::hold_signals_now();
-            Ok(Obj::new_string(""))
+            Ok((Obj::new_string(""), true))
         }
         _ => Err(interp.wrong_num_args(objv, 2, USAGE)),
     }
@@ -202,7 +204,7 @@ fn set(signal: Signal, interp: Interp, script: Obj, workers: bool) {
         record_thread(!hooks.is_empty());
     });
     if hooks().is_empty() {
-        supervisor::release_supervisor_thread_if_idle();
+        release_supervisor_thread_if_idle();
     }
 }
 

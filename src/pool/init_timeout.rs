@@ -7,10 +7,11 @@ use nix::sys::signal::{kill, Signal};
 
 use crate::tcl::Obj;
 
-use super::lifecycle::{Kill, Pool};
 use super::model::timeouts::init_overdue;
-use super::report::LogEntry;
+use super::model::Kill;
 use super::scoreboard::State;
+use super::state::LogEntry;
+use super::state::Pool;
 
 impl Pool {
     pub(super) fn kill_slow_starters(&mut self, entries: &mut Vec<LogEntry>) {

@@ -5,7 +5,7 @@
 //! resize). The supervisor decides when (`supervisor::reconcile`); this
 //! says how.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,112 +13,18 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{ForkResult, Pid};
 
-use crate::counters::Counters;
-use crate::registration::InterpState;
-use crate::tcl::{Interp, Obj};
+use crate::tcl::Obj;
 
 use super::after_fork::LeaveEnd;
-use super::config::Config;
-use super::model::backoff::{FailureRun, RELOAD_FAILURES};
+use super::model::backoff::RELOAD_FAILURES;
 use super::model::exits::{self, ExitFacts, Outcome};
 use super::model::timeouts::{overstays, BusyWatch};
-pub(super) use super::model::{Kill, Retired};
-use super::report::LogEntry;
-use super::scoreboard::{now_millis, Scoreboard, State};
+use super::model::{Kill, Retired};
+use super::scoreboard::{now_millis, State};
 use super::signals;
+use super::state::LogEntry;
+use super::state::{Child, Phase, Pool, Reload};
 use super::worker::{self, Assignment};
-
-pub(super) struct Child {
-    pub(super) pid: Pid,
-    pub(super) slot: usize,
-    pub(super) generation: u32,
-    pub(super) forked: Instant,
-    /// Our end of its leave pipe; closing it asks the worker to leave.
-    pub(super) leave: Option<LeaveEnd>,
-    pub(super) retired: Option<Retired>,
-    /// Set once we have sent it SIGKILL, with the reason.
-    pub(super) killed: Option<Kill>,
-    /// Its turn to be recycled (`model::recycling`).
-    pub(super) turn: Option<super::model::recycling::Turn>,
-    /// Its busy period on the supervisor's clock (`model::timeouts`).
-    pub(super) busy: BusyWatch,
-    /// Since when it leaves: retired, or seen leaving unasked.
-    pub(super) leaving_since: Option<Instant>,
-    /// When it is due by age (`-maxlifetime`).
-    pub(super) recycle_at: Option<Instant>,
-    /// Past its busy timeout, asked for its stack (`hang_report`).
-    pub(super) hang: Option<super::hang_report::Asked>,
-    /// The signals it was started with hooks for (`hooks::mask`).
-    pub(super) hooks: u64,
-}
-
-#[derive(Default)]
-pub(super) struct Totals {
-    pub(super) started: u64,
-    pub(super) respawned: u64,
-    pub(super) recycled: u64,
-    pub(super) timed_out: u64,
-    /// Killed for not being ready within `-inittimeout`.
-    pub(super) init_timed_out: u64,
-    pub(super) backoffs: u64,
-    /// PROXY protocol rejections of workers that have exited.
-    pub(super) proxy_errors: u64,
-    pub(super) proxy_untrusted: u64,
-    /// Connections served and milliseconds busy of workers that have exited.
-    pub(super) served: u64,
-    pub(super) busy_millis: u64,
-}
-
-pub(super) enum Phase {
-    Running,
-    Stopping { deadline: Instant },
-}
-
-/// Where the last reload stands, for `pool info`.
-pub(super) enum Reload {
-    None,
-    /// Its workers are starting; `previous` is the generation serving
-    /// before it, which serves on if it is abandoned.
-    Running {
-        previous: u32,
-    },
-    Done,
-    Failed {
-        reason: String,
-    },
-}
-
-pub struct Pool {
-    pub(super) port: u16,
-    pub(super) interp: Interp,
-    pub(super) state: *const InterpState,
-    pub(super) config: Config,
-    pub(super) scoreboard: Scoreboard,
-    pub(super) generation: u32,
-    /// The highest generation number given so far: an abandoned reload's
-    /// number is not given again.
-    pub(super) newest_generation: u32,
-    pub(super) target: usize,
-    pub(super) children: Vec<Child>,
-    pub(super) totals: Totals,
-    /// Failed starts in a row and their back-off (`model::backoff`).
-    pub(super) failures: FailureRun,
-    pub(super) reload: Reload,
-    /// The port's queue, kept while the pool lives: the port leaves the
-    /// port table when the pool stops, and workers started then serve
-    /// what is still queued.
-    pub(super) queue: Arc<OwnedFd>,
-    pub(super) counters: Arc<Counters>,
-    /// Workers lost unasked, still to be replaced (counted as respawns).
-    pub(super) to_respawn: u64,
-    pub(super) phase: Phase,
-    /// Whether every worker of the first generation has been ready once.
-    pub(super) ready_once: bool,
-    /// The `-metrics` endpoint, served while the pool lives.
-    pub(super) metrics: Option<super::metrics::Endpoint>,
-    pub(super) recycling: super::recycling::InPool,
-    pub(super) hangs: super::hang_report::InPool,
-}
 
 impl Pool {
     /// Collects the workers that have exited, and counts each exit in one
@@ -525,7 +431,7 @@ impl Pool {
             }
         };
         let limit = (pool.config.max_connections > 0)
-            .then(|| pool.config.max_connections + random_below(pool.config.jitter + 1));
+            .then(|| pool.config.max_connections + super::recycling::random_below(pool.config.jitter + 1));
         let recycling =
             pool.recycling.for_worker(pool.scoreboard.leak_slot(slot), pool.config.recycling.max_rss, limit);
         let hang_report = pool.hangs.for_worker(slot);
@@ -590,15 +496,6 @@ impl Pool {
             }
         }
     }
-}
-
-/// A random number in `0..bound`, for the recycling jitter.
-pub(super) fn random_below(bound: u64) -> u64 {
-    let mut bytes = [0u8; 8];
-    if !crate::sys::fill_random(&mut bytes) || bound == 0 {
-        return 0;
-    }
-    u64::from_ne_bytes(bytes) % bound
 }
 
 /// Reaps `children` of a supervisor whose thread has ended, from a thread

@@ -44,9 +44,8 @@ use crate::upgrade::HANDOVER_VARIABLE;
 
 use crate::tcl::{Interp, Obj};
 
-use super::lifecycle::{Phase, Reload};
 use super::scoreboard::State;
-use super::supervisor::Supervisor;
+use super::state::{Phase, Reload, Supervisor};
 
 const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 const WATCHDOG_USEC: &str = "WATCHDOG_USEC";

@@ -6,25 +6,10 @@ use std::sync::atomic::Ordering::Relaxed;
 use crate::queue_stats::{Snapshot, BUCKET_BOUNDS};
 use crate::tcl::{Interp, Obj};
 
-use super::lifecycle::{Child, Phase, Pool, Reload};
 use super::scoreboard::{now_millis, State};
-
-/// A log entry waiting to be handed to the pool's `-log` command, which
-/// runs after the supervisor's state is released (it may call back in).
-pub struct LogEntry {
-    log: Option<Vec<Obj>>,
-    interp: Interp,
-    port: u16,
-    fields: Vec<(&'static str, Obj)>,
-}
+use super::state::{Child, LogEntry, Phase, Pool, Reload};
 
 impl Pool {
-    pub(super) fn entry(&self, event: &str, fields: Vec<(&'static str, Obj)>) -> LogEntry {
-        let mut all = vec![("event", Obj::new_string(event)), ("port", Obj::new_int(self.port.into()))];
-        all.extend(fields);
-        LogEntry { log: self.config.log.clone(), interp: self.interp, port: self.port, fields: all }
-    }
-
     pub(super) fn info(&self) -> Obj {
         let now = now_millis();
         let mut workers = Vec::new();

@@ -14,7 +14,7 @@ use nix::sys::signal::Signal;
 use crate::tcl::Obj;
 
 use super::signals;
-use super::supervisor::Supervisor;
+use super::state::Supervisor;
 
 thread_local! {
     /// The signals found replaced and reported, while they stay so.

@@ -20,11 +20,11 @@ use std::time::Instant;
 
 use crate::tcl::{Interp, Obj, TclError, TclResult};
 
-use super::lifecycle::{Pool, Reload};
 pub use super::model::sizing::Sizing;
 use super::model::sizing::{Load, MAX_WORKERS};
-use super::report::LogEntry;
 use super::scoreboard::State;
+use super::state::LogEntry;
+use super::state::{Pool, Reload};
 
 impl Sizing {
     /// Sets the spare targets: an option not given follows the other

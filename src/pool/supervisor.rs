@@ -14,7 +14,7 @@
 
 use std::cell::RefCell;
 use std::ffi::c_void;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -30,13 +30,15 @@ pub use super::config::Config;
 use super::generation::{default_command, DEFAULT_UPGRADE_TIMEOUT};
 use super::hang_report::InPool as HangsInPool;
 use super::hooks;
-use super::lifecycle::{Kill, Phase, Pool, Reload, Totals};
 use super::model::backoff::RELOAD_FAILURES;
 use super::model::forks_this_turn;
+use super::model::Kill;
 use super::recycling::InPool as RecyclingInPool;
-use super::report::{flush_entries, LogEntry};
 use super::scoreboard::Scoreboard;
 use super::signals;
+use super::state::{Phase, Pool, Reload, Supervisor, Totals, ACTED_ON, SUPERVISOR};
+use super::supervisor_access::with_supervisor;
+use super::supervisor_thread::{claim_supervisor_thread, not_here, release_supervisor_thread};
 use super::worker;
 
 /// How often the supervisor looks at its workers without being woken.
@@ -44,116 +46,6 @@ const TICK_MS: u32 = 100;
 /// Workers a pool may have; its scoreboard has room for twice as many
 /// (a full generation beside another).
 pub use super::model::sizing::MAX_WORKERS;
-/// The signals a pool with `-signals 1` acts on.
-pub(super) const ACTED_ON: [Signal; 6] =
-    [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGTTIN, Signal::SIGTTOU, Signal::SIGUSR2];
-
-/// The pools of a process, on the one thread that runs them. Its signal
-/// dispositions and pipe belong to the process (`signals`), its file
-/// handler and timer to this thread (`after_fork::EventSources`); what a
-/// forked child keeps of it is stated in `after_fork`.
-pub(super) struct Supervisor {
-    /// The process the pools belong to; a forked child has none.
-    pub(super) pid: Pid,
-    pub(super) pools: Vec<Pool>,
-    /// A signal asked for the stop: exit once every pool is gone.
-    pub(super) exit_when_stopped: bool,
-    /// Nesting depth of `pool wait`.
-    pub(super) waiting: u32,
-    /// Exit the process once the supervisor's state is released.
-    pub(super) exit_requested: bool,
-    /// The pid of a new generation that has not said "ready" yet.
-    pub(super) upgrading: Option<Pid>,
-    /// Next generations started and not reaped yet.
-    pub(super) next_generations: Vec<Pid>,
-    /// Every port this process has had a pool on: `pool wait` on one whose
-    /// pool is gone has nothing left to wait for.
-    pub(super) had: Vec<u16>,
-    pub(super) log: Vec<LogEntry>,
-}
-
-thread_local! {
-    static SUPERVISOR: RefCell<Supervisor> = const { RefCell::new(Supervisor {
-        pid: Pid::from_raw(0),
-        pools: Vec::new(),
-        exit_when_stopped: false,
-        waiting: 0,
-        exit_requested: false,
-        upgrading: None,
-        next_generations: Vec::new(),
-        had: Vec::new(),
-        log: Vec::new(),
-    }) };
-}
-
-/// The thread that runs the pools of this process, while it has any: a
-/// pool made in another thread would share the process's signals and
-/// pipe with it, and the signals act on one thread's pools only.
-static SUPERVISOR_THREAD: Mutex<Option<(Pid, std::thread::ThreadId)>> = Mutex::new(None);
-
-/// Whether this thread may run pools: no other thread of this process does.
-/// Setting a signal hook claims the thread too (`hooks`).
-pub(super) fn claim_supervisor_thread() -> TclResult<()> {
-    let mut owner = SUPERVISOR_THREAD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let here = (nix::unistd::getpid(), std::thread::current().id());
-    match *owner {
-        Some((pid, thread)) if pid == here.0 && thread != here.1 => {
-            Err(TclError::new("pools of this process are run by another thread", &["SOCKETSERVER", "POOL", "THREAD"]))
-        }
-        _ => {
-            *owner = Some(here);
-            Ok(())
-        }
-    }
-}
-
-/// Lets another thread run pools; returns whether this one did.
-fn release_supervisor_thread() -> bool {
-    let mut owner = SUPERVISOR_THREAD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let ours = *owner == Some((nix::unistd::getpid(), std::thread::current().id()));
-    if ours {
-        *owner = None;
-    }
-    ours
-}
-
-/// Whether another thread of this process runs pools now.
-pub(super) fn pools_run_by_another_thread() -> bool {
-    let owner = SUPERVISOR_THREAD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    matches!(*owner, Some((pid, thread)) if pid == nix::unistd::getpid() && thread != std::thread::current().id())
-}
-
-/// Lets another thread run pools if this one has none (its last signal
-/// hook was removed).
-pub(super) fn release_supervisor_thread_if_idle() {
-    if SUPERVISOR.with(|s| s.try_borrow().is_ok_and(|s| s.pools.is_empty())) {
-        release_supervisor_thread();
-    }
-}
-
-/// Runs `f` on the supervisor's state, then hands out the log entries it
-/// made. The state is never borrowed while Tcl code of the user runs, so
-/// `f` cannot be re-entered.
-pub(super) fn with_supervisor<R>(f: impl FnOnce(&mut Supervisor) -> R) -> R {
-    let result = SUPERVISOR.with(|s| {
-        let mut sup = s.borrow_mut();
-        let result = f(&mut sup);
-        super::notify::observe(&sup);
-        result
-    });
-    flush_log();
-    if SUPERVISOR.with(|s| s.try_borrow().is_ok_and(|s| s.exit_requested)) {
-        tcl::exit(0);
-    }
-    result
-}
-
-pub(super) fn not_here() -> TclError {
-    TclError::new(
-        "pools are run by the process that created them, not by its workers",
-        &["SOCKETSERVER", "POOL", "WORKER"],
-    )
-}
 
 fn unknown_pool(port: u16) -> TclError {
     TclError::new(format!("no pool serves port {port}"), &["SOCKETSERVER", "POOL", "UNKNOWN", &port.to_string()])
@@ -220,7 +112,7 @@ pub fn create(interp: Interp, state: *const InterpState, port: u16, mut config: 
             to_respawn: 0,
             phase: Phase::Running,
             ready_once: false,
-            metrics: config_metrics.map(|bound| super::metrics::Endpoint::serve(port, bound)),
+            metrics: config_metrics.map(|bound| super::metrics_exposition::serve(port, bound)),
             recycling,
             hangs,
         });
@@ -274,11 +166,6 @@ pub fn reload(port: u16) {
 
 pub fn resize(port: u16, min: usize, max: usize) {
     with_supervisor(|sup| sup.resize(port, min, max));
-}
-
-/// Whether a pool of this process acts on its signals (`-signals 1`).
-pub(super) fn pools_act_on_signals() -> bool {
-    with_supervisor(|sup| sup.pools.iter().any(|p| p.config.signals))
 }
 
 /// Holds what the pools and the hooks need now, if there is a pool.
@@ -672,12 +559,6 @@ impl Supervisor {
             self.exit_requested = true;
         }
     }
-}
-
-/// Hands the collected log entries to their pools' `-log` commands.
-fn flush_log() {
-    let entries = SUPERVISOR.with(|s| s.try_borrow_mut().map(|mut s| std::mem::take(&mut s.log)).unwrap_or_default());
-    flush_entries(entries);
 }
 
 /// The signal pipe is readable: signals arrived, or a worker asks for
