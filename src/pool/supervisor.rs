@@ -12,9 +12,9 @@
 //! retire old generations as new workers become ready, kill workers stuck
 //! past `-timeout`, and finish a stop.
 
-use std::cell::RefCell;
 use std::ffi::c_void;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
