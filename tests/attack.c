@@ -33,6 +33,7 @@
 #include <sys/un.h>
 #include <netinet/in.h>
 #include <arpa/inet.h>
+#include <time.h>
 #include <unistd.h>
 
 static int
@@ -256,6 +257,29 @@ AttackCmd(void *data, Tcl_Interp *interp, int objc, Tcl_Obj *const objv[])
             _exit(0);
         }
         Tcl_SetObjResult(interp, Tcl_NewIntObj(child));
+        return TCL_OK;
+    }
+    if (!strcmp(sub, "flood") && objc == 4) {
+        /* attack flood SOCK MS: one-byte messages, as fast as the socket
+         * takes them, for MS milliseconds; returns how many were sent */
+        int sock, ms;
+        long sent = 0;
+        struct timespec start, now;
+        if (Tcl_GetIntFromObj(interp, objv[2], &sock) != TCL_OK) return TCL_ERROR;
+        if (Tcl_GetIntFromObj(interp, objv[3], &ms) != TCL_OK) return TCL_ERROR;
+        clock_gettime(CLOCK_MONOTONIC, &start);
+        do {
+            if (send(sock, "x", 1, MSG_DONTWAIT | MSG_NOSIGNAL) == 1) {
+                sent++;
+            } else {
+                struct pollfd p;
+                p.fd = sock;
+                p.events = POLLOUT;
+                poll(&p, 1, 10);
+            }
+            clock_gettime(CLOCK_MONOTONIC, &now);
+        } while ((now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000 < ms);
+        Tcl_SetObjResult(interp, Tcl_NewWideIntObj(sent));
         return TCL_OK;
     }
     if (!strcmp(sub, "socketpair") && objc == 2) {
