@@ -173,6 +173,9 @@ struct PeerBytes {
 }
 
 const STAMP: usize = 8;
+/// The shortest payload of a message (no address: the family byte and the
+/// stamp): the queue's unread bytes over this bound its count.
+pub const MIN_PAYLOAD: usize = 1 + STAMP;
 
 impl PeerBytes {
     fn encode(peer: Option<SocketAddr>, accepted_at: u64) -> PeerBytes {

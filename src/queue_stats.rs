@@ -282,6 +282,22 @@ impl QueueStats {
         }
     }
 
+    /// The depth, no more than the most messages `unread_bytes` can be:
+    /// the kernel's count of payload bytes in the queue
+    /// (`sys::unread_payload_bytes` of a worker end; `None` where the
+    /// system cannot say). For decisions on the depth (sizing): a worker
+    /// that wrote a smaller count of takes after the accepting process last
+    /// read it makes `depth` grow by what it took since, never this. Read
+    /// only, so that a count read a moment apart from the kernel's never
+    /// moves the figures for good.
+    pub fn depth_at_most(&self, unread_bytes: Option<usize>) -> u64 {
+        let depth = self.depth();
+        match unread_bytes {
+            Some(bytes) => depth.min((bytes / crate::handoff::MIN_PAYLOAD) as u64),
+            None => depth,
+        }
+    }
+
     /// A worker took a message: rings a paused accepting thread, if any.
     pub fn count_taken(&self) {
         self.takes().taken.fetch_add(1, SeqCst);
