@@ -57,6 +57,13 @@ const SIGNAL_ROUNDS: u32 = 500;
 /// Messages handed back and dropped in a row before the re-queueing thread
 /// pauses (`BACKOFF`) before the next.
 const DROPPED_BEFORE_PAUSE: u32 = 64;
+/// How many times one connection may be handed back: a worker told to
+/// leave while a connection was on its way hands that one back once; a
+/// second time is a rarer coincidence still. More is a worker handing back
+/// copies of one connection to fill the queue.
+const GIVE_BACKS_PER_CONNECTION: u8 = 2;
+/// Connections whose give-backs are remembered (the oldest forgotten first).
+const GIVE_BACKS_REMEMBERED: usize = 4096;
 /// How long a send into a full queue blocks before the sender looks
 /// whether the port is being closed.
 const SEND_TIMEOUT: Duration = Duration::from_millis(200);
@@ -499,6 +506,7 @@ fn requeue_returned(shared: &Shared) {
     // breath between them, so that a worker sending nothing but garbage
     // costs a little CPU, never a spinning thread.
     let mut dropped = 0u32;
+    let mut given_back = GiveBacks::default();
     loop {
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) | Err(Errno::EINTR) => {}
@@ -525,7 +533,7 @@ fn requeue_returned(shared: &Shared) {
         // any thread's `in_hand`: a fork at that instant is rare enough,
         // and the copy closes when that child exits.
         match handoff::receive_connection(shared.accept_end.as_fd(), MsgFlags::MSG_DONTWAIT) {
-            Ok(Received::Connection(conn)) => match returned_connection(shared, conn) {
+            Ok(Received::Connection(conn)) => match returned_connection(shared, conn).filter(|c| given_back.allow(c)) {
                 Some(conn) => {
                     dropped = 0;
                     shared.send(&conn);
@@ -547,6 +555,46 @@ fn requeue_returned(shared: &Shared) {
                 }
             }
         }
+    }
+}
+
+/// How often each connection was handed back, by the socket's identity
+/// (device and inode: every descriptor of one connection, copies sent
+/// several times included, names the same). The re-queueing thread's own.
+#[derive(Default)]
+struct GiveBacks {
+    counts: std::collections::HashMap<(u64, u64), u8>,
+    order: std::collections::VecDeque<(u64, u64)>,
+}
+
+impl GiveBacks {
+    /// Whether `conn` may be queued again (and counts it): a connection
+    /// handed back more than `GIVE_BACKS_PER_CONNECTION` times is a
+    /// worker's copies of one connection, each of which would take a place
+    /// in the queue (past `-maxqueue`: the re-queue does not wait for the
+    /// bound) and a worker's turn. A system that gives sockets no inode
+    /// (0) is not limited.
+    #[allow(clippy::unnecessary_cast)]
+    fn allow(&mut self, conn: &Connection) -> bool {
+        let Ok(st) = nix::sys::stat::fstat(conn.socket.as_raw_fd()) else { return false };
+        if st.st_ino == 0 {
+            return true;
+        }
+        let identity = (st.st_dev as u64, st.st_ino as u64);
+        let count = self.counts.entry(identity).or_insert(0);
+        if *count >= GIVE_BACKS_PER_CONNECTION {
+            return false;
+        }
+        *count += 1;
+        if *count == 1 {
+            self.order.push_back(identity);
+            if self.order.len() > GIVE_BACKS_REMEMBERED {
+                if let Some(oldest) = self.order.pop_front() {
+                    self.counts.remove(&oldest);
+                }
+            }
+        }
+        true
     }
 }
 

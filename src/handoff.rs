@@ -173,6 +173,9 @@ struct PeerBytes {
 }
 
 const STAMP: usize = 8;
+/// The shortest payload of a message (no address: the family byte and the
+/// stamp): the queue's unread bytes over this bound its count.
+pub const MIN_PAYLOAD: usize = 1 + STAMP;
 
 impl PeerBytes {
     fn encode(peer: Option<SocketAddr>, accepted_at: u64) -> PeerBytes {
@@ -258,6 +261,36 @@ pub fn send_connection(queue: BorrowedFd<'_>, conn: &Connection, flags: MsgFlags
     // SEQPACKET sends whole messages or nothing.
     debug_assert_eq!(sent as usize, payload.len());
     Ok(())
+}
+
+/// How long a worker handing a connection back waits for room in the
+/// queue's direction back (`send_back`).
+pub const GIVE_BACK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Sends a connection back from a worker, as `send_connection`; where the
+/// way back is full, waits for room for up to `wait` (a few polls) rather
+/// than failing at once. Every worker sends back through the one worker
+/// end, so its buffer is shared: a worker that fills it with garbage (the
+/// re-queueing thread drops garbage at a bounded rate) would otherwise make
+/// every other worker's give-back fail, and the client's connection close.
+pub fn send_back(queue: BorrowedFd<'_>, conn: &Connection, wait: std::time::Duration) -> nix::Result<()> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match send_connection(queue, conn, MsgFlags::MSG_DONTWAIT) {
+            Err(Errno::EAGAIN | Errno::ENOBUFS | Errno::EINTR) => {}
+            done => return done,
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(Errno::EAGAIN);
+        }
+        // At most 20 ms at a time: a wake-up for room may go to another
+        // sender, and some systems do not report room for datagrams.
+        let timeout =
+            PollTimeout::try_from(left.min(std::time::Duration::from_millis(20))).unwrap_or(PollTimeout::ZERO);
+        let _ = poll(&mut [PollFd::new(queue, PollFlags::POLLOUT)], timeout);
+    }
 }
 
 /// What one receive gave.

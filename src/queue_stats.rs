@@ -127,6 +127,10 @@ pub struct QueueStats {
     /// Added to the depth: set when the kernel says the queue is empty
     /// while the counts say otherwise (a worker that lied about its takes).
     adjust: AtomicI64,
+    /// The most takes this process has believed: what the workers claim
+    /// counts only where it is more than this and no more than was queued,
+    /// so that no write of a worker's makes the depth grow (`takes_believed`).
+    taken_seen: AtomicU64,
     pauses: Mutex<Pauses>,
     /// Rung by a worker that takes a connection while a thread is paused.
     room: Option<Waker>,
@@ -174,6 +178,7 @@ impl QueueStats {
             max_queue: AtomicU64::new(0),
             overload: AtomicU32::new(Overload::None as u32),
             adjust: AtomicI64::new(0),
+            taken_seen: AtomicU64::new(0),
             pauses: Mutex::new(Pauses::default()),
             room,
         }
@@ -211,8 +216,21 @@ impl QueueStats {
         (self.max_queue.load(Relaxed), overload)
     }
 
+    /// The takes to believe, of `queued` messages sent: the workers' count
+    /// is their claim, written in memory each of them can write. Takes
+    /// only grow and never pass what was queued, so a claim below the most
+    /// believed so far or above `queued` is not believed: a worker that
+    /// writes a smaller count cannot make the queue look full (and the port
+    /// pause or close while it is below its bound). One that writes a
+    /// larger count can still make it look shorter than it is, until the
+    /// bound is met (`resync_if_empty` corrects the other way only).
+    fn takes_believed(&self, queued: u64) -> u64 {
+        let claimed = self.takes().taken.load(SeqCst).min(queued);
+        self.taken_seen.fetch_max(claimed, SeqCst).max(claimed)
+    }
+
     fn depth_of(&self, queued: u64) -> u64 {
-        let taken = self.takes().taken.load(SeqCst);
+        let taken = self.takes_believed(queued);
         let depth = queued as i128 - taken as i128 + i128::from(self.adjust.load(SeqCst));
         depth.clamp(0, i128::from(u64::MAX)) as u64
     }
@@ -261,6 +279,22 @@ impl QueueStats {
             if depth > 0 {
                 self.adjust.fetch_sub(depth as i64, SeqCst);
             }
+        }
+    }
+
+    /// The depth, no more than the most messages `unread_bytes` can be:
+    /// the kernel's count of payload bytes in the queue
+    /// (`sys::unread_payload_bytes` of a worker end; `None` where the
+    /// system cannot say). For decisions on the depth (sizing): a worker
+    /// that wrote a smaller count of takes after the accepting process last
+    /// read it makes `depth` grow by what it took since, never this. Read
+    /// only, so that a count read a moment apart from the kernel's never
+    /// moves the figures for good.
+    pub fn depth_at_most(&self, unread_bytes: Option<usize>) -> u64 {
+        let depth = self.depth();
+        match unread_bytes {
+            Some(bytes) => depth.min((bytes / crate::handoff::MIN_PAYLOAD) as u64),
+            None => depth,
         }
     }
 

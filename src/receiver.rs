@@ -211,8 +211,9 @@ fn pass_on_wakeup(queue: &OwnedFd, stats: &QueueStats) {
 
 /// Returns a connection to the accepting thread for another worker.
 pub fn give_back(queue: &OwnedFd, conn: Connection) {
-    // On failure the connection closes: the accepting process is gone.
-    let _ = handoff::send_connection(queue.as_fd(), &conn, MsgFlags::MSG_DONTWAIT);
+    // On failure the connection closes: the accepting process is gone, or
+    // the way back stayed full (`handoff::send_back`).
+    let _ = handoff::send_back(queue.as_fd(), &conn, handoff::GIVE_BACK_WAIT);
 }
 
 fn wait_loop(shared: &Shared, deliver: impl Fn(Outcome)) {

@@ -5,10 +5,11 @@
 //! read-write in the process that makes it, as items of whole pages. The
 //! file comes with a second descriptor opened read-only. A pool's worker,
 //! first thing after its fork (`keep_writable_only`), maps every region
-//! again at the same address from the read-only descriptor, then maps back
-//! read-write the pages it may write (its own scoreboard slot and
-//! hang-report cell, and items made `Writers::AllWorkers`), and closes both
-//! descriptors. A mapping made from a read-only descriptor cannot be made
+//! again at the same address from the read-only descriptor, but for the
+//! pages it may write (its own scoreboard slot and hang-report cell, and
+//! items made `Writers::AllWorkers`), and closes both descriptors. Its own
+//! items are given fresh pages just before its fork (`SharedPages::renew`),
+//! so that nothing a previous owner left behind can write them. A mapping made from a read-only descriptor cannot be made
 //! writable again (mprotect says EACCES), and the kernel refuses a write
 //! through /proc/self/mem to it: a worker that runs hostile code cannot
 //! write what it was not given, whatever it does.
@@ -127,6 +128,41 @@ impl SharedPages {
     pub fn items(&self) -> usize {
         self.items
     }
+
+    /// Gives item `index` fresh pages (zero) in this process, for the
+    /// worker about to be forked to own: a process its previous owner left
+    /// behind (a grandchild it forked, in a session of its own) may still
+    /// map the old pages read-write, and must not write what the supervisor
+    /// reads of the new owner. The old pages stay with whoever still maps
+    /// them; nothing here reads them again. Processes forked before keep
+    /// their view of the old ones (read-only in workers, which read only
+    /// their own item). Only the process that made the pages renews them.
+    pub fn renew(&self, index: usize) -> nix::Result<()> {
+        if self.owner != getpid() {
+            return Err(nix::errno::Errno::EPERM);
+        }
+        let index = index.min(self.items - 1);
+        let _no_fork = (!crate::sys::CLOEXEC_IS_ATOMIC).then(crate::fork_safety::hold_off_forks);
+        let (read_write, _read_only) = crate::sys::shared_memory_file(self.stride)?;
+        let length = NonZeroUsize::new(self.stride).expect("non-zero");
+        // SAFETY: replaces, at the same address and size, one item of this
+        // value's own mapping with a shared mapping of a fresh file of the
+        // same size: every reference into the item stays valid (the pages
+        // read as zero, a valid value of the atomics the callers keep
+        // there), and the kernel swaps the pages in one step, so a thread
+        // reading the item meanwhile sees the old pages or the new ones.
+        unsafe {
+            mmap(
+                NonZeroUsize::new(self.item(index).as_ptr() as usize),
+                length,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED | MapFlags::MAP_FIXED,
+                &read_write,
+                0,
+            )?;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for SharedPages {
@@ -149,41 +185,46 @@ impl Drop for SharedPages {
 
 /// In a pool's worker, right after its fork, before any code of the
 /// script's runs: every shared region becomes read-only, but for the items
-/// that contain an address of `own` and the items every worker writes; the
-/// regions' descriptors are closed. An error leaves the process unfit to
-/// serve.
+/// that contain an address of `own` and the items every worker writes,
+/// which keep the read-write mapping the worker inherited (an item renewed
+/// for it, `SharedPages::renew`, is not in the region's file any more);
+/// the regions' descriptors are closed. An error leaves the process unfit
+/// to serve.
 pub fn keep_writable_only(own: &[usize]) -> nix::Result<()> {
     let mut registry = regions();
     for region in registry.iter() {
-        let bytes = region.stride * region.items;
-        let length = NonZeroUsize::new(bytes).expect("non-zero");
-        let at = NonZeroUsize::new(region.base);
-        // SAFETY: replaces, at the same address and size, a mapping of the
-        // same file: every reference into it stays valid (readable). The
-        // worker has one thread now, and nothing writes the pages until
-        // the writable ones are mapped back below.
-        unsafe {
-            let read_only = std::os::fd::BorrowedFd::borrow_raw(region.read_only);
-            mmap(at, length, ProtFlags::PROT_READ, MapFlags::MAP_SHARED | MapFlags::MAP_FIXED, read_only, 0)?;
-        }
-        for index in 0..region.items {
+        let writable = |index: usize| {
             let start = region.base + index * region.stride;
-            let mine = own.iter().any(|&address| address >= start && address < start + region.stride);
-            if mine || region.writers == Writers::AllWorkers {
-                let length = NonZeroUsize::new(region.stride).expect("non-zero");
-                // SAFETY: as above, for one item's pages, from the file's
-                // read-write descriptor at that item's offset.
-                unsafe {
-                    let read_write = std::os::fd::BorrowedFd::borrow_raw(region.read_write);
-                    mmap(
-                        NonZeroUsize::new(start),
-                        length,
-                        ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                        MapFlags::MAP_SHARED | MapFlags::MAP_FIXED,
-                        read_write,
-                        (index * region.stride) as libc::off_t,
-                    )?;
-                }
+            region.writers == Writers::AllWorkers
+                || own.iter().any(|&address| address >= start && address < start + region.stride)
+        };
+        // Runs of items the worker may not write, each mapped again in one
+        // call from the read-only descriptor.
+        let mut index = 0;
+        while index < region.items {
+            if writable(index) {
+                index += 1;
+                continue;
+            }
+            let first = index;
+            while index < region.items && !writable(index) {
+                index += 1;
+            }
+            let length = NonZeroUsize::new((index - first) * region.stride).expect("non-zero");
+            // SAFETY: replaces, at the same address and size, a mapping of
+            // the same file at the same offset: every reference into it
+            // stays valid (readable). The worker has one thread now, and
+            // writes none of these items.
+            unsafe {
+                let read_only = std::os::fd::BorrowedFd::borrow_raw(region.read_only);
+                mmap(
+                    NonZeroUsize::new(region.base + first * region.stride),
+                    length,
+                    ProtFlags::PROT_READ,
+                    MapFlags::MAP_SHARED | MapFlags::MAP_FIXED,
+                    read_only,
+                    (first * region.stride) as libc::off_t,
+                )?;
             }
         }
     }

@@ -31,6 +31,9 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
+#include <time.h>
 #include <unistd.h>
 
 static int
@@ -172,6 +175,111 @@ AttackCmd(void *data, Tcl_Interp *interp, int objc, Tcl_Obj *const objv[])
             }
         }
         Tcl_SetObjResult(interp, list);
+        return TCL_OK;
+    }
+    if (!strcmp(sub, "tcpfds") && objc == 2) {
+        /* attack tcpfds: connected TCP sockets ({fd peerport} pairs) */
+        Tcl_Obj *list = Tcl_NewObj();
+        int fd;
+        for (fd = 0; fd < 1024; fd++) {
+            struct sockaddr_storage addr;
+            socklen_t alen = sizeof(addr);
+            int type = 0;
+            socklen_t size = sizeof(type);
+            if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &size) != 0 || type != SOCK_STREAM) continue;
+            if (getpeername(fd, (struct sockaddr *) &addr, &alen) != 0) continue;
+            if (addr.ss_family == AF_INET) {
+                Tcl_ListObjAppendElement(interp, list, Tcl_NewIntObj(fd));
+                Tcl_ListObjAppendElement(interp, list,
+                    Tcl_NewIntObj(ntohs(((struct sockaddr_in *) &addr)->sin_port)));
+            }
+        }
+        Tcl_SetObjResult(interp, list);
+        return TCL_OK;
+    }
+    if (!strcmp(sub, "grandchild") && objc == 6) {
+        /* attack grandchild QUEUEFD SECONDS ADDR HEX: forks a process of
+         * its own session that outlives the worker: for SECONDS it takes
+         * connections off QUEUEFD (answering "stolen") and writes HEX at
+         * ADDR (0: nowhere) every 50 ms. Returns its pid. */
+        int queue, seconds, len, i;
+        Tcl_WideInt addr;
+        pid_t child;
+        if (Tcl_GetIntFromObj(interp, objv[2], &queue) != TCL_OK) return TCL_ERROR;
+        if (Tcl_GetIntFromObj(interp, objv[3], &seconds) != TCL_OK) return TCL_ERROR;
+        if (GetWide(interp, objv[4], &addr) != TCL_OK) return TCL_ERROR;
+        len = FromHex(Tcl_GetString(objv[5]), buffer, sizeof(buffer));
+        if (len < 0) return Fail(interp, "hex");
+        child = fork();
+        if (child < 0) return Fail(interp, "fork");
+        if (child == 0) {
+            setsid();
+            for (i = 0; i < seconds * 20; i++) {
+                struct pollfd p;
+                if (addr != 0) {
+                    int fd = open("/proc/self/mem", O_RDWR);
+                    if (fd >= 0) {
+                        if (pwrite(fd, buffer, len, (off_t) addr) < 0) {}
+                        close(fd);
+                    }
+                }
+                p.fd = queue;
+                p.events = POLLIN;
+                if (queue >= 0 && poll(&p, 1, 50) == 1) {
+                    struct msghdr msg;
+                    struct iovec iov;
+                    struct cmsghdr *cmsg;
+                    union { struct cmsghdr align; char space[CMSG_SPACE(sizeof(int))]; } control;
+                    unsigned char payload[64];
+                    int conn = -1;
+                    memset(&msg, 0, sizeof(msg));
+                    iov.iov_base = payload;
+                    iov.iov_len = sizeof(payload);
+                    msg.msg_iov = &iov;
+                    msg.msg_iovlen = 1;
+                    msg.msg_control = control.space;
+                    msg.msg_controllen = sizeof(control.space);
+                    if (recvmsg(queue, &msg, MSG_DONTWAIT) > 0) {
+                        for (cmsg = CMSG_FIRSTHDR(&msg); cmsg; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
+                            if (cmsg->cmsg_level == SOL_SOCKET && cmsg->cmsg_type == SCM_RIGHTS) {
+                                memcpy(&conn, CMSG_DATA(cmsg), sizeof(int));
+                            }
+                        }
+                    }
+                    if (conn >= 0) {
+                        if (write(conn, "stolen\n", 7) < 0) {}
+                        close(conn);
+                    }
+                } else if (queue < 0) {
+                    usleep(50000);
+                }
+            }
+            _exit(0);
+        }
+        Tcl_SetObjResult(interp, Tcl_NewIntObj(child));
+        return TCL_OK;
+    }
+    if (!strcmp(sub, "flood") && objc == 4) {
+        /* attack flood SOCK MS: one-byte messages, as fast as the socket
+         * takes them, for MS milliseconds; returns how many were sent */
+        int sock, ms;
+        long sent = 0;
+        struct timespec start, now;
+        if (Tcl_GetIntFromObj(interp, objv[2], &sock) != TCL_OK) return TCL_ERROR;
+        if (Tcl_GetIntFromObj(interp, objv[3], &ms) != TCL_OK) return TCL_ERROR;
+        clock_gettime(CLOCK_MONOTONIC, &start);
+        do {
+            if (send(sock, "x", 1, MSG_DONTWAIT | MSG_NOSIGNAL) == 1) {
+                sent++;
+            } else {
+                struct pollfd p;
+                p.fd = sock;
+                p.events = POLLOUT;
+                poll(&p, 1, 10);
+            }
+            clock_gettime(CLOCK_MONOTONIC, &now);
+        } while ((now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000 < ms);
+        Tcl_SetObjResult(interp, Tcl_NewWideIntObj(sent));
         return TCL_OK;
     }
     if (!strcmp(sub, "socketpair") && objc == 2) {

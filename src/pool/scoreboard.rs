@@ -252,9 +252,13 @@ impl Scoreboard {
         unsafe { self.pages.item(index).cast::<Slot>().as_ref() }
     }
 
-    /// Takes a free slot for a new worker of `generation`.
+    /// Takes a free slot for a new worker of `generation`, on fresh pages:
+    /// a process its previous worker left behind (a grandchild in a
+    /// session of its own) may still map the old ones read-write. Where
+    /// the system refuses fresh pages, the slot keeps its own.
     pub fn assign(&self, generation: u32) -> Option<usize> {
         let index = self.in_use.iter().position(|used| !used.swap(true, Relaxed))?;
+        let _ = self.pages.renew(index);
         self.slot(index).assign(generation);
         Some(index)
     }

@@ -40,9 +40,13 @@ impl<T: Zeroed> SharedArray<T> {
         unsafe { self.pages.item(index).cast::<T>().as_ref() }
     }
 
-    /// Item `index` as a `'static` reference, for a forked worker, which
-    /// keeps the mapping until it exits.
+    /// Item `index` as a `'static` reference, for a worker about to be
+    /// forked, which keeps the mapping until it exits. The item gets fresh
+    /// pages first (`SharedPages::renew`): a process the item's previous
+    /// worker left behind may still map the old ones read-write. Where the
+    /// system refuses fresh pages, the item keeps its own.
     pub fn leak(&self, index: usize) -> &'static T {
+        let _ = self.pages.renew(index);
         // SAFETY: the caller is a worker that never unmaps the array.
         unsafe { self.pages.item(index).cast::<T>().as_ref() }
     }

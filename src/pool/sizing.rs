@@ -92,8 +92,10 @@ impl Pool {
                     _ => load.busy += 1,
                 }
             }
-            // Accepted and not yet taken by a worker (`pool info`'s `queued`).
-            load.queued = usize::try_from(self.counters.queue.depth()).unwrap_or(usize::MAX);
+            // Accepted and not yet taken by a worker (`pool info`'s `queued`),
+            // no more than the kernel says the queue holds.
+            let unread = crate::sys::unread_payload_bytes(std::os::fd::AsFd::as_fd(&*self.queue));
+            load.queued = usize::try_from(self.counters.queue.depth_at_most(unread)).unwrap_or(usize::MAX);
         }
         let Some(change) = self.config.sizing.decide(now, &mut self.target, settled, load) else { return };
         let mut fields =

@@ -49,9 +49,13 @@ pub fn lost() -> u64 {
     LOST.load(Relaxed)
 }
 
-/// Queues `line` (without its newline) for stderr; never waits.
+/// Queues `line` (without its newline) for stderr; never waits. One event
+/// is one line: a control character in it (a newline in an `-init` error,
+/// or in the failure text or peer a worker wrote in its slot, which would
+/// otherwise start a line of the worker's making, timestamp and all) is
+/// written as an escape (`\n`, `\x1b`).
 pub fn write_line(line: &str) {
-    let text = format!("{} {line}\n", timestamp(SystemTime::now()));
+    let text = format!("{} {}\n", timestamp(SystemTime::now()), one_line(line));
     let queued = WRITER.try_with(|writer| {
         let mut writer = writer.borrow_mut();
         if writer.as_ref().is_some_and(|w| w.pid != getpid()) {
@@ -132,6 +136,24 @@ unsafe extern "C" fn on_background_error(
 
 /// The writer thread of this process, and the exit handler that gives it
 /// time to finish.
+/// `line` with its control characters escaped as Tcl writes them.
+fn one_line(line: &str) -> std::borrow::Cow<'_, str> {
+    if !line.chars().any(char::is_control) {
+        return line.into();
+    }
+    let mut out = String::with_capacity(line.len() + 8);
+    for c in line.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\x{:02x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.into()
+}
+
 fn start() -> Option<Writer> {
     let (queue, lines) = sync_channel::<String>(QUEUE_LINES);
     let pending = Arc::new(AtomicUsize::new(0));

@@ -87,3 +87,9 @@ impl ReadySet {
 pub fn unsent_bytes(_fd: std::os::fd::BorrowedFd<'_>) -> Option<usize> {
     None
 }
+
+/// The payload bytes of the messages waiting in a Unix socket's receive
+/// queue: not known here for datagrams (FIONREAD's count may differ).
+pub fn unread_payload_bytes(_fd: std::os::fd::BorrowedFd<'_>) -> Option<usize> {
+    None
+}

@@ -22,7 +22,7 @@ pub const PEER_CLOSED_EVENTS: libc::c_short = libc::POLLRDHUP;
 /// Tcl 9's notifier here is kqueue, which fork does not copy.
 pub const NOTIFIER_AFTER_FORK: NotifierAfterFork = NotifierAfterFork::ReinitTclNotifier;
 
-pub use super::bsd::{fill_random, notify_address, shared_memory_file, unsent_bytes, ReadySet};
+pub use super::bsd::{fill_random, notify_address, shared_memory_file, unread_payload_bytes, unsent_bytes, ReadySet};
 
 /// The calling process's resident memory in bytes (`ki_rssize` of
 /// `sysctl kern.proc.pid`, in pages); `None` if it cannot be read.

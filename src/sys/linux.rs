@@ -121,3 +121,14 @@ pub fn unsent_bytes(fd: BorrowedFd<'_>) -> Option<usize> {
     let done = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut bytes) };
     (done == 0).then_some(bytes.max(0) as usize)
 }
+
+/// The payload bytes of the messages waiting in the receive queue of the
+/// Unix socket `fd` (SIOCINQ: for SEQPACKET, their sum), which no sender
+/// can make up.
+pub fn unread_payload_bytes(fd: BorrowedFd<'_>) -> Option<usize> {
+    use std::os::fd::AsRawFd;
+    let mut bytes: libc::c_int = 0;
+    // SAFETY: FIONREAD (SIOCINQ) writes one int into `bytes`.
+    let done = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut bytes) };
+    (done == 0).then_some(bytes.max(0) as usize)
+}

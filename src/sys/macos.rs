@@ -42,7 +42,7 @@ pub const PEER_CLOSED_EVENTS: libc::c_short = 0;
 /// Tcl's notifier on macOS (CoreFoundation) renews itself after fork.
 pub const NOTIFIER_AFTER_FORK: NotifierAfterFork = NotifierAfterFork::Nothing;
 
-pub use super::bsd::{fill_random, notify_address, shared_memory_file, unsent_bytes, ReadySet};
+pub use super::bsd::{fill_random, notify_address, shared_memory_file, unread_payload_bytes, unsent_bytes, ReadySet};
 
 /// The calling process's resident memory in bytes (`pti_resident_size`
 /// of `proc_pidinfo(PROC_PIDTASKINFO)`); `None` if it cannot be read.
