@@ -136,3 +136,27 @@ fn a_long_connection_holds_no_turn() {
     pool.apply(&Event::Wait(100));
     assert!(pool.figures.recycled >= 5, "recycled: {:?}", pool.figures);
 }
+
+/// `-workers 2 -maxconnections 3` and `-workers 1 -maxconnections 3`,
+/// then `-init` fails: a worker that left by itself at its limit holds
+/// its turn until its replacement is ready, so the other is not retired
+/// meanwhile; the only worker is never authorised to leave before its
+/// replacement is ready. The pool keeps a ready worker throughout.
+#[test]
+fn maxconnections_keeps_a_ready_worker_while_init_fails() {
+    for workers in [1, 2] {
+        let mut pool = SimPool::new(workers, workers, Some(3), None, None);
+        pool.step();
+        pool.apply(&Event::Wait(10));
+        pool.apply(&Event::InitBecomes(Init::Fails));
+        for _ in 0..20 {
+            pool.apply(&Event::Connect(10));
+            pool.apply(&Event::Wait(2));
+            let ready = pool.workers.iter().filter(|w| w.alive() && w.retired.is_none() && w.state.ready()).count();
+            assert!(ready >= 1, "-workers {workers}: no ready worker while -init fails");
+        }
+        pool.apply(&Event::InitBecomes(Init::Works));
+        pool.apply(&Event::Wait(100));
+        pool.stop();
+    }
+}

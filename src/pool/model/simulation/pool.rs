@@ -574,8 +574,9 @@ impl SimPool {
             w.authorised = plan.authorised.contains(&i);
         }
         for &i in &plan.retire {
-            // Past -maxconnections: retired at once, only while healthy.
-            if self.workers[i].due == Some(Reason::Connections) {
+            // Past -maxconnections: retired at once, only while healthy
+            // (or, like the others, once its replacement is ready).
+            if self.workers[i].due == Some(Reason::Connections) && ready_without < self.target {
                 assert!(can_start, "retired for -maxconnections while replacements cannot start");
             } else {
                 self.recycle_checks.push((ready_without, self.target));
