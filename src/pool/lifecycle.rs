@@ -223,18 +223,8 @@ impl Pool {
                     // queue after a few (`supervisor::reconcile`).
                     let _ = self.failures.count(reason, Some(child.forked), now);
                 }
-                Outcome::Failed => {
-                    if let Some(delay) = self.failures.count(reason, Some(child.forked), now) {
-                        self.totals.backoffs += 1;
-                        backoff_entry = Some(self.entry(
-                            "backoff",
-                            vec![
-                                ("failures", Obj::new_int(self.failures.failures.into())),
-                                ("delay", Obj::new_double(delay.as_secs_f64())),
-                            ],
-                        ));
-                    }
-                }
+                // (One killed at `-inittimeout` was counted at its kill.)
+                Outcome::Failed => backoff_entry = self.count_failed_start(reason, child.forked, now),
                 // It served: the code works.
                 Outcome::Lost => self.failures.end(),
                 // Counted when it is gone, killed or left after the question.
@@ -284,6 +274,20 @@ impl Pool {
                 && c.killed.is_none()
                 && self.failures.forked_since(c.forked)
         })
+    }
+
+    /// Counts a failed start of a worker forked at `forked`; the back-off's
+    /// log entry when it is one more failure in a row.
+    pub(super) fn count_failed_start(&mut self, reason: String, forked: Instant, now: Instant) -> Option<LogEntry> {
+        let delay = self.failures.count(reason, Some(forked), now)?;
+        self.totals.backoffs += 1;
+        Some(self.entry(
+            "backoff",
+            vec![
+                ("failures", Obj::new_int(self.failures.failures.into())),
+                ("delay", Obj::new_double(delay.as_secs_f64())),
+            ],
+        ))
     }
 
     /// Counts a failed start that forked no worker.

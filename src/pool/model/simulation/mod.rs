@@ -160,3 +160,17 @@ fn maxconnections_keeps_a_ready_worker_while_init_fails() {
         pool.stop();
     }
 }
+
+/// `-workers 1`, `-init` hangs under `-inittimeout`: every kill is a
+/// failure in a row, backed off (the replacement was forked at the kill,
+/// before the exit was counted, and every second failure went unbacked).
+#[test]
+fn a_hanging_init_backs_off_on_every_failure() {
+    let mut pool = SimPool::new(1, 1, None, None, None);
+    pool.apply(&Event::InitBecomes(Init::Hangs));
+    pool.step();
+    pool.apply(&Event::Wait(200));
+    assert!(pool.figures.init_timed_out >= 3, "{:?}", pool.figures);
+    assert_eq!(pool.figures.backoffs, pool.figures.init_timed_out, "{:?}", pool.figures);
+    pool.stop();
+}

@@ -50,8 +50,8 @@ pub(super) struct Figures {
     recycled_by: [u64; 3],
     respawned: u64,
     timed_out: u64,
-    init_timed_out: u64,
-    backoffs: u64,
+    pub(super) init_timed_out: u64,
+    pub(super) backoffs: u64,
     /// Exits by category: recycled, retired, stopped, timed out, failed,
     /// lost, superseded.
     exits: [u64; 7],
@@ -472,6 +472,9 @@ impl SimPool {
             if w.state == Observed::Starting && w.retired.is_none() && init_overdue(w.forked, now, INIT_TIMEOUT) {
                 w.killed = Some(Kill::InitTimeout);
                 self.figures.init_timed_out += 1;
+                // A failed start, counted at the kill (as the shell does).
+                let counted = self.failures.count("inittimeout".into(), Some(w.forked), now);
+                self.figures.backoffs += u64::from(counted.is_some());
                 continue;
             }
             let claim = if w.state == Observed::Busy { w.busy_claim } else { 0 };
