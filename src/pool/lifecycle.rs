@@ -171,11 +171,12 @@ impl Pool {
                 clean,
                 signaled,
                 received,
-                // Left by itself once due (authorised, or it took the turn
-                // before the supervisor saw it leave).
+                // Left by itself once due, authorised (its slot's turn) or
+                // holding a turn: a due worker sent SIGTERM is no recycle.
                 left_due: child.retired.is_none()
                     && slot.state() == State::Stopping
-                    && super::recycling::due(slot).is_some(),
+                    && super::recycling::due(slot).is_some()
+                    && (child.turn.is_some() || slot.turn.load(std::sync::atomic::Ordering::SeqCst) != 0),
             });
             let cause = self.recycled_reason(child.slot, outcome == Outcome::Recycled);
             self.scoreboard.free(child.slot);
@@ -387,7 +388,10 @@ impl Pool {
         if serving > self.target {
             let mut excess = serving - self.target;
             let generation = self.generation;
-            let counted = |c: &Child| c.generation == generation && c.turn.is_none() && !c.asked_to_leave();
+            // Of the serving ones: one seen leaving unasked is no surplus.
+            let counted = |c: &Child| {
+                c.generation == generation && c.turn.is_none() && !c.asked_to_leave() && c.leaving_since.is_none()
+            };
             excess -= self.retire(excess, Retired::Resize, counted, entries);
             debug_assert_eq!(excess, 0);
         }

@@ -19,8 +19,9 @@ pub struct ExitFacts {
     pub signaled: bool,
     /// It received at least one connection.
     pub received: bool,
-    /// It left by itself, due (authorised by the supervisor to leave
-    /// once due: `recycling`).
+    /// It left by itself, due, and the supervisor had authorised it to
+    /// (`recycling`) or given it a turn: a due worker that left unasked
+    /// (a SIGTERM from outside) is not recycled.
     pub left_due: bool,
 }
 

@@ -116,6 +116,10 @@ pub struct Candidate {
     pub served: u64,
     /// Connections it holds open now.
     pub open: u32,
+    /// The supervisor authorised it to leave by itself once due (its
+    /// slot's turn): only then is leaving, due, taking a turn; one that
+    /// leaves unasked otherwise (a SIGTERM from outside) is no recycle.
+    pub authorised: bool,
 }
 
 /// What recycling decides in one turn of the loop (indexes).
@@ -150,7 +154,7 @@ pub fn plan(workers: &[Candidate], target: usize, ready_without: usize, can_star
     let due = |c: &Candidate| c.due.is_some() || plan.due_by_age.contains(&c.index);
     let mut held = 0;
     for c in workers {
-        let left = !c.leaving && c.state == Observed::Stopping && c.due.is_some();
+        let left = !c.leaving && c.state == Observed::Stopping && c.due.is_some() && c.authorised;
         let since = match c.turn {
             Some(Turn::Held(since)) => since,
             None if left => {

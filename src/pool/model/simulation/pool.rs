@@ -238,6 +238,16 @@ impl SimPool {
                     w.exited = Some((false, true));
                 }
             }
+            Event::Term(n) => {
+                // SIGTERM from outside: it leaves once its connections
+                // are closed, unasked.
+                if let Some(i) = pick(n) {
+                    let w = &mut self.workers[i];
+                    if w.state.ready() {
+                        w.state = Observed::Stopping;
+                    }
+                }
+            }
             Event::HandlerExits(n) => {
                 if let Some(i) = pick(n).filter(|&i| self.workers[i].state == Observed::Busy) {
                     let w = &mut self.workers[i];
@@ -401,7 +411,10 @@ impl SimPool {
                 clean,
                 signaled,
                 received: w.received > 0,
-                left_due: w.retired.is_none() && w.state == Observed::Stopping && w.due.is_some(),
+                left_due: w.retired.is_none()
+                    && w.state == Observed::Stopping
+                    && w.due.is_some()
+                    && (w.authorised || w.turn.is_some()),
             });
             self.figures.exits[exit_index(outcome)] += 1;
             if outcome.respawned() {
@@ -523,8 +536,9 @@ impl SimPool {
         let generation = self.generation;
         let serving = self.serving().count();
         if serving > self.target {
+            // Of the serving ones: one leaving unasked is no surplus.
             self.retire(serving - self.target, Retired::Resize, |w| {
-                w.generation == generation && w.turn.is_none() && !w.hang_asked
+                w.generation == generation && w.turn.is_none() && !w.hang_asked && w.state != Observed::Stopping
             });
         }
         let fallback = self.reload.unwrap_or(generation);
@@ -560,6 +574,7 @@ impl SimPool {
                 recycle_at: w.recycle_at,
                 served: w.received,
                 open: w.open.len() as u32,
+                authorised: w.authorised,
             })
             .collect();
         let ready_without = self.ready_count();
