@@ -50,6 +50,9 @@ pub(super) struct Child {
     pub(super) hang: Option<super::hang_report::Asked>,
     /// The signals it was started with hooks for (`hooks::mask`).
     pub(super) hooks: u64,
+    /// Seen registered or serving once (its `-init` done, a descriptor
+    /// to register with): a clean exit then is no failed start.
+    pub(super) was_ready: bool,
 }
 
 #[derive(Default)]
@@ -177,6 +180,7 @@ impl Pool {
                     && slot.state() == State::Stopping
                     && super::recycling::due(slot).is_some()
                     && (child.turn.is_some() || slot.turn.load(std::sync::atomic::Ordering::SeqCst) != 0),
+                ready: child.was_ready || matches!(slot.state(), State::Idle | State::Busy),
             });
             let cause = self.recycled_reason(child.slot, outcome == Outcome::Recycled);
             self.scoreboard.free(child.slot);
@@ -481,6 +485,9 @@ impl Pool {
     pub(super) fn hold_to_claims(&mut self, now: Instant, entries: &mut Vec<LogEntry>) {
         let grace = self.config.graceful;
         for index in 0..self.children.len() {
+            if matches!(self.scoreboard.slot(self.children[index].slot).state(), State::Idle | State::Busy) {
+                self.children[index].was_ready = true;
+            }
             let child = &self.children[index];
             let slot = self.scoreboard.slot(child.slot);
             if child.killed.is_some() {
@@ -573,6 +580,7 @@ impl Pool {
                     recycle_at: super::recycling::lifetime_deadline(&pool.config.recycling, Instant::now()),
                     hang: None,
                     hooks: super::hooks::mask(super::hooks::worker_signals()),
+                    was_ready: false,
                 });
                 pool.totals.started += 1;
                 let mut fields = vec![

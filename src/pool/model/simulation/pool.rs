@@ -415,6 +415,7 @@ impl SimPool {
                     && w.state == Observed::Stopping
                     && w.due.is_some()
                     && (w.authorised || w.turn.is_some()),
+                ready: w.state != Observed::Starting,
             });
             self.figures.exits[exit_index(outcome)] += 1;
             if outcome.respawned() {
