@@ -1,7 +1,9 @@
 //! `-inittimeout`: a worker that is not ready (its `-init` done, waiting
 //! for connections) in time is killed, and counted as a failed start, so
 //! that an `-init` that hangs backs off as one that fails does (`reap`).
-//! Apart from the busy `-timeout`, which is for workers that serve.
+//! The failure is counted at the kill, before the replacement is forked
+//! (`model::backoff`). Apart from the busy `-timeout`, which is for
+//! workers that serve.
 
 use nix::sys::signal::{kill, Signal};
 
@@ -38,6 +40,12 @@ impl Pool {
                     ("after", Obj::new_double(limit.as_secs_f64())),
                 ],
             ));
+            // A failed start, counted now, as the kill is decided: its
+            // replacement waits for the back-off (counted at the reap, it
+            // was forked before the failure was known and not backed off).
+            let reason = format!("not ready within -inittimeout ({} s)", limit.as_secs_f64());
+            let forked = self.children[index].forked;
+            entries.extend(self.count_failed_start(reason, forked, now));
         }
     }
 }

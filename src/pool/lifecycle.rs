@@ -80,11 +80,13 @@ impl Pool {
                 clean,
                 signaled,
                 received,
-                // Left by itself once due (authorised, or it took the turn
-                // before the supervisor saw it leave).
+                // Left by itself once due, authorised (its slot's turn) or
+                // holding a turn: a due worker sent SIGTERM is no recycle.
                 left_due: child.retired.is_none()
                     && slot.state() == State::Stopping
-                    && super::recycling::due(slot).is_some(),
+                    && super::recycling::due(slot).is_some()
+                    && (child.turn.is_some() || slot.turn.load(std::sync::atomic::Ordering::SeqCst) != 0),
+                ready: child.was_ready || matches!(slot.state(), State::Idle | State::Busy),
             });
             let cause = self.recycled_reason(child.slot, outcome == Outcome::Recycled);
             self.scoreboard.free(child.slot);
@@ -132,18 +134,8 @@ impl Pool {
                     // queue after a few (`supervisor::reconcile`).
                     let _ = self.failures.count(reason, Some(child.forked), now);
                 }
-                Outcome::Failed => {
-                    if let Some(delay) = self.failures.count(reason, Some(child.forked), now) {
-                        self.totals.backoffs += 1;
-                        backoff_entry = Some(self.entry(
-                            "backoff",
-                            vec![
-                                ("failures", Obj::new_int(self.failures.failures.into())),
-                                ("delay", Obj::new_double(delay.as_secs_f64())),
-                            ],
-                        ));
-                    }
-                }
+                // (One killed at `-inittimeout` was counted at its kill.)
+                Outcome::Failed => backoff_entry = self.count_failed_start(reason, child.forked, now),
                 // It served: the code works.
                 Outcome::Lost => self.failures.end(),
                 // Counted when it is gone, killed or left after the question.
@@ -193,6 +185,20 @@ impl Pool {
                 && c.killed.is_none()
                 && self.failures.forked_since(c.forked)
         })
+    }
+
+    /// Counts a failed start of a worker forked at `forked`; the back-off's
+    /// log entry when it is one more failure in a row.
+    pub(super) fn count_failed_start(&mut self, reason: String, forked: Instant, now: Instant) -> Option<LogEntry> {
+        let delay = self.failures.count(reason, Some(forked), now)?;
+        self.totals.backoffs += 1;
+        Some(self.entry(
+            "backoff",
+            vec![
+                ("failures", Obj::new_int(self.failures.failures.into())),
+                ("delay", Obj::new_double(delay.as_secs_f64())),
+            ],
+        ))
     }
 
     /// Counts a failed start that forked no worker.
@@ -292,7 +298,10 @@ impl Pool {
         if serving > self.target {
             let mut excess = serving - self.target;
             let generation = self.generation;
-            let counted = |c: &Child| c.generation == generation && c.turn.is_none() && !c.asked_to_leave();
+            // Of the serving ones: one seen leaving unasked is no surplus.
+            let counted = |c: &Child| {
+                c.generation == generation && c.turn.is_none() && !c.asked_to_leave() && c.leaving_since.is_none()
+            };
             excess -= self.retire(excess, Retired::Resize, counted, entries);
             debug_assert_eq!(excess, 0);
         }
@@ -382,6 +391,9 @@ impl Pool {
     pub(super) fn hold_to_claims(&mut self, now: Instant, entries: &mut Vec<LogEntry>) {
         let grace = self.config.graceful;
         for index in 0..self.children.len() {
+            if matches!(self.scoreboard.slot(self.children[index].slot).state(), State::Idle | State::Busy) {
+                self.children[index].was_ready = true;
+            }
             let child = &self.children[index];
             let slot = self.scoreboard.slot(child.slot);
             if child.killed.is_some() {
@@ -474,6 +486,7 @@ impl Pool {
                     recycle_at: super::recycling::lifetime_deadline(&pool.config.recycling, Instant::now()),
                     hang: None,
                     hooks: super::hooks::mask(super::hooks::worker_signals()),
+                    was_ready: false,
                 });
                 pool.totals.started += 1;
                 let mut fields = vec![

@@ -99,7 +99,7 @@ impl Pool {
             ("busy_seconds_total", "Seconds workers held at least one connection, summed.", busy as f64 / 1000.0),
             ("started_total", "Workers started.", self.totals.started as f64),
             ("respawns_total", "Workers lost unasked and replaced.", self.totals.respawned as f64),
-            ("recycles_total", "Workers replaced after -maxconnections.", self.totals.recycled as f64),
+            ("recycles_total", "Workers recycled, by any cause: -maxconnections, -maxrss or -maxlifetime (by cause: recycledby in pool info).", self.totals.recycled as f64),
             ("timeouts_total", "Workers killed for being busy past -timeout.", self.totals.timed_out as f64),
             ("backoffs_total", "Waits before starting a worker again after failures.", self.totals.backoffs as f64),
             ("proxy_errors_total", "Connections closed for a bad, late or missing PROXY header.", {

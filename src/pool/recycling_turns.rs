@@ -35,6 +35,7 @@ impl Pool {
                     recycle_at: c.recycle_at,
                     served: slot.served(),
                     open: slot.open(),
+                    authorised: slot.turn.load(Ordering::SeqCst) != 0,
                 }
             })
             .collect();

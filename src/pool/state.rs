@@ -47,6 +47,9 @@ pub(super) struct Child {
     pub(super) hang: Option<super::hang_report::Asked>,
     /// The signals it was started with hooks for (`hooks::mask`).
     pub(super) hooks: u64,
+    /// Seen registered or serving once (its `-init` done, a descriptor
+    /// to register with): a clean exit then is no failed start.
+    pub(super) was_ready: bool,
 }
 
 #[derive(Default)]

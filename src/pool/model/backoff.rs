@@ -50,7 +50,11 @@ impl FailureRun {
     /// worker could be forked); returns the back-off before the next try,
     /// or `None` when it was counted already: workers killed together,
     /// or a whole generation whose `-init` fails, are one failure in a
-    /// row, not one each.
+    /// row, not one each. A worker killed at `-inittimeout` is counted at
+    /// its kill, before its replacement is forked (counted at its exit,
+    /// the replacement forked meanwhile was "forked before the failure"
+    /// and its own failure was not backed off).
+    ///
     pub fn count(&mut self, reason: String, forked: Option<Instant>, now: Instant) -> Option<Duration> {
         self.last_failure = reason;
         if forked.zip(self.failed_at).is_some_and(|(forked, failed_at)| forked <= failed_at) {

@@ -19,9 +19,12 @@ pub struct ExitFacts {
     pub signaled: bool,
     /// It received at least one connection.
     pub received: bool,
-    /// It left by itself, due (authorised by the supervisor to leave
-    /// once due: `recycling`).
+    /// It left by itself, due, and the supervisor had authorised it to
+    /// (`recycling`) or given it a turn: a due worker that left unasked
+    /// (a SIGTERM from outside) is not recycled.
     pub left_due: bool,
+    /// It had registered (its `-init` done) before it left.
+    pub ready: bool,
 }
 
 /// The category of an exit.
@@ -77,7 +80,11 @@ pub fn classify(facts: ExitFacts) -> Outcome {
     if !facts.current {
         return Outcome::Superseded;
     }
-    if failed_start && (facts.signaled || !facts.received) {
+    // A worker that was ready and left cleanly having received nothing
+    // (a SIGTERM from outside to an idle worker) did not fail to start:
+    // its code works, it is lost and replaced at once, not backed off.
+    let left_cleanly = facts.clean && facts.ready;
+    if failed_start && (facts.signaled || (!facts.received && !left_cleanly)) {
         Outcome::Failed
     } else {
         Outcome::Lost
@@ -98,6 +105,7 @@ mod tests {
             signaled: false,
             received: true,
             left_due: false,
+            ready: true,
         }
     }
 
@@ -113,5 +121,9 @@ mod tests {
         assert_eq!(classify(ExitFacts { retired: Some(Retired::Recycle), ..facts() }), Outcome::Recycled);
         let init = ExitFacts { killed: Some(Kill::InitTimeout), received: false, signaled: true, ..facts() };
         assert_eq!(classify(init), Outcome::Failed);
+        // An idle worker sent SIGTERM from outside: lost, not a failed start.
+        assert_eq!(classify(ExitFacts { received: false, ..facts() }), Outcome::Lost);
+        let init_fails = ExitFacts { received: false, clean: false, ready: false, ..facts() };
+        assert_eq!(classify(init_fails), Outcome::Failed);
     }
 }

@@ -10,7 +10,11 @@
 //! due by memory or age keeps serving while its replacement starts (it no
 //! longer counts toward the target, so the pool forks one more) and is
 //! retired only once the workers ready without it are the target again;
-//! one past `-maxconnections` is retired at once. So a healthy worker is
+//! one past `-maxconnections` is retired at once while another ready
+//! worker serves without a turn (otherwise it too serves until its
+//! replacement is ready). A replacement not yet ready holds a turn of
+//! its own, even once its worker is gone: no turn is given, and no worker
+//! authorised, before it is ready. So a healthy worker is
 //! never retired while its replacement cannot start (an `-init` that
 //! fails, a database down), and the pool never drains below its size by
 //! its own recycling. A turn ends when its worker has closed its last
@@ -112,6 +116,10 @@ pub struct Candidate {
     pub served: u64,
     /// Connections it holds open now.
     pub open: u32,
+    /// The supervisor authorised it to leave by itself once due (its
+    /// slot's turn): only then is leaving, due, taking a turn; one that
+    /// leaves unasked otherwise (a SIGTERM from outside) is no recycle.
+    pub authorised: bool,
 }
 
 /// What recycling decides in one turn of the loop (indexes).
@@ -146,7 +154,7 @@ pub fn plan(workers: &[Candidate], target: usize, ready_without: usize, can_star
     let due = |c: &Candidate| c.due.is_some() || plan.due_by_age.contains(&c.index);
     let mut held = 0;
     for c in workers {
-        let left = !c.leaving && c.state == Observed::Stopping && c.due.is_some();
+        let left = !c.leaving && c.state == Observed::Stopping && c.due.is_some() && c.authorised;
         let since = match c.turn {
             Some(Turn::Held(since)) => since,
             None if left => {
@@ -173,9 +181,18 @@ pub fn plan(workers: &[Candidate], target: usize, ready_without: usize, can_star
         }
         held += 1;
     }
+    // A replacement not yet ready holds a turn too (its worker may be
+    // gone already: one that left by itself at its limit): no other
+    // worker leaves before it has shown that it can start.
+    held = held.max(target.saturating_sub(ready_without));
     if !can_start {
         return plan;
     }
+    // Workers that may leave before their replacement is ready (retired
+    // at once past `-maxconnections`, or authorised to leave by
+    // themselves): never the last ready one, so a replacement that cannot
+    // start (an `-init` that fails) leaves the pool serving.
+    let mut early = ready_without.saturating_sub(1);
     let mut waiting: Vec<&Candidate> = workers.iter().filter(serving).filter(|c| due(c)).collect();
     waiting.sort_by_key(|c| c.forked);
     for c in waiting {
@@ -187,14 +204,16 @@ pub fn plan(workers: &[Candidate], target: usize, ready_without: usize, can_star
         // to already: it leaves now, its replacement forked at once (the
         // pool is healthy); one due by memory or age serves until its
         // replacement is ready.
-        if c.due == Some(Reason::Connections) {
+        if c.due == Some(Reason::Connections) && early > 0 {
             plan.retire.push(c.index);
+            early -= 1;
         }
         held += 1;
     }
     let mut others: Vec<&Candidate> =
         workers.iter().filter(serving).filter(|c| !due(c) && !plan.turns.contains(&c.index)).collect();
     others.sort_by_key(|c| (std::cmp::Reverse(c.served), c.forked));
-    plan.authorised = others.iter().take(bound(target).saturating_sub(held)).map(|c| c.index).collect();
+    let free = bound(target).saturating_sub(held).min(early);
+    plan.authorised = others.iter().take(free).map(|c| c.index).collect();
     plan
 }

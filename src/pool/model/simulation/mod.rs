@@ -47,6 +47,8 @@ pub(super) enum Event {
     Connect(u32),
     /// A worker (by position) is killed from outside (kill -9).
     KillNine(u8),
+    /// A worker (by position) is sent SIGTERM from outside.
+    Term(u8),
     /// A worker's handler calls `exit` (by position).
     HandlerExits(u8),
     /// A worker's memory passes `-maxrss`.
@@ -67,6 +69,7 @@ fn event() -> impl Strategy<Value = Event> {
         6 => prop_oneof![0u32..400, 0u32..20_000, Just(u32::MAX)].prop_map(Event::Connect),
         1 => any::<u8>().prop_map(Event::KillNine),
         1 => any::<u8>().prop_map(Event::HandlerExits),
+        1 => any::<u8>().prop_map(Event::Term),
         1 => any::<u8>().prop_map(Event::GrowsInMemory),
         1 => any::<u8>().prop_map(Event::Hangs),
         1 => prop_oneof![Just(Init::Works), Just(Init::Fails), Just(Init::Hangs)].prop_map(Event::InitBecomes),
@@ -135,4 +138,59 @@ fn a_long_connection_holds_no_turn() {
     pool.apply(&Event::Connect(u32::MAX));
     pool.apply(&Event::Wait(100));
     assert!(pool.figures.recycled >= 5, "recycled: {:?}", pool.figures);
+}
+
+/// `-workers 2 -maxconnections 3` and `-workers 1 -maxconnections 3`,
+/// then `-init` fails: a worker that left by itself at its limit holds
+/// its turn until its replacement is ready, so the other is not retired
+/// meanwhile; the only worker is never authorised to leave before its
+/// replacement is ready. The pool keeps a ready worker throughout.
+#[test]
+fn maxconnections_keeps_a_ready_worker_while_init_fails() {
+    for workers in [1, 2] {
+        let mut pool = SimPool::new(workers, workers, Some(3), None, None);
+        pool.step();
+        pool.apply(&Event::Wait(10));
+        pool.apply(&Event::InitBecomes(Init::Fails));
+        for _ in 0..20 {
+            pool.apply(&Event::Connect(10));
+            pool.apply(&Event::Wait(2));
+            let ready = pool.workers.iter().filter(|w| w.alive() && w.retired.is_none() && w.state.ready()).count();
+            assert!(ready >= 1, "-workers {workers}: no ready worker while -init fails");
+        }
+        pool.apply(&Event::InitBecomes(Init::Works));
+        pool.apply(&Event::Wait(100));
+        pool.stop();
+    }
+}
+
+/// `-workers 1`, `-init` hangs under `-inittimeout`: every kill is a
+/// failure in a row, backed off (the replacement was forked at the kill,
+/// before the exit was counted, and every second failure went unbacked).
+#[test]
+fn a_hanging_init_backs_off_on_every_failure() {
+    let mut pool = SimPool::new(1, 1, None, None, None);
+    pool.apply(&Event::InitBecomes(Init::Hangs));
+    pool.step();
+    pool.apply(&Event::Wait(200));
+    assert!(pool.figures.init_timed_out >= 3, "{:?}", pool.figures);
+    assert_eq!(pool.figures.backoffs, pool.figures.init_timed_out, "{:?}", pool.figures);
+    pool.stop();
+}
+
+/// A worker due by age that holds no turn (its replacements' `-init`
+/// fails) is sent SIGTERM from outside: it is not counted as recycled.
+#[test]
+fn a_due_worker_sent_sigterm_is_no_recycle() {
+    let mut pool = SimPool::new(2, 2, None, Some(Duration::from_secs(1)), None);
+    pool.step();
+    pool.apply(&Event::Wait(5));
+    pool.apply(&Event::InitBecomes(Init::Fails));
+    pool.apply(&Event::Wait(20));
+    assert_eq!(pool.figures.recycled, 0, "{:?}", pool.figures);
+    pool.apply(&Event::Term(0));
+    pool.apply(&Event::Term(1));
+    pool.apply(&Event::Wait(5));
+    assert_eq!(pool.figures.recycled, 0, "{:?}", pool.figures);
+    pool.stop();
 }

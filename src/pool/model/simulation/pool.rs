@@ -50,8 +50,8 @@ pub(super) struct Figures {
     recycled_by: [u64; 3],
     respawned: u64,
     timed_out: u64,
-    init_timed_out: u64,
-    backoffs: u64,
+    pub(super) init_timed_out: u64,
+    pub(super) backoffs: u64,
     /// Exits by category: recycled, retired, stopped, timed out, failed,
     /// lost, superseded.
     exits: [u64; 7],
@@ -238,6 +238,16 @@ impl SimPool {
                     w.exited = Some((false, true));
                 }
             }
+            Event::Term(n) => {
+                // SIGTERM from outside: it leaves once its connections
+                // are closed, unasked.
+                if let Some(i) = pick(n) {
+                    let w = &mut self.workers[i];
+                    if w.state.ready() {
+                        w.state = Observed::Stopping;
+                    }
+                }
+            }
             Event::HandlerExits(n) => {
                 if let Some(i) = pick(n).filter(|&i| self.workers[i].state == Observed::Busy) {
                     let w = &mut self.workers[i];
@@ -401,7 +411,11 @@ impl SimPool {
                 clean,
                 signaled,
                 received: w.received > 0,
-                left_due: w.retired.is_none() && w.state == Observed::Stopping && w.due.is_some(),
+                left_due: w.retired.is_none()
+                    && w.state == Observed::Stopping
+                    && w.due.is_some()
+                    && (w.authorised || w.turn.is_some()),
+                ready: w.state != Observed::Starting,
             });
             self.figures.exits[exit_index(outcome)] += 1;
             if outcome.respawned() {
@@ -472,6 +486,9 @@ impl SimPool {
             if w.state == Observed::Starting && w.retired.is_none() && init_overdue(w.forked, now, INIT_TIMEOUT) {
                 w.killed = Some(Kill::InitTimeout);
                 self.figures.init_timed_out += 1;
+                // A failed start, counted at the kill (as the shell does).
+                let counted = self.failures.count("inittimeout".into(), Some(w.forked), now);
+                self.figures.backoffs += u64::from(counted.is_some());
                 continue;
             }
             let claim = if w.state == Observed::Busy { w.busy_claim } else { 0 };
@@ -520,8 +537,9 @@ impl SimPool {
         let generation = self.generation;
         let serving = self.serving().count();
         if serving > self.target {
+            // Of the serving ones: one leaving unasked is no surplus.
             self.retire(serving - self.target, Retired::Resize, |w| {
-                w.generation == generation && w.turn.is_none() && !w.hang_asked
+                w.generation == generation && w.turn.is_none() && !w.hang_asked && w.state != Observed::Stopping
             });
         }
         let fallback = self.reload.unwrap_or(generation);
@@ -557,6 +575,7 @@ impl SimPool {
                 recycle_at: w.recycle_at,
                 served: w.received,
                 open: w.open.len() as u32,
+                authorised: w.authorised,
             })
             .collect();
         let ready_without = self.ready_count();
@@ -574,8 +593,9 @@ impl SimPool {
             w.authorised = plan.authorised.contains(&i);
         }
         for &i in &plan.retire {
-            // Past -maxconnections: retired at once, only while healthy.
-            if self.workers[i].due == Some(Reason::Connections) {
+            // Past -maxconnections: retired at once, only while healthy
+            // (or, like the others, once its replacement is ready).
+            if self.workers[i].due == Some(Reason::Connections) && ready_without < self.target {
                 assert!(can_start, "retired for -maxconnections while replacements cannot start");
             } else {
                 self.recycle_checks.push((ready_without, self.target));
