@@ -22,13 +22,9 @@ impl<T: Zeroed> SharedArray<T> {
     /// One item per worker, which only that worker may write
     /// (`hang_report`'s stack texts, one per scoreboard slot).
     pub fn per_worker(len: usize) -> nix::Result<SharedArray<T>> {
-        Self::with_writers(len, Writers::OneWorker)
-    }
-
-    fn with_writers(len: usize, writers: Writers) -> nix::Result<SharedArray<T>> {
         // Pages are zero-filled: all zeroes is a valid T (`Zeroed`).
         Ok(SharedArray {
-            pages: SharedPages::new(len, std::mem::size_of::<T>(), writers)?,
+            pages: SharedPages::new(len, std::mem::size_of::<T>(), Writers::OneWorker)?,
             _items: std::marker::PhantomData,
         })
     }
