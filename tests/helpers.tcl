@@ -239,3 +239,42 @@ proc freePort {} {
     close $probe
     return $port
 }
+
+# abStart url ?option ...? --
+#	Starts ab in the background, sending requests to $url until abStop
+#	(and for 120 s at most, so that nothing is left running). A test that
+#	asks "does nothing fail while X happens?" stops the load once X is
+#	over: a fixed request count could be done before X on a fast machine,
+#	or X could outlast it on a slow one. Returns a handle for abStop.
+proc abStart {url args} {
+    set out [makeFile {} ab-[incr ::abSeq].out]
+    # -t first: it sets a count of its own, which -n then raises.
+    set ab [exec ab -q -r -s 5 -t 120 -n 100000000 {*}$args $url > $out 2>@1 &]
+    return [list $ab $out]
+}
+
+# abStop handle --
+#	Ends the load of abStart as ab's own Ctrl-C does (SIGINT: ab prints
+#	its report of the requests completed so far and exits) and returns a
+#	dict: alive (whether ab was still sending when stopped), complete,
+#	failed, non2xx, resets (whether the report names a reset or refused
+#	connection) and report.
+proc abStop {handle} {
+    lassign $handle ab out
+    set alive [alive $ab]
+    catch {exec kill -INT $ab}
+    if {![waitFor "!\[alive $ab\]"]} {catch {exec kill -KILL $ab}}
+    catch {wait $ab}
+    set f [open $out]
+    set report [read $f]
+    close $f
+    removeFile $out
+    set complete [set failed ?]
+    set non2xx 0
+    regexp {Complete requests:\s+(\d+)} $report -> complete
+    regexp {Failed requests:\s+(\d+)} $report -> failed
+    regexp {Non-2xx responses:\s+(\d+)} $report -> non2xx
+    if {$complete eq "?"} {puts stderr "ab said: $report"}
+    dict create alive $alive complete $complete failed $failed non2xx $non2xx \
+        resets [regexp -nocase {reset|refused} $report] report $report
+}
