@@ -16,14 +16,14 @@ use nix::unistd::{ForkResult, Pid};
 use crate::tcl::Obj;
 
 use super::after_fork::LeaveEnd;
-use super::model::backoff::RELOAD_FAILURES;
 use super::model::exits::{self, ExitFacts, Outcome};
+use super::model::reload::Settled;
 use super::model::timeouts::{overstays, BusyWatch};
 use super::model::{Kill, Retired};
 use super::scoreboard::{now_millis, State};
 use super::signals;
 use super::state::LogEntry;
-use super::state::{Child, Phase, Pool, Reload};
+use super::state::{Child, Pool};
 use super::worker::{self, Assignment};
 
 impl Pool {
@@ -74,7 +74,7 @@ impl Pool {
             let killed = child.killed.or(child.hang.as_ref().map(|_| Kill::Timeout));
             let outcome = exits::classify(ExitFacts {
                 current: child.generation == self.generation,
-                stopping: matches!(self.phase, Phase::Stopping { .. }),
+                stopping: self.phase.stopping(),
                 retired: child.retired,
                 killed,
                 clean,
@@ -216,36 +216,39 @@ impl Pool {
     /// `RELOAD_FAILURES` failures in a row: the generation that served
     /// before serves on, and the next reload tries again.
     pub(super) fn settle_reload(&mut self, entries: &mut Vec<LogEntry>) {
-        let Reload::Running { previous } = self.reload else { return };
-        if self.ready_count() >= self.target {
-            self.reload = Reload::Done;
-            entries.push(self.entry("reloaded", vec![("generation", Obj::new_int(self.generation.into()))]));
-            return;
-        }
-        if self.failures.failures < RELOAD_FAILURES {
-            return;
-        }
-        let abandoned = self.generation;
-        // The newest generation with a worker that serves, if a reload
-        // during this one got that far; else the one before them.
-        let ready = |c: &Child| {
-            c.retired.is_none()
-                && c.killed.is_none()
-                && matches!(self.scoreboard.slot(c.slot).state(), State::Idle | State::Busy)
+        let ready = self.ready_count();
+        let newest_ready = || {
+            // The newest generation with a worker that serves, if a reload
+            // during this one got that far; else the one before them.
+            self.children
+                .iter()
+                .filter(|c| {
+                    c.retired.is_none()
+                        && c.killed.is_none()
+                        && matches!(self.scoreboard.slot(c.slot).state(), State::Idle | State::Busy)
+                })
+                .map(|c| c.generation)
+                .max()
         };
-        self.generation = self.children.iter().filter(|c| ready(c)).map(|c| c.generation).max().unwrap_or(previous);
-        let reason = std::mem::take(&mut self.failures.last_failure);
-        entries.push(self.entry(
-            "reload-failed",
-            vec![
-                ("generation", Obj::new_int(abandoned.into())),
-                ("failures", Obj::new_int(self.failures.failures.into())),
-                ("reason", Obj::new_string(&reason)),
-            ],
-        ));
-        self.reload = Reload::Failed { reason };
-        self.failures.end();
-        self.to_respawn = 0;
+        match self.reload.settle(ready, self.target, &mut self.failures, newest_ready) {
+            None => {}
+            Some(Settled::Done) => {
+                entries.push(self.entry("reloaded", vec![("generation", Obj::new_int(self.generation.into()))]));
+            }
+            Some(Settled::Abandoned { serve, failures, reason }) => {
+                let abandoned = self.generation;
+                self.generation = serve;
+                entries.push(self.entry(
+                    "reload-failed",
+                    vec![
+                        ("generation", Obj::new_int(abandoned.into())),
+                        ("failures", Obj::new_int(failures.into())),
+                        ("reason", Obj::new_string(&reason)),
+                    ],
+                ));
+                self.to_respawn = 0;
+            }
+        }
     }
 
     /// Whether a worker will still take connections from the queue.
@@ -308,10 +311,7 @@ impl Pool {
         let generation = self.generation;
         // The generation that served before a running reload serves on
         // until the new one is ready, its starting workers included.
-        let fallback = match self.reload {
-            Reload::Running { previous } => previous,
-            _ => generation,
-        };
+        let fallback = self.reload.fallback(generation);
         let scoreboard = &self.scoreboard;
         let given_up: Vec<Pid> = self
             .children

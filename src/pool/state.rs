@@ -20,6 +20,8 @@ use crate::tcl::{Interp, Obj};
 use super::after_fork::LeaveEnd;
 use super::config::Config;
 use super::model::backoff::FailureRun;
+pub(super) use super::model::reload::Reload;
+pub(super) use super::model::stop::Phase;
 use super::model::timeouts::BusyWatch;
 use super::model::{Kill, Retired};
 use super::scoreboard::Scoreboard;
@@ -67,25 +69,6 @@ pub(super) struct Totals {
     /// Connections served and milliseconds busy of workers that have exited.
     pub(super) served: u64,
     pub(super) busy_millis: u64,
-}
-
-pub(super) enum Phase {
-    Running,
-    Stopping { deadline: Instant },
-}
-
-/// Where the last reload stands, for `pool info`.
-pub(super) enum Reload {
-    None,
-    /// Its workers are starting; `previous` is the generation serving
-    /// before it, which serves on if it is abandoned.
-    Running {
-        previous: u32,
-    },
-    Done,
-    Failed {
-        reason: String,
-    },
 }
 
 pub struct Pool {

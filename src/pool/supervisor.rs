@@ -30,8 +30,8 @@ pub use super::config::Config;
 use super::generation::{default_command, DEFAULT_UPGRADE_TIMEOUT};
 use super::hang_report::InPool as HangsInPool;
 use super::hooks;
-use super::model::backoff::RELOAD_FAILURES;
 use super::model::forks_this_turn;
+use super::model::stop::queue_to_serve;
 use super::model::Kill;
 use super::recycling::InPool as RecyclingInPool;
 use super::scoreboard::Scoreboard;
@@ -259,10 +259,7 @@ impl Drop for Supervisor {
             let now = Instant::now();
             let mut children: Vec<(Pid, Option<Instant>)> = Vec::new();
             for pool in &self.pools {
-                let deadline = match pool.phase {
-                    Phase::Stopping { deadline } => deadline,
-                    Phase::Running => now + pool.config.graceful,
-                };
+                let deadline = pool.phase.deadline(now, pool.config.graceful);
                 children.extend(pool.children.iter().map(|c| (c.pid, Some(deadline))));
             }
             // A next generation may be the server now: reaped, never killed.
@@ -355,16 +352,10 @@ impl Supervisor {
     fn reload(&mut self, port: u16) {
         let Some(index) = self.index(port) else { return };
         let pool = &mut self.pools[index];
-        if !matches!(pool.phase, Phase::Running) {
+        if pool.phase.stopping() {
             return;
         }
-        // A reload during a reload keeps the generation that served before
-        // both, to fall back on.
-        let previous = match pool.reload {
-            Reload::Running { previous } => previous,
-            _ => pool.generation,
-        };
-        pool.reload = Reload::Running { previous };
+        pool.reload.start(pool.generation);
         pool.newest_generation += 1;
         pool.generation = pool.newest_generation;
         // Whatever failed before, the new generation gets its own tries.
@@ -384,10 +375,9 @@ impl Supervisor {
     pub(super) fn stop(&mut self, port: u16) {
         let Some(index) = self.index(port) else { return };
         let pool = &mut self.pools[index];
-        if matches!(pool.phase, Phase::Stopping { .. }) {
+        if !pool.phase.stop(Instant::now(), pool.config.graceful, false) {
             return;
         }
-        pool.phase = Phase::Stopping { deadline: Instant::now() + pool.config.graceful };
         // What failed before the stop does not count against the workers
         // started to serve what is queued (they would be given up at once).
         pool.failures.end();
@@ -420,7 +410,8 @@ impl Supervisor {
                         if again {
                             // A second stop signal: do not wait for busy workers.
                             if let Some(index) = self.index(port) {
-                                self.pools[index].phase = Phase::Stopping { deadline: Instant::now() };
+                                let pool = &mut self.pools[index];
+                                pool.phase.stop(Instant::now(), pool.config.graceful, true);
                             }
                         }
                         self.stop(port);
@@ -472,7 +463,7 @@ impl Supervisor {
                 pool.retire_surplus(&mut entries);
                 // Replacements for recycling start only while they can:
                 // no failure backs off, no reload is under way.
-                let can_start = pool.failures.healthy() && !matches!(pool.reload, Reload::Running { .. });
+                let can_start = pool.failures.healthy() && !pool.reload.running();
                 pool.recycle(now, can_start, &mut entries);
                 let wanted = pool.missing();
                 // A few per turn of the loop: the rest at the next turn.
@@ -492,7 +483,7 @@ impl Supervisor {
                 }
             }
             Phase::Stopping { deadline } => {
-                if now >= deadline {
+                if pool.phase.graceful_over(now) {
                     for i in 0..pool.children.len() {
                         if pool.children[i].killed.is_some() {
                             continue;
@@ -513,7 +504,7 @@ impl Supervisor {
                 // that will still take one are gone (recycled, or dead)
                 // and some are queued, one more worker serves them.
                 // Given up once workers started for it fail again and again.
-                let queued = now < deadline && pool.failures.failures < RELOAD_FAILURES && pool.queue_pending();
+                let queued = queue_to_serve(now, deadline, pool.failures.failures, || pool.queue_pending());
                 let fork_now = if queued && !pool.children.iter().any(|c| pool.takes_connections(c)) {
                     pool.forks_allowed(now, 1)
                 } else {

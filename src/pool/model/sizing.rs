@@ -48,7 +48,7 @@ pub struct Load {
 }
 
 /// A move of the target.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Change {
     pub grow: bool,
     /// For the log: "0 idle, 3 busy", "5 idle for 10.0 s".
