@@ -27,19 +27,18 @@
 //! the queue served).
 
 pub mod backoff;
-#[allow(dead_code)]
+#[cfg_attr(not(test), allow(dead_code))]
 pub mod events;
 pub mod exits;
-// `Model` is driven by nothing yet but its own tests: the simulation and
-// the shell come to it next.
-#[allow(dead_code)]
+// The shell is not fed through `Model` yet: the simulation drives it.
+#[cfg_attr(not(test), allow(dead_code))]
 pub mod pool;
 pub mod recycling;
 pub mod reload;
 pub mod sizing;
 pub mod stop;
 pub mod timeouts;
-#[allow(dead_code)]
+#[cfg_attr(not(test), allow(dead_code))]
 mod turn;
 
 #[cfg(test)]
