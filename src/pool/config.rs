@@ -25,7 +25,8 @@ pub struct Config {
     pub recycling: super::model::recycling::Policy,
     /// `-inittimeout` (`init_timeout`).
     pub init_timeout: Option<Duration>,
-    /// `-workers min-max`, the spare targets, and what sizing did last.
+    /// `-workers min-max` and the spare targets, as given: the pool's model
+    /// starts with a copy and moves its own.
     pub sizing: super::model::sizing::Sizing,
 }
 

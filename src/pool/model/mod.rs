@@ -27,18 +27,14 @@
 //! the queue served).
 
 pub mod backoff;
-#[cfg_attr(not(test), allow(dead_code))]
 pub mod events;
 pub mod exits;
-// The shell is not fed through `Model` yet: the simulation drives it.
-#[cfg_attr(not(test), allow(dead_code))]
 pub mod pool;
 pub mod recycling;
 pub mod reload;
 pub mod sizing;
 pub mod stop;
 pub mod timeouts;
-#[cfg_attr(not(test), allow(dead_code))]
 mod turn;
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ pub struct Settings {
     /// `-timeout`.
     pub timeout: Option<Duration>,
     /// `-concurrency`.
-    pub concurrency: u32,
+    pub concurrency: usize,
 }
 
 /// A worker past `-timeout`, asked for its stack.
