@@ -98,6 +98,11 @@ pub(super) struct SimPool {
     forks_this_turn: usize,
     /// Workers retired for recycling in this turn, with why they were due.
     recycled_now: Vec<Option<Reason>>,
+    /// Reloads said done in this turn (their generation).
+    reloaded_now: Vec<u32>,
+    /// The current generation's ready workers and the target, as observed
+    /// just before the tick.
+    ready_before_tick: (usize, usize),
 }
 
 /// The simulated process of a worker, while it runs.
@@ -147,6 +152,8 @@ impl SimPool {
             asked: Vec::new(),
             forks_this_turn: 0,
             recycled_now: Vec::new(),
+            reloaded_now: Vec::new(),
+            ready_before_tick: (0, 0),
         }
     }
 
@@ -369,6 +376,7 @@ impl SimPool {
                 }
             }
             Action::Log(Note::Exit { outcome, .. }) => self.figures.exits[exit_index(outcome)] += 1,
+            Action::Log(Note::Reloaded { generation }) => self.reloaded_now.push(generation),
             Action::Log(_) | Action::Ready => {}
             Action::Gone => self.gone = true,
         }
@@ -381,6 +389,7 @@ impl SimPool {
         self.world();
         let before = self.figures.clone();
         self.recycled_now.clear();
+        self.reloaded_now.clear();
         let mut index = 0;
         while index < self.workers.len() {
             let Some((clean, signaled)) = self.workers[index].exited else {
@@ -403,6 +412,7 @@ impl SimPool {
         }
         self.tell(ModelEvent::Queue { queued: self.queued, pending: self.queued > 0 });
         self.forks_this_turn = 0;
+        self.ready_before_tick = (self.model.ready_count(), self.model.target);
         self.tell(ModelEvent::Tick);
         if self.stop_deadline.is_some_and(|deadline| self.now >= deadline) {
             // The graceful period is over: what is still queued is closed
@@ -470,6 +480,13 @@ impl SimPool {
             } else {
                 assert!(full, "recycled with {} ready of {}", self.ready_serving(), m.target);
             }
+        }
+        // A reload is said done only once its generation serves: as many
+        // of its workers ready as the target, when the turn began (the same
+        // turn may then retire some, recycling or shrinking).
+        let (ready, target) = self.ready_before_tick;
+        for generation in &self.reloaded_now {
+            assert!(ready >= target, "reload of generation {generation} done with {ready} ready of {target}");
         }
         // Turns: within the bound; none given while replacements cannot
         // start; none held long while the pool could start workers.
