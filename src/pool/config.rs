@@ -23,9 +23,10 @@ pub struct Config {
     pub metrics: Option<super::metrics::Bound>,
     /// `-maxrss`, `-maxlifetime`, `-lifetimejitter` (`recycling`).
     pub recycling: super::model::recycling::Policy,
-    /// `-inittimeout` (`init_timeout`).
+    /// `-inittimeout` (`model::timeouts`).
     pub init_timeout: Option<Duration>,
-    /// `-workers min-max`, the spare targets, and what sizing did last.
+    /// `-workers min-max` and the spare targets, as given: the pool's model
+    /// starts with a copy and moves its own.
     pub sizing: super::model::sizing::Sizing,
 }
 

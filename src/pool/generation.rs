@@ -131,6 +131,12 @@ fn init_that_exits_with_us() -> Option<String> {
 }
 
 impl Supervisor {
+    /// `POOL_SIZES` for a next generation: each pool's target now.
+    fn pool_sizes(&self) -> (String, String) {
+        let sizes: Vec<String> = self.pools.iter().map(|p| format!("{}={}", p.port, p.model.target)).collect();
+        (super::config::POOL_SIZES.to_string(), sizes.join(" "))
+    }
+
     pub(super) fn upgrade(&mut self, command: Vec<String>, timeout: Duration) -> TclResult<i32> {
         if self.upgrading.is_some() {
             return Err(TclError::new("an upgrade is already under way", &["SOCKETSERVER", "UPGRADE", "BUSY"]));

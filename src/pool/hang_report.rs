@@ -208,10 +208,9 @@ impl InPool {
     }
 }
 
-/// Where a busy timeout stands for one worker.
+/// Where a busy timeout's question stands for one worker (whether it was
+/// asked to take no more connections is the model's: `model::pool::Hang`).
 pub(super) struct Asked {
-    /// It was asked to take no more connections (`-concurrency 1`).
-    pub(super) leaving: bool,
     /// Questions asked so far.
     pub(super) tries: u8,
     pub(super) at: Instant,

@@ -6,13 +6,13 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::kill;
 
 use crate::tcl::Obj;
 
 use super::hang_report::{Asked, ANSWERED, ASKED, REPORT_SIGNAL, TAKEN};
-use super::model::Kill;
-use super::state::{Child, LogEntry, Pool};
+use super::model::events::WorkerId;
+use super::state::{LogEntry, Pool};
 
 /// How long a worker has to answer before the log says it cannot.
 /// How long a worker's Tcl thread has to answer once its control thread
@@ -27,77 +27,71 @@ const TAKE_LIMIT: Duration = Duration::from_secs(3);
 /// handler it runs at that moment, but not every time.
 const TRIES: u8 = 3;
 
-impl Child {
-    /// Asked for its stack and to take no more connections: replaced now.
-    pub(super) fn asked_to_leave(&self) -> bool {
-        self.hang.as_ref().is_some_and(|asked| asked.leaving)
-    }
-}
-
 impl Pool {
-    /// Workers busy on one connection for longer than `-timeout`: the log
-    /// says who and since when, asks for the stack, and the worker is
-    /// killed once it has answered or `GRACE` is over. With `-concurrency
-    /// 1`, from the question on the worker takes no more connections (one
-    /// it took during the grace would be killed with it) and is replaced at
-    /// once. Above 1, the timeout concerns the worker, not one connection:
-    /// one that answers from its event loop (no command of it running: it
-    /// waits for its clients and serves the others) is spared, and asked
-    /// again after another `-timeout`; one stuck in a command is killed,
-    /// its other connections with it. How long
-    /// it has been busy is measured on the supervisor's clock, from when
-    /// it first saw the busy period (`model::timeouts`): the start the
-    /// worker writes in its slot is a claim.
-    pub(super) fn kill_stuck(&mut self, entries: &mut Vec<LogEntry>) {
-        let Some(timeout) = self.config.timeout else { return };
-        let now = Instant::now();
+    /// Workers asked for their stack: those whose question is settled now,
+    /// and whether each is spared (else the model has it killed).
+    pub(super) fn settle_hangs(&mut self, entries: &mut Vec<LogEntry>) -> Vec<(WorkerId, bool)> {
+        let mut settled = Vec::new();
         for index in 0..self.children.len() {
             let child = &self.children[index];
-            if child.killed.is_some() {
+            // Killed already (its answer came, or it is killed for
+            // another reason): settled.
+            if child.hang.is_none() || self.worker_of(child).is_none_or(|w| w.killed.is_some()) {
                 continue;
             }
-            if child.hang.is_some() {
-                self.answer_or_kill(index, entries);
-                continue;
+            if let Some(spared) = self.answer_or_kill(index, entries) {
+                settled.push((self.children[index].worker, spared));
             }
-            let slot = self.scoreboard.slot(child.slot);
-            let claimed = slot.busy_since();
-            let Some(busy_for) = self.children[index].busy.observe(claimed, now) else { continue };
-            if busy_for <= timeout {
-                continue;
-            }
-            let child = &self.children[index];
-            let peer_text = slot.peer();
-            let (host, port) = peer_text.rsplit_once(' ').unwrap_or((&peer_text, ""));
-            let peer = Obj::new_list(&[Obj::new_string(host), Obj::new_string(port)]);
-            let busy = busy_for.as_secs_f64();
-            let leaving = self.config.concurrency <= 1;
-            if leaving {
-                slot.request_leave();
-            }
-            let pid = child.pid;
-            entries.push(self.entry(
-                "timeout",
-                vec![
-                    ("pid", Obj::new_int(pid.as_raw().into())),
-                    ("peer", peer.clone()),
-                    ("busy", Obj::new_double(busy)),
-                ],
-            ));
-            if let Some(cell) = self.hangs.cell(self.children[index].slot) {
-                cell.len.store(0, Ordering::Relaxed);
-                cell.idle.store(0, Ordering::Relaxed);
-                cell.state.store(ASKED, Ordering::SeqCst);
-                let _ = kill(pid, REPORT_SIGNAL);
-            }
-            self.children[index].hang = Some(Asked { leaving, tries: 1, at: Instant::now(), taken: None, peer, busy });
-            self.answer_or_kill(index, entries);
         }
+        settled
     }
 
-    fn answer_or_kill(&mut self, index: usize, entries: &mut Vec<LogEntry>) {
+    /// A worker busy on one connection for longer than `-timeout` (the
+    /// model's decision: `model::turn`): the log says who and since when,
+    /// and asks for the stack; the worker is killed once it has answered
+    /// or `GRACE` is over. With `-concurrency 1`, from the question on the
+    /// worker takes no more connections (one it took during the grace
+    /// would be killed with it) and is replaced at once. Above 1, the
+    /// timeout concerns the worker, not one connection: one that answers
+    /// from its event loop (no command of it running: it waits for its
+    /// clients and serves the others) is spared, and asked again after
+    /// another `-timeout`; one stuck in a command is killed, its other
+    /// connections with it. Returns whether it is spared once settled now.
+    pub(super) fn ask_stack(
+        &mut self,
+        index: usize,
+        leaving: bool,
+        busy_for: Duration,
+        entries: &mut Vec<LogEntry>,
+    ) -> Option<bool> {
+        let child = &self.children[index];
+        let slot = self.scoreboard.slot(child.slot);
+        let peer_text = slot.peer();
+        let (host, port) = peer_text.rsplit_once(' ').unwrap_or((&peer_text, ""));
+        let peer = Obj::new_list(&[Obj::new_string(host), Obj::new_string(port)]);
+        let busy = busy_for.as_secs_f64();
+        if leaving {
+            slot.request_leave();
+        }
+        let pid = child.pid;
+        entries.push(self.entry(
+            "timeout",
+            vec![("pid", Obj::new_int(pid.as_raw().into())), ("peer", peer.clone()), ("busy", Obj::new_double(busy))],
+        ));
+        if let Some(cell) = self.hangs.cell(self.children[index].slot) {
+            cell.len.store(0, Ordering::Relaxed);
+            cell.idle.store(0, Ordering::Relaxed);
+            cell.state.store(ASKED, Ordering::SeqCst);
+            let _ = kill(pid, REPORT_SIGNAL);
+        }
+        self.children[index].hang = Some(Asked { tries: 1, at: Instant::now(), taken: None, peer, busy });
+        self.answer_or_kill(index, entries)
+    }
+
+    /// Whether the question is settled: `Some(spared)`.
+    fn answer_or_kill(&mut self, index: usize, entries: &mut Vec<LogEntry>) -> Option<bool> {
         let cell = self.hangs.cell(self.children[index].slot);
-        let Some(asked) = &mut self.children[index].hang else { return };
+        let asked = self.children[index].hang.as_mut()?;
         let state = cell.map(|cell| cell.state.load(Ordering::SeqCst));
         if state == Some(TAKEN) && asked.taken.is_none() {
             asked.taken = Some(Instant::now());
@@ -119,7 +113,7 @@ impl Pool {
                 cell.state.store(ASKED, Ordering::SeqCst);
                 let _ = kill(pid, REPORT_SIGNAL);
             }
-            return;
+            return None;
         }
         let (stack, note) = match (cell, state) {
             (Some(cell), Some(ANSWERED)) if spared => (
@@ -127,7 +121,7 @@ impl Pool {
                 "spared: it answered from its event loop, serving its other connections (-concurrency above 1)".into(),
             ),
             (Some(cell), Some(ANSWERED)) => (cell.read(), String::new()),
-            (Some(_), Some(TAKEN)) if asked.taken.is_some_and(|at| at.elapsed() < GRACE) => return,
+            (Some(_), Some(TAKEN)) if asked.taken.is_some_and(|at| at.elapsed() < GRACE) => return None,
             (Some(_), Some(TAKEN)) => (
                 String::new(),
                 format!(
@@ -135,7 +129,7 @@ impl Pool {
                     GRACE.as_secs_f64()
                 ),
             ),
-            (Some(_), _) if asked.at.elapsed() < TAKE_LIMIT => return,
+            (Some(_), _) if asked.at.elapsed() < TAKE_LIMIT => return None,
             (Some(_), _) => (
                 String::new(),
                 format!(
@@ -148,7 +142,7 @@ impl Pool {
             }
         };
         let child = &self.children[index];
-        let Some(asked) = &child.hang else { return };
+        let asked = child.hang.as_ref()?;
         let pid = child.pid;
         let fields = vec![
             ("pid", Obj::new_int(pid.as_raw().into())),
@@ -163,12 +157,11 @@ impl Pool {
         self.hangs.last = Some(Obj::new_dict(report));
         entries.push(self.entry("hang", fields));
         if spared {
-            // Timed again from now: asked again after another -timeout.
+            // Timed again from now (the model's part): asked again after
+            // another -timeout.
             self.children[index].hang = None;
-            self.children[index].busy = Default::default();
-            return;
         }
-        let _ = kill(pid, Signal::SIGKILL);
-        self.children[index].killed = Some(Kill::Timeout);
+        // Killed, not spared: the model sends the SIGKILL.
+        Some(spared)
     }
 }

@@ -245,7 +245,8 @@ pub(super) fn forward(sup: &mut Supervisor, received: &[Signal]) -> Vec<Signal> 
             let pool = &sup.pools[index];
             let mut sent = 0;
             if to_workers {
-                for child in pool.children.iter().filter(|c| c.killed.is_none() && c.hooks & mask([signal]) != 0) {
+                let alive = |c: &&super::state::Child| pool.worker_of(c).is_some_and(|w| w.killed.is_none());
+                for child in pool.children.iter().filter(alive).filter(|c| c.hooks & mask([signal]) != 0) {
                     if kill(child.pid, signal).is_ok() {
                         sent += 1;
                     }

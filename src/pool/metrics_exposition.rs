@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use super::metrics::{Bound, Endpoint};
 use super::scoreboard::{now_millis, State};
-use super::state::{Phase, Pool, Reload};
+use super::state::{Pool, Reload};
 use super::supervisor_access::with_supervisor;
 
 /// Serves `bound` for the pool on `port`: a scrape is answered here.
@@ -87,7 +87,7 @@ impl Pool {
         for (state, count) in ["idle", "busy", "starting", "stopping"].iter().zip(states) {
             out.sample("workers", Some(("state", state)), count as f64);
         }
-        out.gauge("workers_target", "Workers the pool keeps running.", self.target as f64);
+        out.gauge("workers_target", "Workers the pool keeps running.", self.model.target as f64);
         out.gauge("open_connections", "Connections the workers hold open now.", open as f64);
         let busy = self.busy_millis_total(now_millis()).max(self.metrics.as_ref().map_or(0, |m| m.busy_reported.get()));
         if let Some(endpoint) = &self.metrics {
@@ -147,17 +147,13 @@ impl Pool {
         out.sample("queue_wait_seconds_count", None, queue.waits as f64);
         out.family("reloads_total", "counter", "Rolling reloads started.");
         out.sample("reloads_total", None, self.reloads().into());
-        out.gauge("generation", "The generation of workers the pool serves with.", self.generation.into());
+        out.gauge("generation", "The generation of workers the pool serves with.", self.model.generation.into());
         out.gauge(
             "reload_failed",
             "1 when the last reload was abandoned (the previous generation serves on).",
-            if matches!(self.reload, Reload::Failed { .. }) { 1.0 } else { 0.0 },
+            if matches!(self.model.reload, Reload::Failed { .. }) { 1.0 } else { 0.0 },
         );
-        out.gauge(
-            "stopping",
-            "1 while the pool stops.",
-            if matches!(self.phase, Phase::Stopping { .. }) { 1.0 } else { 0.0 },
-        );
+        out.gauge("stopping", "1 while the pool stops.", if self.model.phase.stopping() { 1.0 } else { 0.0 });
         out.text
     }
 }

@@ -1,17 +1,23 @@
 //! The pool: `::socketserver::pool`, a supervisor that forks, watches and
 //! replaces worker processes, so that a script writes only the handler.
 //!
-//! `model` holds the pool's decisions with no I/O (back-off, recycling
-//! turns, sizing, what an exit counts as, busy time), tested by a
-//! simulation. `state` is the pool's data (`Supervisor`, `Pool`, `Child`,
+//! `model` holds the pool's decisions with no I/O: `Model::step` takes
+//! an event (a fork done, a slot read, an exit, a hang answer, a command,
+//! a tick) with the time and returns actions (fork, retire, kill, ask
+//! for a stack, mark due, authorise, count, log); a simulation drives it.
+//! `lifecycle` is the shell around it: each turn it tells the model what
+//! it observed (exits, slots, the queue, answers) and the tick, and
+//! performs the actions (`spawn` forks, the leave pipe, SIGKILL, the
+//! slot's marks, counters, log entries); `supervisor` runs the turns from
+//! the loop's events (commands, signals, the tick) and turns commands and
+//! signals into the model's events. `state` is the pool's data (`Supervisor`,
+//! `Pool` with its `Model`, `Child`: a process, its slot, its leave pipe,
 //! log entries) as plain fields: the observers (`report`, the log and
-//! `pool info`; `metrics`, Prometheus; `notify`, systemd) and the policy
-//! rooms (`sizing`, `recycling_turns`, `init_timeout`, `hang_watch`) read
-//! and change it there, never through `lifecycle` or `supervisor`; what
-//! a worker shares of recycling and of a hang report (`recycling`,
-//! `hang_report`) lies below the data. `lifecycle`
-//! starts, reaps, retires and kills workers; `supervisor` runs the tick
-//! and decides what should run; `generation` starts the next generation
+//! `pool info`; `metrics`, Prometheus; `notify`, systemd) read it there,
+//! never through `lifecycle` or `supervisor`; what a worker shares of
+//! recycling and of a hang report (`recycling`, `hang_report`) lies below
+//! the data; `hang_watch` asks a hung worker for its stack and says when
+//! the question is settled. `generation` starts the next generation
 //! (`pool upgrade`); `command` parses the Tcl command. Below them, leaf
 //! rooms that know nothing of a pool: `scoreboard` (the memory workers
 //! share), `shared_memory`, `signals` (signals as events of Tcl's loop),
@@ -19,7 +25,8 @@
 //! `privileges` (what a worker gives up), `supervisor_thread` (which
 //! thread runs the pools), `after_fork` (what each process keeps after a
 //! fork). `worker` is what a forked worker runs; `hooks` is `pool signal`;
-//! `signal_watch` notices a pool's signal taken over by the script.
+//! `signal_watch` notices a pool's signal taken over by the script;
+//! `sizing` parses `-workers`.
 //!
 //! Floors, bottom first: a room names through `super::` only rooms on a
 //! lower floor, so dependencies point one way and there is no circle
@@ -27,11 +34,9 @@
 //! room missing from it fails the check). An edge that must point up for
 //! a while is written `//! - up: a -> b`, with why: there is none.
 //! The check reads paths, not method calls: `Pool` and `Supervisor` are
-//! still given methods by several rooms, and a few are called from below
-//! (`recycling_turns` and `sizing` call `lifecycle`'s `retire`,
-//! `ready_count` and `serving`; `report` calls the policies' `*_info`;
-//! `generation` calls `supervisor`'s `stop` and `pool_sizes`): turning
-//! those into arguments and returned decisions is what is left.
+//! still given methods by several rooms; one is called from below:
+//! `generation` calls `supervisor`'s `stop` (a stop closes the port and
+//! runs a turn) once the next generation serves.
 //!
 //! 1. model, wake, shared_memory, pidfile, stderr_log, privileges, scoreboard, supervisor_thread, metrics
 //! 2. signals
@@ -41,7 +46,7 @@
 //! 6. signal_watch
 //! 7. report, notify
 //! 8. supervisor_access
-//! 9. metrics_exposition, sizing, init_timeout, hang_watch, recycling_turns, hooks, generation
+//! 9. metrics_exposition, sizing, hang_watch, hooks, generation
 //! 10. worker
 //! 11. lifecycle
 //! 12. supervisor
@@ -54,7 +59,6 @@ mod generation;
 mod hang_report;
 mod hang_watch;
 mod hooks;
-mod init_timeout;
 mod lifecycle;
 mod metrics;
 mod metrics_exposition;
@@ -63,7 +67,6 @@ mod notify;
 mod pidfile;
 mod privileges;
 mod recycling;
-mod recycling_turns;
 mod report;
 mod scoreboard;
 mod shared_memory;

@@ -45,7 +45,7 @@ use crate::upgrade::HANDOVER_VARIABLE;
 use crate::tcl::{Interp, Obj};
 
 use super::scoreboard::State;
-use super::state::{Phase, Reload, Supervisor};
+use super::state::Supervisor;
 
 const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 const WATCHDOG_USEC: &str = "WATCHDOG_USEC";
@@ -190,9 +190,9 @@ pub(super) fn observe(sup: &Supervisor) {
             n.last_ping = now;
             n.send("WATCHDOG=1\n");
         }
-        let stopping = n.had_pools && pools.iter().all(|p| matches!(p.phase, Phase::Stopping { .. }));
-        let ready = !pools.is_empty() && pools.iter().all(|p| p.ready_once);
-        let reloading = pools.iter().any(|p| matches!(p.reload, Reload::Running { .. }));
+        let stopping = n.had_pools && pools.iter().all(|p| p.model.phase.stopping());
+        let ready = !pools.is_empty() && pools.iter().all(|p| p.model.ready_once);
+        let reloading = pools.iter().any(|p| p.model.reload.running());
         // A state is said once it was sent: one lost to a full receiver
         // (watchdog pings fill a slow one) is sent again at the next look.
         if stopping {

@@ -2,7 +2,7 @@
 //! due, and replaced, after `-maxconnections` connections, once its resident memory passes
 //! `-maxrss`, or once it has lived `-maxlifetime` (plus a random part of
 //! `-lifetimejitter`). Who gets a turn and when a worker leaves is the
-//! model's decision (`model::recycling`); `recycling_turns` acts on it.
+//! model's decision (`model::recycling`); `lifecycle` acts on it.
 //! This file is what a worker marks in its slot (`due`) and the pool's
 //! recycled counts, below the pool's data (`state`).
 //!

@@ -6,8 +6,10 @@ use std::sync::atomic::Ordering::Relaxed;
 use crate::queue_stats::{Snapshot, BUCKET_BOUNDS};
 use crate::tcl::{Interp, Obj};
 
-use super::scoreboard::{now_millis, State};
-use super::state::{Child, LogEntry, Phase, Pool, Reload};
+use super::model::recycling::{self, Turn};
+use super::recycling::{due, Reason};
+use super::scoreboard::{now_millis, Slot, State};
+use super::state::{Child, LogEntry, Pool, Reload};
 
 impl Pool {
     pub(super) fn info(&self) -> Obj {
@@ -16,29 +18,27 @@ impl Pool {
         for child in &self.children {
             let slot = self.scoreboard.slot(child.slot);
             let state = self.worker_state(child);
+            let generation = self.worker_of(child).map_or(0, |w| w.generation);
             let since = slot.busy_since();
             let busy = if since == 0 { 0.0 } else { now.saturating_sub(since) as f64 / 1000.0 };
             workers.push(Obj::new_int(child.pid.as_raw().into()));
             let mut fields = vec![
                 ("state", Obj::new_string(state.name())),
-                ("generation", Obj::new_int(child.generation.into())),
+                ("generation", Obj::new_int(generation.into())),
                 ("served", Obj::new_int(slot.served() as i64)),
                 ("open", Obj::new_int(slot.open().into())),
                 ("busy", Obj::new_double(busy)),
             ];
-            fields.extend(self.worker_recycling_info(child.slot));
+            fields.extend(worker_recycling_info(slot));
             workers.push(Obj::new_dict(fields));
         }
         let queue = self.counters.queue.snapshot();
-        let phase = match self.phase {
-            Phase::Running => "running",
-            Phase::Stopping { .. } => "stopping",
-        };
+        let phase = if self.model.phase.stopping() { "stopping" } else { "running" };
         let mut fields = vec![
             ("port", Obj::new_int(self.port.into())),
             ("state", Obj::new_string(phase)),
-            ("generation", Obj::new_int(self.generation.into())),
-            ("target", Obj::new_int(self.target as i64)),
+            ("generation", Obj::new_int(self.model.generation.into())),
+            ("target", Obj::new_int(self.model.target as i64)),
             ("concurrency", Obj::new_int(self.config.concurrency as i64)),
             ("workers", Obj::new_list(&workers)),
             ("started", Obj::new_int(self.totals.started as i64)),
@@ -53,7 +53,7 @@ impl Pool {
             ("metrics", Obj::new_string(&self.metrics.as_ref().map(|m| m.address()).unwrap_or_default())),
             (
                 "reload",
-                Obj::new_string(match self.reload {
+                Obj::new_string(match self.model.reload {
                     Reload::None => "none",
                     Reload::Running { .. } => "running",
                     Reload::Done => "done",
@@ -62,7 +62,7 @@ impl Pool {
             ),
             (
                 "reloaderror",
-                Obj::new_string(match &self.reload {
+                Obj::new_string(match &self.model.reload {
                     Reload::Failed { reason } => reason,
                     _ => "",
                 }),
@@ -106,8 +106,9 @@ impl Pool {
     /// stopping, though it may not know yet.
     pub(super) fn worker_state(&self, child: &Child) -> State {
         let state = self.scoreboard.slot(child.slot).state();
-        let stopping = matches!(self.phase, Phase::Stopping { .. });
-        if (stopping || child.retired.is_some()) && state != State::Starting {
+        let stopping = self.model.phase.stopping();
+        let retired = self.worker_of(child).is_some_and(|w| w.retired.is_some());
+        if (stopping || retired) && state != State::Starting {
             State::Stopping
         } else {
             state
@@ -137,10 +138,56 @@ impl Pool {
             + self.children.iter().map(|c| self.scoreboard.slot(c.slot).proxy_untrusted()).sum::<u64>()
     }
 
+    /// `pool info`'s `recycledby` and `leaving` (turns held, and their bound).
+    fn recycling_info(&self) -> Vec<(&'static str, Obj)> {
+        let by =
+            Reason::ALL.iter().map(|r| (r.name(), Obj::new_int(self.recycling.recycled[r.index()] as i64))).collect();
+        let held = self.model.workers.iter().filter(|w| matches!(w.turn, Some(Turn::Held(_)))).count();
+        vec![
+            ("recycledby", Obj::new_dict(by)),
+            ("leaving", Obj::new_int(held as i64)),
+            ("leavingbound", Obj::new_int(recycling::bound(self.model.target) as i64)),
+            ("maxrss", wide(self.config.recycling.max_rss)),
+        ]
+    }
+
+    /// The figures of `pool info` that say how the pool is sized.
+    fn sizing_info(&self) -> Vec<(&'static str, Obj)> {
+        let sizing = &self.model.sizing;
+        let serving: Vec<_> = self.model.serving().map(|w| w.id).collect();
+        let idle = self
+            .children
+            .iter()
+            .filter(|c| serving.contains(&c.worker) && self.scoreboard.slot(c.slot).state() == State::Idle)
+            .count();
+        vec![
+            ("minworkers", Obj::new_int(sizing.min as i64)),
+            ("maxworkers", Obj::new_int(sizing.max as i64)),
+            ("minspare", Obj::new_int(sizing.min_spare as i64)),
+            ("maxspare", Obj::new_int(sizing.max_spare as i64)),
+            ("idletimeout", Obj::new_double(sizing.idle_timeout.as_secs_f64())),
+            ("idle", Obj::new_int(idle as i64)),
+            ("grown", Obj::new_int(sizing.grown as i64)),
+            ("shrunk", Obj::new_int(sizing.shrunk as i64)),
+            ("sizing", Obj::new_string(&sizing.reason)),
+        ]
+    }
+
     /// Reloads started (each gives a new generation number).
     pub(super) fn reloads(&self) -> u32 {
-        self.newest_generation - 1
+        self.model.newest_generation - 1
     }
+}
+
+/// A worker's `rss` and `due` in `pool info`.
+fn worker_recycling_info(slot: &Slot) -> Vec<(&'static str, Obj)> {
+    vec![("rss", wide(slot.rss.load(Relaxed))), ("due", Obj::new_string(due(slot).map_or("", Reason::name)))]
+}
+
+/// An unsigned figure as Tcl shows it: above the largest wide integer, as
+/// its digits (`-maxrss 18446744073709551615` showed -1).
+fn wide(value: u64) -> Obj {
+    i64::try_from(value).map_or_else(|_| Obj::new_string(&value.to_string()), Obj::new_int)
 }
 
 pub(super) fn flush_entries(entries: Vec<LogEntry>) {

@@ -8,7 +8,6 @@
 use std::cell::RefCell;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
-use std::time::Instant;
 
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
@@ -19,37 +18,26 @@ use crate::tcl::{Interp, Obj};
 
 use super::after_fork::LeaveEnd;
 use super::config::Config;
-use super::model::backoff::FailureRun;
-use super::model::timeouts::BusyWatch;
-use super::model::{Kill, Retired};
+use super::model::events::WorkerId;
+use super::model::pool::{Model, Worker};
+pub(super) use super::model::reload::Reload;
 use super::scoreboard::Scoreboard;
 use super::supervisor_thread::release_supervisor_thread;
 
+/// A worker process, as the shell holds it; what the pool decided about
+/// it is the model's (`Pool::worker_of`).
 pub(super) struct Child {
     pub(super) pid: Pid,
     pub(super) slot: usize,
-    pub(super) generation: u32,
-    pub(super) forked: Instant,
+    /// The model's name for it.
+    pub(super) worker: WorkerId,
     /// Our end of its leave pipe; closing it asks the worker to leave.
     pub(super) leave: Option<LeaveEnd>,
-    pub(super) retired: Option<Retired>,
-    /// Set once we have sent it SIGKILL, with the reason.
-    pub(super) killed: Option<Kill>,
-    /// Its turn to be recycled (`model::recycling`).
-    pub(super) turn: Option<super::model::recycling::Turn>,
-    /// Its busy period on the supervisor's clock (`model::timeouts`).
-    pub(super) busy: BusyWatch,
-    /// Since when it leaves: retired, or seen leaving unasked.
-    pub(super) leaving_since: Option<Instant>,
-    /// When it is due by age (`-maxlifetime`).
-    pub(super) recycle_at: Option<Instant>,
-    /// Past its busy timeout, asked for its stack (`hang_report`).
+    /// Past its busy timeout, asked for its stack (`hang_report`): the
+    /// question under way.
     pub(super) hang: Option<super::hang_report::Asked>,
     /// The signals it was started with hooks for (`hooks::mask`).
     pub(super) hooks: u64,
-    /// Seen registered or serving once (its `-init` done, a descriptor
-    /// to register with): a clean exit then is no failed start.
-    pub(super) was_ready: bool,
 }
 
 #[derive(Default)]
@@ -69,51 +57,22 @@ pub(super) struct Totals {
     pub(super) busy_millis: u64,
 }
 
-pub(super) enum Phase {
-    Running,
-    Stopping { deadline: Instant },
-}
-
-/// Where the last reload stands, for `pool info`.
-pub(super) enum Reload {
-    None,
-    /// Its workers are starting; `previous` is the generation serving
-    /// before it, which serves on if it is abandoned.
-    Running {
-        previous: u32,
-    },
-    Done,
-    Failed {
-        reason: String,
-    },
-}
-
 pub struct Pool {
     pub(super) port: u16,
     pub(super) interp: Interp,
     pub(super) state: *const InterpState,
     pub(super) config: Config,
     pub(super) scoreboard: Scoreboard,
-    pub(super) generation: u32,
-    /// The highest generation number given so far: an abandoned reload's
-    /// number is not given again.
-    pub(super) newest_generation: u32,
-    pub(super) target: usize,
+    /// The pool's decisions: its workers as observed, generation, target,
+    /// back-off, turns, reload and stop (`model::pool`).
+    pub(super) model: Model,
     pub(super) children: Vec<Child>,
     pub(super) totals: Totals,
-    /// Failed starts in a row and their back-off (`model::backoff`).
-    pub(super) failures: FailureRun,
-    pub(super) reload: Reload,
     /// The port's queue, kept while the pool lives: the port leaves the
     /// port table when the pool stops, and workers started then serve
     /// what is still queued.
     pub(super) queue: Arc<OwnedFd>,
     pub(super) counters: Arc<Counters>,
-    /// Workers lost unasked, still to be replaced (counted as respawns).
-    pub(super) to_respawn: u64,
-    pub(super) phase: Phase,
-    /// Whether every worker of the first generation has been ready once.
-    pub(super) ready_once: bool,
     /// The `-metrics` endpoint, served while the pool lives.
     pub(super) metrics: Option<super::metrics::Endpoint>,
     pub(super) recycling: super::recycling::InPool,
@@ -180,6 +139,16 @@ pub(super) fn release_supervisor_thread_if_idle() {
 }
 
 impl Pool {
+    /// What the model knows of a worker.
+    pub(super) fn worker_of(&self, child: &Child) -> Option<&Worker> {
+        self.model.worker(child.worker)
+    }
+
+    /// The child the model names `worker`, by its position.
+    pub(super) fn child_index(&self, worker: WorkerId) -> Option<usize> {
+        self.children.iter().position(|c| c.worker == worker)
+    }
+
     /// A log entry of this pool, for its `-log` command or stderr.
     pub(super) fn entry(&self, event: &str, fields: Vec<(&'static str, Obj)>) -> LogEntry {
         let mut all = vec![("event", Obj::new_string(event)), ("port", Obj::new_int(self.port.into()))];

@@ -1,23 +1,25 @@
 //! The supervisor: runs in the accepting process and keeps each pool's
-//! workers alive. This file says what should run and when; `lifecycle`
-//! says how a worker is started, reaped, retired or killed, `generation`
-//! handles the next generation of the process, and `report` what the
-//! pool logs and `pool info` shows.
+//! workers alive. What should run, and when, is each pool's model's
+//! (`model::pool`); `lifecycle` is the shell that tells the model what it
+//! observed and performs what it answers; `generation` handles the next
+//! generation of the process, and `report` what the pool logs and `pool
+//! info` shows.
 //!
 //! Everything it does happens on the Tcl thread that made the pools, from
 //! three kinds of event: a pool command, a byte in the signal pipe (a
-//! signal, or a worker asking for attention) and a periodic tick. Each
-//! event ends in `reconcile`, which compares what is with what should be
-//! and acts: reap the dead, replace them (with back-off when they fail),
-//! retire old generations as new workers become ready, kill workers stuck
-//! past `-timeout`, and finish a stop.
+//! signal, or a worker asking for attention) and a periodic tick. A
+//! command or a signal becomes an event of the model (reload, resize, a
+//! shift of the range, a stop); each ends in `reconcile`, one turn of the
+//! model: reap the dead, replace them (with back-off when they fail),
+//! retire old generations as new workers become ready, time out workers
+//! stuck past `-timeout` or `-inittimeout`, and finish a stop.
 
 use std::ffi::c_void;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use crate::port_table;
@@ -30,13 +32,13 @@ pub use super::config::Config;
 use super::generation::{default_command, DEFAULT_UPGRADE_TIMEOUT};
 use super::hang_report::InPool as HangsInPool;
 use super::hooks;
-use super::model::backoff::RELOAD_FAILURES;
-use super::model::forks_this_turn;
-use super::model::Kill;
+use super::lifecycle::Told;
+use super::model::events::Event;
+use super::model::pool::{Model, Settings};
 use super::recycling::InPool as RecyclingInPool;
 use super::scoreboard::Scoreboard;
 use super::signals;
-use super::state::{Phase, Pool, Reload, Supervisor, Totals, ACTED_ON, SUPERVISOR};
+use super::state::{Pool, Supervisor, Totals, ACTED_ON, SUPERVISOR};
 use super::supervisor_access::with_supervisor;
 use super::supervisor_thread::{claim_supervisor_thread, not_here, release_supervisor_thread};
 use super::worker;
@@ -94,24 +96,24 @@ pub fn create(interp: Interp, state: *const InterpState, port: u16, mut config: 
         if !sup.had.contains(&port) {
             sup.had.push(port);
         }
+        let settings = Settings {
+            graceful: config.graceful,
+            init_timeout: config.init_timeout,
+            timeout: config.timeout,
+            concurrency: config.concurrency,
+        };
+        let model = Model::new(settings, config.sizing.clone(), target);
         sup.pools.push(Pool {
             port,
             interp,
             state,
             config,
             scoreboard,
-            generation: 1,
-            newest_generation: 1,
-            target,
+            model,
             children: Vec::new(),
             totals: Totals::default(),
-            failures: Default::default(),
-            reload: Reload::None,
             queue,
             counters,
-            to_respawn: 0,
-            phase: Phase::Running,
-            ready_once: false,
             metrics: config_metrics.map(|bound| super::metrics_exposition::serve(port, bound)),
             recycling,
             hangs,
@@ -120,14 +122,6 @@ pub fn create(interp: Interp, state: *const InterpState, port: u16, mut config: 
         sup.reconcile(index);
         Ok(())
     })
-}
-
-impl Supervisor {
-    /// `POOL_SIZES` for a next generation: each pool's target now.
-    pub(super) fn pool_sizes(&self) -> (String, String) {
-        let sizes: Vec<String> = self.pools.iter().map(|p| format!("{}={}", p.port, p.target)).collect();
-        (super::config::POOL_SIZES.to_string(), sizes.join(" "))
-    }
 }
 
 /// The pools' ports, or `port` alone after checking it has one.
@@ -194,7 +188,7 @@ pub fn wait(ports: &[u16]) {
 /// Whether every pool of this process has had all its workers ready once
 /// (true when there is none).
 pub fn all_ready() -> bool {
-    SUPERVISOR.with(|s| s.try_borrow().map(|s| s.pools.iter().all(|p| p.ready_once)).unwrap_or(false))
+    SUPERVISOR.with(|s| s.try_borrow().map(|s| s.pools.iter().all(|p| p.model.ready_once)).unwrap_or(false))
 }
 
 /// Starts the next generation of this process with its listeners; this
@@ -259,10 +253,7 @@ impl Drop for Supervisor {
             let now = Instant::now();
             let mut children: Vec<(Pid, Option<Instant>)> = Vec::new();
             for pool in &self.pools {
-                let deadline = match pool.phase {
-                    Phase::Stopping { deadline } => deadline,
-                    Phase::Running => now + pool.config.graceful,
-                };
+                let deadline = pool.model.phase.deadline(now, pool.config.graceful);
                 children.extend(pool.children.iter().map(|c| (c.pid, Some(deadline))));
             }
             // A next generation may be the server now: reaped, never killed.
@@ -352,45 +343,33 @@ impl Supervisor {
         self.pools.iter().position(|p| p.port == port)
     }
 
+    /// Tells pool `index`'s model an event of its own (a command, a
+    /// signal) and performs what it answers.
+    fn tell(&mut self, index: usize, event: Event) {
+        let mut entries = Vec::new();
+        let mut told = Told::default();
+        self.pools[index].tell(event, Instant::now(), &mut entries, &mut told);
+        self.log.append(&mut entries);
+    }
+
     fn reload(&mut self, port: u16) {
         let Some(index) = self.index(port) else { return };
-        let pool = &mut self.pools[index];
-        if !matches!(pool.phase, Phase::Running) {
-            return;
-        }
-        // A reload during a reload keeps the generation that served before
-        // both, to fall back on.
-        let previous = match pool.reload {
-            Reload::Running { previous } => previous,
-            _ => pool.generation,
-        };
-        pool.reload = Reload::Running { previous };
-        pool.newest_generation += 1;
-        pool.generation = pool.newest_generation;
-        // Whatever failed before, the new generation gets its own tries.
-        pool.failures.end();
-        let entry = pool.entry("reload", vec![("generation", Obj::new_int(pool.generation.into()))]);
-        self.log.push(entry);
+        self.tell(index, Event::Reload);
         self.reconcile(index);
     }
 
     fn resize(&mut self, port: u16, min: usize, max: usize) {
         let Some(index) = self.index(port) else { return };
-        let entry = self.pools[index].set_range(min, max);
-        self.log.push(entry);
+        self.tell(index, Event::Resize { min, max });
         self.reconcile(index);
     }
 
     pub(super) fn stop(&mut self, port: u16) {
         let Some(index) = self.index(port) else { return };
-        let pool = &mut self.pools[index];
-        if matches!(pool.phase, Phase::Stopping { .. }) {
+        if self.pools[index].model.phase.stopping() {
             return;
         }
-        pool.phase = Phase::Stopping { deadline: Instant::now() + pool.config.graceful };
-        // What failed before the stop does not count against the workers
-        // started to serve what is queued (they would be given up at once).
-        pool.failures.end();
+        self.tell(index, Event::Stop { at_once: false });
         // Closing the port stops accepting and frees the port at once;
         // connections already queued stay deliverable, and each worker
         // leaves when the queue is drained and its channels are closed.
@@ -399,8 +378,6 @@ impl Supervisor {
             table.remove(port)
         };
         drop(removed);
-        let entry = pool.entry("stop", vec![("workers", Obj::new_int(pool.children.len() as i64))]);
-        self.log.push(entry);
         self.reconcile(index);
     }
 
@@ -417,13 +394,13 @@ impl Supervisor {
                     self.exit_when_stopped = true;
                     self.cancel_upgrade();
                     for &port in &ports {
+                        self.stop(port);
                         if again {
                             // A second stop signal: do not wait for busy workers.
                             if let Some(index) = self.index(port) {
-                                self.pools[index].phase = Phase::Stopping { deadline: Instant::now() };
+                                self.tell(index, Event::Stop { at_once: true });
                             }
                         }
-                        self.stop(port);
                     }
                 }
                 Signal::SIGHUP => ports.iter().for_each(|&port| self.reload(port)),
@@ -439,8 +416,8 @@ impl Supervisor {
                 Signal::SIGTTIN | Signal::SIGTTOU => {
                     for &port in &ports {
                         if let Some(index) = self.index(port) {
-                            let (min, max) = self.pools[index].config.sizing.shifted(*signal == Signal::SIGTTIN);
-                            self.resize(port, min, max);
+                            self.tell(index, Event::Shift { up: *signal == Signal::SIGTTIN });
+                            self.reconcile(index);
                         }
                     }
                 }
@@ -456,84 +433,20 @@ impl Supervisor {
         }
     }
 
-    /// Brings pool `index` to what it should be; may remove it when stopped.
+    /// Brings pool `index` to what it should be (one turn of its model,
+    /// `lifecycle`); may remove it when stopped.
     fn reconcile(&mut self, index: usize) {
         let mut entries = Vec::new();
-        let pool = &mut self.pools[index];
-        pool.reap(&mut entries);
-        pool.settle_reload(&mut entries);
-        let now = Instant::now();
-        pool.kill_stuck(&mut entries);
-        pool.kill_slow_starters(&mut entries);
-        pool.hold_to_claims(now, &mut entries);
-        match pool.phase {
-            Phase::Running => {
-                pool.size_to_load(now, &mut entries);
-                pool.retire_surplus(&mut entries);
-                // Replacements for recycling start only while they can:
-                // no failure backs off, no reload is under way.
-                let can_start = pool.failures.healthy() && !matches!(pool.reload, Reload::Running { .. });
-                pool.recycle(now, can_start, &mut entries);
-                let wanted = pool.missing();
-                // A few per turn of the loop: the rest at the next turn.
-                let fork_now = pool.forks_allowed(now, forks_this_turn(wanted));
-                self.log.append(&mut entries);
-                for _ in 0..fork_now {
-                    let mut started = Vec::new();
-                    self.pools[index].spawn(&mut started);
-                    self.log.append(&mut started);
-                }
-                let pool = &mut self.pools[index];
-                if !pool.ready_once && pool.ready_count() >= pool.target {
-                    pool.ready_once = true;
-                    // A new generation of the accepting process serves now.
-                    let all = self.pools.iter().all(|p| p.ready_once);
-                    crate::inherited::announce_ready_if_done(all);
-                }
-            }
-            Phase::Stopping { deadline } => {
-                if now >= deadline {
-                    for i in 0..pool.children.len() {
-                        if pool.children[i].killed.is_some() {
-                            continue;
-                        }
-                        let pid = pool.children[i].pid;
-                        let _ = kill(pid, Signal::SIGKILL);
-                        pool.children[i].killed = Some(Kill::Graceful);
-                        entries.push(pool.entry(
-                            "kill",
-                            vec![
-                                ("pid", Obj::new_int(pid.as_raw().into())),
-                                ("reason", Obj::new_string("graceful period over")),
-                            ],
-                        ));
-                    }
-                }
-                // Every accepted connection is served: when the workers
-                // that will still take one are gone (recycled, or dead)
-                // and some are queued, one more worker serves them.
-                // Given up once workers started for it fail again and again.
-                let queued = now < deadline && pool.failures.failures < RELOAD_FAILURES && pool.queue_pending();
-                let fork_now = if queued && !pool.children.iter().any(|c| pool.takes_connections(c)) {
-                    pool.forks_allowed(now, 1)
-                } else {
-                    0
-                };
-                let gone = pool.children.is_empty() && !queued;
-                if gone {
-                    entries.push(pool.entry("stopped", vec![]));
-                }
-                self.log.append(&mut entries);
-                for _ in 0..fork_now {
-                    let mut started = Vec::new();
-                    self.pools[index].spawn(&mut started);
-                    self.log.append(&mut started);
-                }
-                if gone {
-                    self.pools.remove(index);
-                    self.after_pool_gone();
-                }
-            }
+        let told = self.pools[index].turn(Instant::now(), &mut entries);
+        self.log.append(&mut entries);
+        if told.ready {
+            // A new generation of the accepting process serves now.
+            let all = self.pools.iter().all(|p| p.model.ready_once);
+            crate::inherited::announce_ready_if_done(all);
+        }
+        if told.gone {
+            self.pools.remove(index);
+            self.after_pool_gone();
         }
     }
 

@@ -2,26 +2,40 @@
 //! how each worker's exit counts, as functions of what the supervisor has
 //! observed and of the time, given as an argument.
 //!
+//! `Model` (`pool`) is one pool's decision state (its workers as
+//! observed, generation, target, back-off, turns, reload and stop
+//! progress); `Model::step` takes one `Event` (a fork done, a slot read,
+//! an exit, a tick, a command) with the time and returns `Action`s (fork,
+//! retire, kill, ask for a stack, count, log), all plain data
+//! (`events`). `turn` is the order of the decisions in one turn of the
+//! loop; each decision is a room's policy. Nothing here imports anything
+//! above it (no Tcl, no nix, no supervisor), so a simulation
+//! (`simulation`, in the tests) drives the model through thousands of
+//! seeded sequences of events on a simulated clock.
+//!
 //! The supervisor (`supervisor`, `lifecycle`) is the shell: it observes
 //! (waits for exits, reads each worker's scoreboard slot, reads the
-//! clock), turns what it saw into the plain values below, asks the policy
-//! of each room here, and performs what it answers (fork, retire through
-//! the leave pipe, SIGKILL, log entries, counters). Nothing here imports
-//! anything above it (no Tcl, no nix, no supervisor), so a simulation
-//! (`simulation`, in the tests) drives the same policies through
-//! thousands of seeded sequences of events on a simulated clock.
+//! clock) and performs what is decided (fork, retire through the leave
+//! pipe, SIGKILL, log entries, counters).
 //!
 //! Rooms: `backoff` (failed starts in a row and the back-off between
 //! tries), `recycling` (who is due and who gets a turn to be replaced),
 //! `sizing` (the target between `-workers min-max`), `exits` (what a
 //! worker's exit counts as, in exactly one category), `timeouts` (busy
-//! time on the supervisor's own clock).
+//! time on the supervisor's own clock), `reload` (a reload's progress:
+//! done, or abandoned), `stop` (a stop's progress: the graceful period,
+//! the queue served).
 
 pub mod backoff;
+pub mod events;
 pub mod exits;
+pub mod pool;
 pub mod recycling;
+pub mod reload;
 pub mod sizing;
+pub mod stop;
 pub mod timeouts;
+mod turn;
 
 #[cfg(test)]
 mod simulation;

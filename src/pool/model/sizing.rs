@@ -22,6 +22,7 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_WORKERS: usize = 512;
 
 /// A pool's range of workers, its spare targets, and what it did last.
+#[derive(Clone, Debug)]
 pub struct Sizing {
     pub min: usize,
     pub max: usize,
@@ -48,7 +49,7 @@ pub struct Load {
 }
 
 /// A move of the target.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Change {
     pub grow: bool,
     /// For the log: "0 idle, 3 busy", "5 idle for 10.0 s".

@@ -4,10 +4,12 @@
 //! invariants checked after every step (as FoundationDB's simulation and
 //! TigerBeetle's VOPR do, at the scale of one pool).
 //!
-//! `SimPool` does what the shell (`lifecycle`, `supervisor`) does around
-//! the policies, in the same order: reap and count each exit, settle a
-//! reload, kill workers past `-timeout` and `-inittimeout`, size, retire
-//! the surplus, recycle, fork what is missing, a few per turn. A failing
+//! `SimPool` is the simulated world around the pool's `Model`: at each
+//! turn it tells the model what it sees, as the shell does (exits, hang
+//! answers, slots, the queue, a tick), and performs on its simulated
+//! processes the actions the model answers (fork, retire, kill, ask for
+//! the stack, mark due, authorise, count, log). The order of the
+//! decisions is the model's own (`Model::step`), not restated here. A failing
 //! sequence is shrunk by proptest to its shortest form, printed, and kept
 //! under `proptest-regressions/` to be replayed first on the next run;
 //! `PROPTEST_CASES` sets how many sequences run (`make sim`: many more).
@@ -115,11 +117,11 @@ fn recycling_waits_while_replacements_cannot_start() {
     let mut pool = SimPool::new(3, 3, None, Some(Duration::from_secs(2)), None);
     pool.step();
     pool.apply(&Event::Wait(10));
-    assert_eq!(pool.ready_count(), 3);
+    assert_eq!(pool.model.ready_count(), 3);
     pool.apply(&Event::InitBecomes(Init::Fails));
     for _ in 0..10 {
         pool.apply(&Event::Wait(10));
-        let ready = pool.workers.iter().filter(|w| w.alive() && w.retired.is_none() && w.state.ready()).count();
+        let ready = pool.ready_in_world();
         assert_eq!(ready, 3, "ready workers while -init fails");
     }
     pool.apply(&Event::InitBecomes(Init::Works));
@@ -155,7 +157,7 @@ fn maxconnections_keeps_a_ready_worker_while_init_fails() {
         for _ in 0..20 {
             pool.apply(&Event::Connect(10));
             pool.apply(&Event::Wait(2));
-            let ready = pool.workers.iter().filter(|w| w.alive() && w.retired.is_none() && w.state.ready()).count();
+            let ready = pool.ready_in_world();
             assert!(ready >= 1, "-workers {workers}: no ready worker while -init fails");
         }
         pool.apply(&Event::InitBecomes(Init::Works));

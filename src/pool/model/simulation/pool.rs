@@ -1,39 +1,44 @@
-//! The simulated pool: simulated workers, and what the shell
-//! (`lifecycle`, `supervisor`) does around the model's policies, in the
-//! same order, with the invariants checked after every step.
+//! The simulated world around one `Model`: simulated worker processes
+//! and a simulated clock. Each turn, the world moves on (connections end,
+//! `-init` finishes or fails, workers leave), then is told to the model as
+//! the shell tells it (exits, hang answers, slots, the queue, a tick), and
+//! the model's actions are performed on the simulated processes. The
+//! invariants are checked after every turn, on the model's state and on
+//! the world's.
 
 use std::time::{Duration, Instant};
 
-use super::super::backoff::{FailureRun, RELOAD_FAILURES};
-use super::super::exits::{classify, ExitFacts, Outcome};
-use super::super::recycling::{self, Candidate, Reason, Turn};
-use super::super::sizing::{Load, Sizing};
-use super::super::timeouts::{init_overdue, BusyWatch};
-use super::super::{forks_this_turn, Kill, Observed, Retired, FORKS_PER_TURN};
+use super::super::events::{Action, Counter, Event as ModelEvent, ExitStatus, Note, SlotView, WorkerId};
+use super::super::exits::Outcome;
+use super::super::pool::{Model, Settings, Worker};
+use super::super::recycling::{self, Reason, Turn};
+use super::super::sizing::Sizing;
+use super::super::{Observed, Retired, FORKS_PER_TURN};
 use super::{Event, Init, GRACEFUL, INIT_TIME, INIT_TIMEOUT, TICK};
 
+/// A simulated worker process.
 pub(super) struct SimWorker {
-    id: u64,
-    generation: u32,
+    id: WorkerId,
     forked: Instant,
     init: Init,
+    /// What its slot says.
     pub(super) state: Observed,
-    pub(super) retired: Option<Retired>,
-    killed: Option<Kill>,
-    turn: Option<Turn>,
+    /// Asked to leave (its leave pipe closed).
+    pub(super) leave_asked: bool,
+    /// SIGKILL received.
+    sigkilled: bool,
     /// May leave by itself once due (written by the supervisor).
     authorised: bool,
     due: Option<Reason>,
-    recycle_at: Option<Instant>,
     /// When each open connection ends (`None`: it hangs).
     open: Vec<Option<Instant>>,
     /// The start of the oldest open connection, as the worker claims it.
     busy_claim: u64,
-    busy: BusyWatch,
     served: u64,
     received: u64,
     /// Exited, with (clean, signaled): a zombie until reaped.
     exited: Option<(bool, bool)>,
+    /// Asked for its stack: takes no more connections.
     hang_asked: bool,
 }
 
@@ -41,8 +46,21 @@ impl SimWorker {
     pub(super) fn alive(&self) -> bool {
         self.exited.is_none()
     }
+
+    /// Its slot as the shell reads it: connections it received and did
+    /// not close count as open, even after its death.
+    fn slot(&self) -> SlotView {
+        SlotView {
+            state: self.state,
+            served: self.served,
+            open: (self.received - self.served) as u32,
+            due: self.due,
+            busy_since: if self.state == Observed::Busy { self.busy_claim } else { 0 },
+        }
+    }
 }
 
+/// The pool's figures, as the shell counts them from the model's actions.
 #[derive(Default, Clone, Debug, PartialEq)]
 pub(super) struct Figures {
     started: u64,
@@ -59,35 +77,37 @@ pub(super) struct Figures {
 
 pub(super) struct SimPool {
     now: Instant,
+    pub(super) model: Model,
     pub(super) workers: Vec<SimWorker>,
-    next_id: u64,
-    target: usize,
-    generation: u32,
-    newest: u32,
-    reload: Option<u32>,
-    failures: FailureRun,
+    pub(super) figures: Figures,
     /// Since when no failure backs off and `-init` works (for the turn
     /// bound: replacements could start all that time).
     healthy_since: Instant,
-    sizing: Sizing,
-    to_respawn: u64,
-    pub(super) figures: Figures,
     max_connections: Option<u64>,
     max_lifetime: Option<Duration>,
-    /// `-timeout`.
-    timeout: Option<Duration>,
     init: Init,
     queued: usize,
     accepted: u64,
     answered: u64,
-    /// Queued connections closed when the graceful period ended.
-    dropped: u64,
-    stopping: Option<Instant>,
-    /// Forks in the last turn of the loop.
-    forks_last_turn: usize,
-    /// Workers retired for recycling in the last turn, and the workers
-    /// ready without turns just before.
-    recycle_checks: Vec<(usize, usize)>,
+    /// The stop's graceful period ends then: what is still queued is closed.
+    stop_deadline: Option<Instant>,
+    gone: bool,
+    /// Workers asked for their stack in the last turn: answered in this one.
+    asked: Vec<WorkerId>,
+    /// Forks in this turn of the loop.
+    forks_this_turn: usize,
+    /// Workers retired for recycling in this turn, with why they were due.
+    recycled_now: Vec<Option<Reason>>,
+    /// Reloads said done in this turn (their generation).
+    reloaded_now: Vec<u32>,
+    /// The current generation's ready workers and the target, as observed
+    /// just before the tick.
+    ready_before_tick: (usize, usize),
+}
+
+/// The simulated process of a worker, while it runs.
+fn live_worker(workers: &mut [SimWorker], id: WorkerId) -> Option<&mut SimWorker> {
+    workers.iter_mut().find(|w| w.id == id && w.alive())
 }
 
 fn exit_index(outcome: Outcome) -> usize {
@@ -114,38 +134,39 @@ impl SimPool {
         let mut sizing = Sizing::fixed(min);
         sizing.max = max;
         sizing.idle_timeout = Duration::from_secs(2);
+        let settings = Settings { graceful: GRACEFUL, init_timeout: Some(INIT_TIMEOUT), timeout, concurrency: 1 };
         SimPool {
             now,
+            model: Model::new(settings, sizing, min),
             workers: Vec::new(),
-            next_id: 1,
-            target: min,
-            generation: 1,
-            newest: 1,
-            reload: None,
-            failures: FailureRun::default(),
-            healthy_since: now,
-            sizing,
-            to_respawn: 0,
             figures: Figures::default(),
+            healthy_since: now,
             max_connections,
             max_lifetime,
-            timeout,
             init: Init::Works,
             queued: 0,
             accepted: 0,
             answered: 0,
-            dropped: 0,
-            stopping: None,
-            forks_last_turn: 0,
-            recycle_checks: Vec::new(),
+            stop_deadline: None,
+            gone: false,
+            asked: Vec::new(),
+            forks_this_turn: 0,
+            recycled_now: Vec::new(),
+            reloaded_now: Vec::new(),
+            ready_before_tick: (0, 0),
         }
+    }
+
+    /// Workers alive, not asked to leave, ready.
+    pub(super) fn ready_in_world(&self) -> usize {
+        self.workers.iter().filter(|w| w.alive() && !w.leave_asked && w.state.ready()).count()
     }
 
     /// What the workers do on their own as time passes.
     fn world(&mut self) {
         let now = self.now;
         for w in self.workers.iter_mut().filter(|w| w.alive()) {
-            if w.state == Observed::Starting && w.killed.is_none() {
+            if w.state == Observed::Starting && !w.sigkilled {
                 match w.init {
                     Init::Works if now >= w.forked + INIT_TIME => w.state = Observed::Idle,
                     Init::Fails if now >= w.forked + INIT_TIME => w.exited = Some((false, false)),
@@ -166,7 +187,7 @@ impl SimPool {
             if w.due.is_some() && w.authorised && w.state.ready() {
                 w.state = Observed::Stopping;
             }
-            if w.killed.is_some() {
+            if w.sigkilled {
                 // SIGKILL: its connections are dropped, and counted so.
                 self.answered += w.open.len() as u64;
                 w.open.clear();
@@ -179,9 +200,9 @@ impl SimPool {
             self.queued -= 1;
             Self::hand(w, Some(now + Duration::from_millis(50)), self.max_connections, now);
         }
-        let stopping = self.stopping.is_some();
+        let stopping = self.stop_deadline.is_some();
         for w in self.workers.iter_mut().filter(|w| w.alive()) {
-            let leave = w.retired.is_some() || w.hang_asked || stopping || w.state == Observed::Stopping;
+            let leave = w.leave_asked || w.hang_asked || stopping || w.state == Observed::Stopping;
             if leave && w.open.is_empty() && w.state != Observed::Starting {
                 w.state = Observed::Stopping;
                 w.exited = Some((true, false));
@@ -191,7 +212,7 @@ impl SimPool {
 
     /// Whether a worker takes a connection now: idle, not asked to leave.
     fn takes(w: &SimWorker) -> bool {
-        w.state == Observed::Idle && w.retired.is_none() && !w.hang_asked && w.killed.is_none()
+        w.state == Observed::Idle && !w.leave_asked && !w.hang_asked && !w.sigkilled
     }
 
     fn hand(w: &mut SimWorker, end: Option<Instant>, max_connections: Option<u64>, now: Instant) {
@@ -218,7 +239,7 @@ impl SimPool {
                 }
                 return;
             }
-            Event::Connect(ms) if self.stopping.is_none() => {
+            Event::Connect(ms) if self.stop_deadline.is_none() => {
                 self.accepted += 1;
                 // u32::MAX: a client that holds its connection for hours.
                 let held =
@@ -267,16 +288,10 @@ impl SimPool {
                 }
             }
             Event::InitBecomes(init) => self.init = init,
-            Event::Reload if self.stopping.is_none() => {
-                self.reload = Some(self.reload.unwrap_or(self.generation));
-                self.newest += 1;
-                self.generation = self.newest;
-                self.failures.end();
-            }
-            Event::Reload => {}
+            Event::Reload => self.tell(ModelEvent::Reload),
             Event::Resize(a, b) => {
                 let (min, max) = (usize::from(a % 6) + 1, usize::from(a % 6) + 1 + usize::from(b % 4));
-                self.target = self.sizing.set_range(min, max, self.target);
+                self.tell(ModelEvent::Resize { min, max });
             }
             // The child is not a worker: nothing the supervisor sees
             // changes (it is not in its list, takes no slot).
@@ -285,116 +300,96 @@ impl SimPool {
         self.step();
     }
 
-    /// One turn of the supervisor's loop, as `supervisor::reconcile`.
+    /// Tells the model one event and performs what it answers.
+    fn tell(&mut self, event: ModelEvent) {
+        let actions = self.model.step(event, self.now);
+        for action in actions {
+            self.perform(action);
+        }
+    }
+
+    fn perform(&mut self, action: Action) {
+        match action {
+            Action::Fork { worker, .. } => {
+                self.workers.push(SimWorker {
+                    id: worker,
+                    forked: self.now,
+                    init: self.init,
+                    state: Observed::Starting,
+                    leave_asked: false,
+                    sigkilled: false,
+                    authorised: false,
+                    due: None,
+                    open: Vec::new(),
+                    busy_claim: 0,
+                    served: 0,
+                    received: 0,
+                    exited: None,
+                    hang_asked: false,
+                });
+                self.forks_this_turn += 1;
+                let jitter = worker % 7 * 10;
+                let recycle_at = recycling::lifetime_deadline(self.now, self.max_lifetime, jitter);
+                self.tell(ModelEvent::Forked { worker, recycle_at });
+            }
+            Action::Retire { worker, reason } => {
+                if reason == Retired::Recycle {
+                    self.recycled_now.push(self.model.worker(worker).and_then(|w| w.slot.due));
+                }
+                if let Some(w) = live_worker(&mut self.workers, worker) {
+                    w.leave_asked = true;
+                }
+            }
+            Action::Kill { worker, .. } => {
+                if let Some(w) = live_worker(&mut self.workers, worker) {
+                    w.sigkilled = true;
+                }
+            }
+            Action::AskStack { worker, leaving, .. } => {
+                if let Some(w) = live_worker(&mut self.workers, worker) {
+                    w.hang_asked = leaving;
+                }
+                self.asked.push(worker);
+            }
+            Action::MarkDue { worker, reason } => {
+                if let Some(w) = live_worker(&mut self.workers, worker) {
+                    w.due.get_or_insert(reason);
+                }
+            }
+            Action::Authorise { worker, may_leave } => {
+                if let Some(w) = live_worker(&mut self.workers, worker) {
+                    w.authorised = may_leave;
+                }
+            }
+            Action::Count(counter) => {
+                let f = &mut self.figures;
+                match counter {
+                    Counter::Started => f.started += 1,
+                    Counter::Respawned => f.respawned += 1,
+                    Counter::Recycled(reason) => {
+                        f.recycled += 1;
+                        f.recycled_by[reason.index()] += 1;
+                    }
+                    Counter::TimedOut => f.timed_out += 1,
+                    Counter::InitTimedOut => f.init_timed_out += 1,
+                    Counter::Backoff => f.backoffs += 1,
+                }
+            }
+            Action::Log(Note::Exit { outcome, .. }) => self.figures.exits[exit_index(outcome)] += 1,
+            Action::Log(Note::Reloaded { generation }) => self.reloaded_now.push(generation),
+            Action::Log(_) | Action::Ready => {}
+            Action::Gone => self.gone = true,
+        }
+    }
+
+    /// One turn of the supervisor's loop: the world moves, the shell tells
+    /// the model what it sees (exits, answers, slots, the queue) and the
+    /// tick, and performs the actions.
     pub(super) fn step(&mut self) {
         self.world();
         let before = self.figures.clone();
-        self.reap();
-        self.settle_reload();
-        self.kill_stuck();
-        self.recycle_checks.clear();
-        self.forks_last_turn = 0;
-        if let Some(deadline) = self.stopping {
-            if self.now >= deadline {
-                self.workers.iter_mut().filter(|w| w.alive() && w.killed.is_none()).for_each(|w| {
-                    w.killed = Some(Kill::Graceful);
-                });
-                // The graceful period is over: what is still queued is
-                // closed with the port's queue, and counted.
-                self.dropped += self.queued as u64;
-                self.answered += self.queued as u64;
-                self.queued = 0;
-            }
-            let takes = self.workers.iter().any(|w| {
-                w.alive()
-                    && w.retired.is_none()
-                    && w.killed.is_none()
-                    && !w.hang_asked
-                    && matches!(w.state, Observed::Starting | Observed::Idle | Observed::Busy)
-            });
-            if self.queued > 0 && !takes && self.failures.failures < RELOAD_FAILURES && self.now < deadline {
-                let trying = self.trying();
-                let n = self.failures.forks_allowed(self.now, 1, trying);
-                self.fork(n);
-            }
-        } else {
-            self.size();
-            self.retire_surplus();
-            let can_start = self.failures.healthy() && self.reload.is_none();
-            self.recycle(can_start);
-            let missing = self.target.saturating_sub(self.serving().count());
-            let trying = self.trying();
-            let n = self.failures.forks_allowed(self.now, forks_this_turn(missing), trying);
-            self.fork(n);
-        }
-        if !self.failures.healthy() || self.init != Init::Works {
-            self.healthy_since = self.now;
-        }
-        self.check(&before);
-    }
-
-    fn serving(&self) -> impl Iterator<Item = &SimWorker> {
-        self.workers.iter().filter(move |w| {
-            w.alive()
-                && w.generation == self.generation
-                && w.retired.is_none()
-                && w.killed.is_none()
-                && !w.hang_asked
-                && w.turn.is_none()
-                && w.state != Observed::Stopping
-        })
-    }
-
-    pub(super) fn ready_count(&self) -> usize {
-        self.serving().filter(|w| w.state.ready()).count()
-    }
-
-    fn trying(&self) -> bool {
-        self.workers.iter().any(|w| {
-            w.alive()
-                && w.generation == self.generation
-                && w.retired.is_none()
-                && w.killed.is_none()
-                && self.failures.forked_since(w.forked)
-        })
-    }
-
-    fn fork(&mut self, n: usize) {
-        for _ in 0..n {
-            let id = self.next_id;
-            self.next_id += 1;
-            let jitter = id % 7 * 10;
-            self.workers.push(SimWorker {
-                id,
-                generation: self.generation,
-                forked: self.now,
-                init: self.init,
-                state: Observed::Starting,
-                retired: None,
-                killed: None,
-                turn: None,
-                authorised: false,
-                due: None,
-                recycle_at: recycling::lifetime_deadline(self.now, self.max_lifetime, jitter),
-                open: Vec::new(),
-                busy_claim: 0,
-                busy: BusyWatch::default(),
-                served: 0,
-                received: 0,
-                exited: None,
-                hang_asked: false,
-            });
-            self.figures.started += 1;
-            if self.to_respawn > 0 {
-                self.to_respawn -= 1;
-                self.figures.respawned += 1;
-            }
-        }
-        self.forks_last_turn += n;
-    }
-
-    fn reap(&mut self) {
-        let now = self.now;
+        self.recycled_now.clear();
+        self.reloaded_now.clear();
         let mut index = 0;
         while index < self.workers.len() {
             let Some((clean, signaled)) = self.workers[index].exited else {
@@ -402,213 +397,56 @@ impl SimPool {
                 continue;
             };
             let w = self.workers.remove(index);
-            let killed = w.killed.or(w.hang_asked.then_some(Kill::Timeout));
-            let outcome = classify(ExitFacts {
-                current: w.generation == self.generation,
-                stopping: self.stopping.is_some(),
-                retired: w.retired,
-                killed,
-                clean,
-                signaled,
-                received: w.received > 0,
-                left_due: w.retired.is_none()
-                    && w.state == Observed::Stopping
-                    && w.due.is_some()
-                    && (w.authorised || w.turn.is_some()),
-                ready: w.state != Observed::Starting,
-            });
-            self.figures.exits[exit_index(outcome)] += 1;
-            if outcome.respawned() {
-                self.to_respawn += 1;
-            }
-            match outcome {
-                Outcome::Recycled => {
-                    self.figures.recycled += 1;
-                    self.figures.recycled_by[w.due.unwrap_or(Reason::Connections).index()] += 1;
-                    if self.failures.forked_since(w.forked) && w.generation == self.generation {
-                        self.failures.end();
-                    }
-                }
-                Outcome::Stopped { failed: true } => {
-                    let _ = self.failures.count("stop".into(), Some(w.forked), now);
-                }
-                Outcome::Failed => {
-                    let counted = self.failures.count("failed".into(), Some(w.forked), now);
-                    self.figures.backoffs += u64::from(counted.is_some());
-                }
-                Outcome::Lost => self.failures.end(),
-                Outcome::TimedOut => self.figures.timed_out += 1,
-                _ => {}
-            }
+            let text = if signaled { "signal SIGKILL".to_string() } else { format!("exit {}", u8::from(!clean)) };
+            let status = ExitStatus { clean, signaled, text, failure: String::new() };
+            self.tell(ModelEvent::Exited { worker: w.id, slot: w.slot(), status });
         }
-        let generation = self.generation;
-        let proven = self.workers.iter().any(|w| {
-            w.alive()
-                && w.generation == generation
+        // A worker asked for its stack answers within the next turn, and
+        // is killed (`-concurrency 1`).
+        for worker in std::mem::take(&mut self.asked) {
+            self.tell(ModelEvent::HangSettled { worker, spared: false });
+        }
+        let slots: Vec<(WorkerId, SlotView)> = self.workers.iter().map(|w| (w.id, w.slot())).collect();
+        for (worker, slot) in slots {
+            self.tell(ModelEvent::Slot { worker, slot });
+        }
+        self.tell(ModelEvent::Queue { queued: self.queued, pending: self.queued > 0 });
+        self.forks_this_turn = 0;
+        self.ready_before_tick = (self.model.ready_count(), self.model.target);
+        self.tell(ModelEvent::Tick);
+        if self.stop_deadline.is_some_and(|deadline| self.now >= deadline) {
+            // The graceful period is over: what is still queued is closed
+            // with the port's queue, and counted.
+            self.answered += self.queued as u64;
+            self.queued = 0;
+        }
+        if !self.model.failures.healthy() || self.init != Init::Works {
+            self.healthy_since = self.now;
+        }
+        self.check(&before);
+    }
+
+    /// Ready workers of the current generation that serve, turn holders
+    /// not yet retired included.
+    fn ready_serving(&self) -> usize {
+        let m = &self.model;
+        let serves = |w: &&Worker| {
+            w.generation == m.generation
                 && w.retired.is_none()
                 && w.killed.is_none()
-                && w.state.ready()
-                && self.failures.proven_by(w.forked, w.served, now)
-        });
-        if self.failures.failed_at().is_some() && proven {
-            self.failures.end();
-        }
-    }
-
-    fn settle_reload(&mut self) {
-        let Some(previous) = self.reload else { return };
-        if self.ready_count() >= self.target {
-            self.reload = None;
-            return;
-        }
-        if self.failures.failures < RELOAD_FAILURES {
-            return;
-        }
-        self.generation = self
-            .workers
-            .iter()
-            .filter(|w| w.alive() && w.retired.is_none() && w.killed.is_none() && w.state.ready())
-            .map(|w| w.generation)
-            .max()
-            .unwrap_or(previous);
-        self.reload = None;
-        self.failures.end();
-        self.to_respawn = 0;
-    }
-
-    fn kill_stuck(&mut self) {
-        let now = self.now;
-        for w in self.workers.iter_mut().filter(|w| w.alive() && w.killed.is_none()) {
-            if w.hang_asked {
-                w.killed = Some(Kill::Timeout);
-                continue;
-            }
-            if w.state == Observed::Starting && w.retired.is_none() && init_overdue(w.forked, now, INIT_TIMEOUT) {
-                w.killed = Some(Kill::InitTimeout);
-                self.figures.init_timed_out += 1;
-                // A failed start, counted at the kill (as the shell does).
-                let counted = self.failures.count("inittimeout".into(), Some(w.forked), now);
-                self.figures.backoffs += u64::from(counted.is_some());
-                continue;
-            }
-            let claim = if w.state == Observed::Busy { w.busy_claim } else { 0 };
-            let Some(timeout) = self.timeout else { continue };
-            if w.busy.observe(claim, now).is_some_and(|busy| busy > timeout) {
-                w.hang_asked = true;
-            }
-        }
-    }
-
-    fn size(&mut self) {
-        let settled = self.reload.is_none() && self.failures.healthy() && self.serving().count() == self.target;
-        let mut load = Load { queued: self.queued, ..Load::default() };
-        for w in self.serving() {
-            match w.state {
-                Observed::Idle => load.idle += 1,
-                Observed::Starting => load.starting += 1,
-                _ => load.busy += 1,
-            }
-        }
-        let mut target = self.target;
-        self.sizing.decide(self.now, &mut target, settled, load);
-        self.target = target;
-    }
-
-    fn retire(&mut self, count: usize, reason: Retired, which: impl Fn(&SimWorker) -> bool) {
-        let mut candidates: Vec<usize> = (0..self.workers.len())
-            .filter(|&i| {
-                let w = &self.workers[i];
-                w.alive() && w.retired.is_none() && w.killed.is_none() && which(w)
-            })
-            .collect();
-        let rank = |state: Observed| match state {
-            Observed::Idle => 0,
-            Observed::Starting => 1,
-            Observed::Stopping => 2,
-            Observed::Busy => 3,
+                && !w.asked_to_leave()
+                && w.leaving_since.is_none()
+                && w.slot.state.ready()
         };
-        candidates.sort_by_key(|&i| rank(self.workers[i].state));
-        for i in candidates.into_iter().take(count) {
-            self.workers[i].retired = Some(reason);
-        }
-    }
-
-    fn retire_surplus(&mut self) {
-        let generation = self.generation;
-        let serving = self.serving().count();
-        if serving > self.target {
-            // Of the serving ones: one leaving unasked is no surplus.
-            self.retire(serving - self.target, Retired::Resize, |w| {
-                w.generation == generation && w.turn.is_none() && !w.hang_asked && w.state != Observed::Stopping
-            });
-        }
-        let fallback = self.reload.unwrap_or(generation);
-        self.retire(usize::MAX, Retired::Reload, |w| {
-            w.generation != generation && w.generation != fallback && w.state == Observed::Starting
-        });
-        let ready = self.ready_count();
-        let old = self
-            .workers
-            .iter()
-            .filter(|w| w.alive() && w.generation != generation && w.retired.is_none() && w.killed.is_none())
-            .count();
-        let allowed_old = self.target.saturating_sub(ready);
-        if old > allowed_old {
-            self.retire(old - allowed_old, Retired::Reload, |w| w.generation != generation);
-        }
-    }
-
-    fn recycle(&mut self, can_start: bool) {
-        let candidates: Vec<Candidate> = self
-            .workers
-            .iter()
-            .enumerate()
-            .filter(|(_, w)| w.alive())
-            .map(|(index, w)| Candidate {
-                index,
-                forked: w.forked,
-                current: w.generation == self.generation,
-                state: w.state,
-                leaving: w.retired.is_some() || w.killed.is_some() || w.hang_asked,
-                due: w.due,
-                turn: w.turn,
-                recycle_at: w.recycle_at,
-                served: w.received,
-                open: w.open.len() as u32,
-                authorised: w.authorised,
-            })
-            .collect();
-        let ready_without = self.ready_count();
-        let plan = recycling::plan(&candidates, self.target, ready_without, can_start, self.now);
-        for &i in &plan.due_by_age {
-            self.workers[i].due.get_or_insert(Reason::Age);
-        }
-        for &i in plan.taken.iter().chain(&plan.turns) {
-            self.workers[i].turn = Some(Turn::Held(self.now));
-        }
-        for &i in &plan.release {
-            self.workers[i].turn = Some(Turn::Ended);
-        }
-        for (i, w) in self.workers.iter_mut().enumerate() {
-            w.authorised = plan.authorised.contains(&i);
-        }
-        for &i in &plan.retire {
-            // Past -maxconnections: retired at once, only while healthy
-            // (or, like the others, once its replacement is ready).
-            if self.workers[i].due == Some(Reason::Connections) && ready_without < self.target {
-                assert!(can_start, "retired for -maxconnections while replacements cannot start");
-            } else {
-                self.recycle_checks.push((ready_without, self.target));
-            }
-            self.workers[i].retired = Some(Retired::Recycle);
-        }
+        m.workers.iter().filter(serves).count()
     }
 
     /// The invariants, after every step.
     fn check(&self, before: &Figures) {
         let f = &self.figures;
+        let m = &self.model;
         // At most K forks per turn of the loop.
-        assert!(self.forks_last_turn <= FORKS_PER_TURN, "{} forks in one turn", self.forks_last_turn);
+        assert!(self.forks_this_turn <= FORKS_PER_TURN, "{} forks in one turn", self.forks_this_turn);
         // Counters never go back.
         let pairs = [
             (before.started, f.started),
@@ -624,26 +462,43 @@ impl SimPool {
         assert_eq!(f.recycled, f.exits[0]);
         assert_eq!(f.timed_out, f.exits[3], "timedout != the exits after a timeout");
         // Each exit in exactly one category: what started is alive or
-        // counted once among the exits.
+        // counted once among the exits; the model and the world agree on
+        // who is alive.
         let alive = self.workers.len() as u64;
         assert_eq!(f.started, alive + f.exits.iter().sum::<u64>(), "exits do not add up: {f:?}");
+        assert_eq!(m.workers.len(), self.workers.len(), "the model and the world disagree on the workers");
         // A healthy worker is retired for recycling only once the pool is
-        // its size without it: never drained by its own recycling.
-        for &(ready_without, target) in &self.recycle_checks {
-            assert!(ready_without >= target, "recycled with {ready_without} ready of {target}");
+        // its size without it: never drained by its own recycling. Past
+        // `-maxconnections` it may leave first, only while replacements
+        // can start.
+        let early = self.recycled_now.iter().filter(|due| **due == Some(Reason::Connections)).count();
+        let full = self.ready_serving() + early >= m.target;
+        let can_start = m.failures.healthy() && !m.reload.running();
+        for due in &self.recycled_now {
+            if *due == Some(Reason::Connections) {
+                assert!(full || can_start, "retired for -maxconnections while replacements cannot start");
+            } else {
+                assert!(full, "recycled with {} ready of {}", self.ready_serving(), m.target);
+            }
+        }
+        // A reload is said done only once its generation serves: as many
+        // of its workers ready as the target, when the turn began (the same
+        // turn may then retire some, recycling or shrinking).
+        let (ready, target) = self.ready_before_tick;
+        for generation in &self.reloaded_now {
+            assert!(ready >= target, "reload of generation {generation} done with {ready} ready of {target}");
         }
         // Turns: within the bound; none given while replacements cannot
         // start; none held long while the pool could start workers.
-        let held = |w: &&SimWorker| w.alive() && matches!(w.turn, Some(Turn::Held(_)));
-        let holders: Vec<&SimWorker> = self.workers.iter().filter(held).collect();
-        assert!(holders.len() <= recycling::bound(self.sizing.max), "{} turns held", holders.len());
+        let holders: Vec<&Worker> = m.workers.iter().filter(|w| matches!(w.turn, Some(Turn::Held(_)))).collect();
+        assert!(holders.len() <= recycling::bound(m.sizing.max), "{} turns held", holders.len());
         let limit = INIT_TIMEOUT + INIT_TIME + recycling::HOLD + TICK * 3;
-        let others_due = self.serving().any(|w| w.due.is_some() && w.state.ready());
+        let others_due = m.serving().any(|w| w.slot.due.is_some() && w.slot.state.ready());
         for w in holders.iter().filter(|_| others_due) {
             let Some(Turn::Held(since)) = w.turn else { continue };
             let since = since.max(self.healthy_since);
             let waited = self.now.saturating_duration_since(since);
-            let blocked = self.reload.is_some() || self.stopping.is_some() || !self.failures.healthy();
+            let blocked = m.reload.running() || m.phase.stopping() || !m.failures.healthy();
             assert!(
                 blocked || waited <= limit,
                 "worker {} held its turn {:?} while the pool was healthy",
@@ -653,9 +508,9 @@ impl SimPool {
         }
         // The serving count stays within the range (turn holders and
         // workers leaving are not counted; their replacements are).
-        let serving = self.serving().count();
-        assert!(serving <= self.target, "{serving} serving above the target {}", self.target);
-        assert!(self.target >= self.sizing.min && self.target <= self.sizing.max);
+        let serving = m.serving().count();
+        assert!(serving <= m.target, "{serving} serving above the target {}", m.target);
+        assert!(m.target >= m.sizing.min && m.target <= m.sizing.max);
         // Every connection accepted is being served, queued, or answered.
         let open: u64 = self.workers.iter().map(|w| w.open.len() as u64).sum();
         assert_eq!(self.accepted, self.answered + open + self.queued as u64, "a connection was lost");
@@ -665,16 +520,18 @@ impl SimPool {
     /// everything accepted is served (its `-init` works again).
     pub(super) fn stop(&mut self) {
         self.init = Init::Works;
-        self.stopping = Some(self.now + GRACEFUL);
-        self.failures.end();
+        self.stop_deadline = Some(self.now + GRACEFUL);
+        self.tell(ModelEvent::Stop { at_once: false });
         for _ in 0..400 {
             self.now += TICK;
             self.step();
-            if self.workers.is_empty() && self.queued == 0 {
+            if self.gone {
                 break;
             }
         }
+        assert!(self.gone, "the pool is not gone after the stop");
         assert!(self.workers.is_empty(), "{} workers not reaped after the stop", self.workers.len());
+        assert!(self.model.workers.is_empty(), "the model still knows workers after the stop");
         assert_eq!(self.queued, 0, "queued connections left after the stop");
     }
 }
