@@ -328,7 +328,7 @@ fn serve(assignment: Assignment) -> ! {
         give_up(slot, &format!("couldn't start: {error}"));
     }
     if let Some(cell) = hang_report {
-        hang_report::arm(interp, cell);
+        hang_report::arm(interp, cell, concurrency > 1);
     }
     // Before `-init`, which may set a handler of its own.
     super::stderr_log::report_background_errors(interp);
@@ -374,6 +374,12 @@ fn serve(assignment: Assignment) -> ! {
     // to the queue there.
     tcl::create_exit_handler(on_exit);
     with_worker(|w| w.register());
+    if hang_report.is_some() {
+        // SAFETY: see `Worker::interp_state`.
+        if let Some(gate) = unsafe { &*state }.gate(port) {
+            hang_report::watch_receiver(gate);
+        }
+    }
     signals::notify_supervisor();
     loop {
         // In a child forked by a handler this is never true: it serves its
@@ -385,7 +391,9 @@ fn serve(assignment: Assignment) -> ! {
             unsafe { &*state }.give_back_all();
             tcl::exit(0);
         }
-        tcl::do_one_event();
+        // The worker's own loop, told from loops nested in its handlers
+        // (`hang_report`).
+        tcl::do_one_event_of_own_loop();
     }
 }
 
