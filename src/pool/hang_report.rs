@@ -281,7 +281,7 @@ unsafe extern "C" fn on_async(_: *mut c_void, running: *mut Tcl_Interp, code: c_
 /// A pool's reports, on the supervisor's side.
 pub struct InPool {
     /// One cell per scoreboard slot, made only when the pool has
-    /// `-timeout` and handles signals.
+    /// `-timeout` (with `-signals 0` only `own_loop` is used).
     cells: Option<SharedArray<Cell>>,
     /// The last report, for `pool info` (`lasthang`).
     pub(super) last: Option<Obj>,

@@ -93,10 +93,15 @@ impl Pool {
             let mut own_loop = 0;
             if let Some(cell) = self.hangs.cell(self.children[index].slot) {
                 own_loop = cell.own_loop.load(Ordering::SeqCst);
-                cell.len.store(0, Ordering::Relaxed);
-                cell.from_loop.store(0, Ordering::Relaxed);
-                cell.state.store(ASKED, Ordering::SeqCst);
-                let _ = kill(pid, REPORT_SIGNAL);
+                // With -signals 0 nothing is asked (the script may trap
+                // SIGWINCH), but whether it waits in its loop is read all
+                // the same.
+                if self.config.signals {
+                    cell.len.store(0, Ordering::Relaxed);
+                    cell.from_loop.store(0, Ordering::Relaxed);
+                    cell.state.store(ASKED, Ordering::SeqCst);
+                    let _ = kill(pid, REPORT_SIGNAL);
+                }
             }
             self.children[index].hang = Some(Asked { leaving, own_loop, at: Instant::now(), taken: None, peer, busy });
             self.answer_or_kill(index, entries);
@@ -116,6 +121,10 @@ impl Pool {
         let (stack, note) = match (cell, state) {
             (Some(cell), state) if spared => {
                 (if state == Some(ANSWERED) { cell.read() } else { String::new() }, SPARED_NOTE.into())
+            }
+            (_, _) if !self.config.signals && several && asked.at.elapsed() < GRACE => return,
+            (_, _) if !self.config.signals => {
+                (String::new(), "the stack could not be read: the pool leaves signals alone (-signals 0)".into())
             }
             (Some(cell), Some(ANSWERED)) if !several => (cell.read(), String::new()),
             // Above -concurrency 1 the worker has the whole grace to get
@@ -141,9 +150,8 @@ impl Pool {
                     TAKE_LIMIT.as_secs()
                 ),
             ),
-            (None, _) => {
-                (String::new(), "the stack could not be read: the pool leaves signals alone (-signals 0)".into())
-            }
+            // Every pool with -timeout has its cells (`HangsInPool::new`).
+            (None, _) => (String::new(), String::new()),
         };
         let child = &self.children[index];
         let Some(asked) = &child.hang else { return };
@@ -164,7 +172,7 @@ impl Pool {
             // It takes connections again (its control thread reads the
             // state when the signal comes), and is timed again from now:
             // asked again after another -timeout.
-            if let Some(cell) = self.hangs.cell(slot) {
+            if let Some(cell) = self.hangs.cell(slot).filter(|_| self.config.signals) {
                 cell.state.store(SPARED, Ordering::SeqCst);
                 let _ = kill(pid, REPORT_SIGNAL);
             }
