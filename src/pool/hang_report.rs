@@ -5,8 +5,10 @@
 //! The question is a signal (`REPORT_SIGNAL`, ignored by default, so one
 //! that arrives before a worker watches it, or comes from a terminal,
 //! does no harm) and a flag in memory shared with the worker. The
-//! worker's control thread reads the signal from its pipe and marks a Tcl
-//! async handler; Tcl runs it between two commands of the code that runs
+//! worker's control thread reads the signal from its pipe, holds the
+//! worker's receiver (from then on the worker takes no connection: one
+//! taken during the grace would be killed with it) and marks a Tcl async
+//! handler; Tcl runs it between two commands of the code that runs
 //! (a loop that never ends included) or in the event loop, and it writes
 //! the stack, `info frame` by `info frame` in the form of `errorInfo`,
 //! into the shared memory. A worker blocked in a system call (`after
@@ -14,6 +16,12 @@
 //! thread took the question, the log says the stack could not be read.
 //! Either way the worker is then killed, as it was before this report
 //! existed. `pool info` keeps the last report.
+//!
+//! Above `-concurrency 1` a worker is spared when it waits in its own
+//! event loop with no handler running, which the supervisor reads in the
+//! same memory (`Cell::own_loop`, see `mark_own_loop`); it then writes
+//! `SPARED` and signals again, and the control thread lets the receiver
+//! go.
 //!
 //! This file is the question and its answer (the shared cells, the
 //! worker's side), below the pool's data; the supervisor's side, which
