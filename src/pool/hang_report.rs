@@ -169,6 +169,13 @@ pub fn arm(interp: Interp, cell: &'static Cell, watch_own_loop: bool) {
     }
 }
 
+/// In any child forked in a worker (by a handler, TclX's `fork`): it is
+/// not the worker, and neither answers for it nor says that it waits in
+/// its loop (its copy of the event source would).
+pub fn in_child() {
+    CELL.store(std::ptr::null_mut(), Ordering::SeqCst);
+}
+
 fn cell() -> Option<&'static Cell> {
     // SAFETY: set by `arm` from a `'static` reference.
     unsafe { CELL.load(Ordering::SeqCst).as_ref() }
