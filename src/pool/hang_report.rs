@@ -232,6 +232,11 @@ pub fn watch_receiver(gate: Gate) {
     receiver.0 = Some(gate);
 }
 
+/// Whether the control thread holds the worker's receiver.
+pub fn receiver_held() -> bool {
+    receiver().1
+}
+
 fn hold_receiver(hold: bool) {
     let mut receiver = receiver();
     receiver.1 = hold;
@@ -242,7 +247,8 @@ fn hold_receiver(hold: bool) {
     }
 }
 
-/// In a worker's control thread: `REPORT_SIGNAL` came. While a question is
+/// In a worker's control thread: `REPORT_SIGNAL` came (or, while the
+/// receiver is held, a second passed). While a question is
 /// pending the receiver is held (from this moment on, not from when the
 /// Tcl thread, which may be stuck, gets to it), and a new question is
 /// taken: the Tcl thread answers at its next command. Any other state (the

@@ -613,7 +613,15 @@ fn wait_for_leave(leave: RawFd, signal_pipe: Option<RawFd>, thread: tcl::ThreadI
         if let Some(fd) = signal_pipe {
             fds.push(PollFd::new(fd, PollFlags::POLLIN));
         }
-        match poll(&mut fds, PollTimeout::NONE) {
+        // While the worker's receiver is held, the supervisor's word that
+        // it is spared is also looked for once a second: a signal whose
+        // byte a full pipe dropped must not leave it taking nothing for good.
+        let timeout = if hang_report::receiver_held() { PollTimeout::from(1000u16) } else { PollTimeout::NONE };
+        match poll(&mut fds, timeout) {
+            Ok(0) => {
+                hang_report::signalled();
+                continue;
+            }
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => continue,
             Err(_) => return,
