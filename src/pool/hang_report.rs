@@ -112,7 +112,7 @@ pub struct Cell {
     /// The worker's own event loop, as its Tcl thread passes through it
     /// (`-concurrency` above 1): odd while it waits there for an event,
     /// with no handler on its stack; one more at each wait and each end of
-    /// a wait. See `LoopWatch`.
+    /// a wait (`mark_own_loop`).
     pub(super) own_loop: AtomicU32,
     pub(super) len: AtomicU32,
     text: [AtomicU8; REPORT_BYTES],

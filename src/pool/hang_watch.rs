@@ -50,10 +50,10 @@ impl Pool {
     /// killed, its other connections with it. Whether it waits is read in
     /// memory it shares with the supervisor (`hang_report`), not asked:
     /// no thread of a worker has to run, on a loaded machine, for it to
-    /// be spared. How long
-    /// it has been busy is measured on the supervisor's clock, from when
-    /// it first saw the busy period (`model::timeouts`): the start the
-    /// worker writes in its slot is a claim.
+    /// be spared. How long it has been busy is measured on the
+    /// supervisor's clock, from when it first saw the busy period
+    /// (`model::timeouts`): the start the worker writes in its slot is a
+    /// claim.
     pub(super) fn kill_stuck(&mut self, entries: &mut Vec<LogEntry>) {
         let Some(timeout) = self.config.timeout else { return };
         let now = Instant::now();
@@ -93,10 +93,12 @@ impl Pool {
             let mut own_loop = 0;
             if let Some(cell) = self.hangs.cell(self.children[index].slot) {
                 own_loop = cell.own_loop.load(Ordering::SeqCst);
-                // With -signals 0 nothing is asked (the script may trap
-                // SIGWINCH), but whether it waits in its loop is read all
-                // the same.
-                if self.config.signals {
+                // A worker that waits in its own loop right now is spared
+                // below without a question. With -signals 0 nothing is
+                // asked (the script may trap SIGWINCH), but whether it
+                // waits in its loop is read all the same.
+                let waiting = !leaving && own_loop & 1 == 1;
+                if self.config.signals && !waiting {
                     cell.len.store(0, Ordering::Relaxed);
                     cell.from_loop.store(0, Ordering::Relaxed);
                     cell.state.store(ASKED, Ordering::SeqCst);
@@ -172,9 +174,11 @@ impl Pool {
             // It takes connections again (its control thread reads the
             // state when the signal comes), and is timed again from now:
             // asked again after another -timeout.
-            if let Some(cell) = self.hangs.cell(slot).filter(|_| self.config.signals) {
-                cell.state.store(SPARED, Ordering::SeqCst);
-                let _ = kill(pid, REPORT_SIGNAL);
+            if let Some(cell) = self.hangs.cell(slot) {
+                if matches!(state, Some(ASKED | TAKEN | ANSWERED)) {
+                    cell.state.store(SPARED, Ordering::SeqCst);
+                    let _ = kill(pid, REPORT_SIGNAL);
+                }
             }
             self.children[index].hang = None;
             self.children[index].busy = Default::default();
