@@ -23,7 +23,7 @@
 //! non-blocking system call and no wakeup; nothing of its data is read.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 
 use nix::errno::Errno;
@@ -156,6 +156,10 @@ impl Receiver {
         if *mode != Mode::Idle {
             return Ok(None);
         }
+        if hold_wanted() {
+            *mode = Mode::Held { wanted: true };
+            return Ok(None);
+        }
         let taken = match self.shared.take() {
             Ok(Received::Connection(conn)) => return Ok(Some(Outcome::Connection(conn))),
             // The queue closed: arm anyway, the receiver reports it.
@@ -200,6 +204,22 @@ impl Receiver {
     }
 }
 
+/// Asked before every connection a receiver of this process takes: true
+/// holds the receiver, as `Gate::hold` does, until another thread releases
+/// it. Set once, by a pool's worker: a hold that the supervisor asked for
+/// in memory it shares with the worker then takes effect at once, not
+/// when the worker's control thread gets to run.
+static HOLD_WHEN: OnceLock<fn() -> bool> = OnceLock::new();
+
+/// Makes `check` the process's `HOLD_WHEN`.
+pub fn hold_when(check: fn() -> bool) {
+    let _ = HOLD_WHEN.set(check);
+}
+
+fn hold_wanted() -> bool {
+    HOLD_WHEN.get().is_some_and(|check| check())
+}
+
 /// A receiver as another thread holds it (a pool's worker's control
 /// thread, while the supervisor decides whether the worker is hung: a
 /// connection taken then would be killed with it). Holding takes effect at
@@ -221,6 +241,11 @@ impl Gate {
             Mode::Idle => *mode = Mode::Held { wanted: false },
             Mode::Held { .. } | Mode::Quit => {}
         }
+    }
+
+    /// Whether the receiver is held (by `hold` or `HOLD_WHEN`).
+    pub fn is_held(&self) -> bool {
+        matches!(*self.0.mode(), Mode::Held { .. })
     }
 
     /// Takes connections again if a registration is pending: joining the
@@ -294,6 +319,13 @@ fn wait_loop(shared: &Shared, deliver: impl Fn(Outcome)) {
         let outcome = {
             let mut mode = shared.mode();
             if *mode != Mode::Armed {
+                continue;
+            }
+            if hold_wanted() {
+                // Held before the thread that holds it got to it: the
+                // wakeup goes on to another receiver.
+                shared.leave_wait_queue();
+                *mode = Mode::Held { wanted: true };
                 continue;
             }
             match shared.take() {

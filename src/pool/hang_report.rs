@@ -157,6 +157,10 @@ static HANDLER: OnceLock<AsyncHandler> = OnceLock::new();
 /// from now on; with `watch_own_loop` (`-concurrency` above 1), also keeps
 /// `Cell::own_loop`.
 pub fn arm(interp: Interp, cell: &'static Cell, watch_own_loop: bool) {
+    // Fresh pages hold zeroes (`SharedArray::leak`); where the system kept
+    // the old ones, the last worker's question must not hold this one's
+    // receiver (`question_pending`). Nothing is asked before it serves.
+    cell.state.store(0, Ordering::SeqCst);
     CELL.store(std::ptr::from_ref(cell).cast_mut(), Ordering::SeqCst);
     INTERP.store(interp.as_ptr(), Ordering::SeqCst);
     // The `info frame` of a command run now names its own frame: the ones
@@ -225,6 +229,7 @@ fn receiver() -> MutexGuard<'static, (Option<Gate>, bool)> {
 /// In a worker, on its Tcl thread: the receiver that the control thread
 /// holds while a question is pending.
 pub fn watch_receiver(gate: Gate) {
+    crate::receiver::hold_when(question_pending);
     let mut receiver = receiver();
     if receiver.1 {
         gate.hold();
@@ -232,9 +237,18 @@ pub fn watch_receiver(gate: Gate) {
     receiver.0 = Some(gate);
 }
 
-/// Whether the control thread holds the worker's receiver.
+/// Whether the worker's receiver is held (by the control thread, or by
+/// itself: `question_pending`).
 pub fn receiver_held() -> bool {
-    receiver().1
+    let receiver = receiver();
+    receiver.1 || receiver.0.as_ref().is_some_and(Gate::is_held)
+}
+
+/// Whether the supervisor has a question pending for this worker: its
+/// receiver takes no connection then (`receiver::hold_when`), from the
+/// moment the supervisor wrote it, before any thread of the worker runs.
+fn question_pending() -> bool {
+    cell().is_some_and(|cell| matches!(cell.state.load(Ordering::SeqCst), ASKED | TAKEN | ANSWERED))
 }
 
 fn hold_receiver(hold: bool) {
