@@ -243,11 +243,6 @@ impl Gate {
         }
     }
 
-    /// Whether the receiver is held (by `hold` or `HOLD_WHEN`).
-    pub fn is_held(&self) -> bool {
-        matches!(*self.0.mode(), Mode::Held { .. })
-    }
-
     /// Takes connections again if a registration is pending: joining the
     /// wait queue wakes the receiver's thread for a connection already
     /// waiting, as `arm` does. (Joining fails only when the kernel has no

@@ -28,7 +28,7 @@
 //! asks, logs and kills, is `hang_watch`.
 
 use std::ffi::{c_int, c_void};
-use std::sync::atomic::{AtomicI64, AtomicPtr, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
@@ -53,6 +53,9 @@ pub(super) const ANSWERED: u32 = 2;
 pub(super) const TAKEN: u32 = 3;
 /// The supervisor spared the worker: it takes connections again.
 pub(super) const SPARED: u32 = 4;
+/// No question (`-signals 0`), but the worker takes no connection until
+/// the supervisor spares or kills it.
+pub(super) const HELD: u32 = 5;
 
 /// The stack of the code the async handler interrupted, innermost first,
 /// as `errorInfo` words it: the procedure it was in (Tcl keeps no frame
@@ -102,8 +105,8 @@ static BASE: AtomicI64 = AtomicI64::new(0);
 /// One worker's report, in memory shared with the supervisor.
 #[repr(C)]
 pub struct Cell {
-    /// 0, `ASKED` (by the supervisor), `TAKEN` (by the worker's control
-    /// thread), `ANSWERED` (by its Tcl thread) or `SPARED` (by the
+    /// 0, `ASKED` or `HELD` (by the supervisor), `TAKEN` (by the worker's
+    /// control thread), `ANSWERED` (by its Tcl thread) or `SPARED` (by the
     /// supervisor).
     pub(super) state: AtomicU32,
     /// 1: the answer came from an event loop (Tcl ran the async handler
@@ -153,10 +156,18 @@ static CELL: AtomicPtr<Cell> = AtomicPtr::new(std::ptr::null_mut());
 static INTERP: AtomicPtr<Tcl_Interp> = AtomicPtr::new(std::ptr::null_mut());
 static HANDLER: OnceLock<AsyncHandler> = OnceLock::new();
 
+/// Whether the control thread looks at the cell once a second, signal or
+/// not: with `-signals 0` the supervisor's word that a held worker is
+/// spared comes with no signal (and the receiver holds itself, which does
+/// not wake the control thread).
+static LOOK_WITHOUT_SIGNAL: AtomicBool = AtomicBool::new(false);
+
 /// In a worker, on its Tcl thread: answers the supervisor's questions
 /// from now on; with `watch_own_loop` (`-concurrency` above 1), also keeps
-/// `Cell::own_loop`.
-pub fn arm(interp: Interp, cell: &'static Cell, watch_own_loop: bool) {
+/// `Cell::own_loop`. `signals`: whether the pool handles signals (and so
+/// asks with one).
+pub fn arm(interp: Interp, cell: &'static Cell, watch_own_loop: bool, signals: bool) {
+    LOOK_WITHOUT_SIGNAL.store(!signals, Ordering::SeqCst);
     // Fresh pages hold zeroes (`SharedArray::leak`); where the system kept
     // the old ones, the last worker's question must not hold this one's
     // receiver (`question_pending`). Nothing is asked before it serves.
@@ -237,18 +248,19 @@ pub fn watch_receiver(gate: Gate) {
     receiver.0 = Some(gate);
 }
 
-/// Whether the worker's receiver is held (by the control thread, or by
-/// itself: `question_pending`).
-pub fn receiver_held() -> bool {
-    let receiver = receiver();
-    receiver.1 || receiver.0.as_ref().is_some_and(Gate::is_held)
+/// Whether the control thread should look at the cell once a second
+/// (calling `signalled`): with `-signals 0` always, and while it holds the
+/// worker's receiver, since a signal whose byte a full pipe dropped must
+/// not leave the worker taking nothing for good.
+pub fn looks_every_second() -> bool {
+    LOOK_WITHOUT_SIGNAL.load(Ordering::SeqCst) || receiver().1
 }
 
 /// Whether the supervisor has a question pending for this worker: its
 /// receiver takes no connection then (`receiver::hold_when`), from the
 /// moment the supervisor wrote it, before any thread of the worker runs.
 fn question_pending() -> bool {
-    cell().is_some_and(|cell| matches!(cell.state.load(Ordering::SeqCst), ASKED | TAKEN | ANSWERED))
+    cell().is_some_and(|cell| matches!(cell.state.load(Ordering::SeqCst), ASKED | TAKEN | ANSWERED | HELD))
 }
 
 fn hold_receiver(hold: bool) {
@@ -271,7 +283,7 @@ fn hold_receiver(hold: bool) {
 /// one from a terminal, change nothing.
 pub fn signalled() {
     let Some(cell) = cell() else { return };
-    if !matches!(cell.state.load(Ordering::SeqCst), ASKED | TAKEN | ANSWERED) {
+    if !matches!(cell.state.load(Ordering::SeqCst), ASKED | TAKEN | ANSWERED | HELD) {
         hold_receiver(false);
         return;
     }

@@ -10,7 +10,7 @@ use nix::sys::signal::{kill, Signal};
 
 use crate::tcl::Obj;
 
-use super::hang_report::{Asked, ANSWERED, ASKED, REPORT_SIGNAL, SPARED, TAKEN};
+use super::hang_report::{Asked, ANSWERED, ASKED, HELD, REPORT_SIGNAL, SPARED, TAKEN};
 use super::model::Kill;
 use super::state::{Child, LogEntry, Pool};
 
@@ -98,11 +98,16 @@ impl Pool {
                 // asked (the script may trap SIGWINCH), but whether it
                 // waits in its loop is read all the same.
                 let waiting = !leaving && own_loop & 1 == 1;
-                if self.config.signals && !waiting {
+                if !waiting {
                     cell.len.store(0, Ordering::Relaxed);
                     cell.from_loop.store(0, Ordering::Relaxed);
-                    cell.state.store(ASKED, Ordering::SeqCst);
-                    let _ = kill(pid, REPORT_SIGNAL);
+                    // The worker's receiver holds itself from this store on.
+                    if self.config.signals {
+                        cell.state.store(ASKED, Ordering::SeqCst);
+                        let _ = kill(pid, REPORT_SIGNAL);
+                    } else {
+                        cell.state.store(HELD, Ordering::SeqCst);
+                    }
                 }
             }
             self.children[index].hang = Some(Asked { leaving, own_loop, at: Instant::now(), taken: None, peer, busy });
@@ -175,9 +180,13 @@ impl Pool {
             // state when the signal comes), and is timed again from now:
             // asked again after another -timeout.
             if let Some(cell) = self.hangs.cell(slot) {
-                if matches!(state, Some(ASKED | TAKEN | ANSWERED)) {
+                if matches!(state, Some(ASKED | TAKEN | ANSWERED | HELD)) {
                     cell.state.store(SPARED, Ordering::SeqCst);
-                    let _ = kill(pid, REPORT_SIGNAL);
+                    // With -signals 0 its control thread finds the word in
+                    // its once-a-second look.
+                    if self.config.signals {
+                        let _ = kill(pid, REPORT_SIGNAL);
+                    }
                 }
             }
             self.children[index].hang = None;

@@ -324,11 +324,12 @@ fn serve(assignment: Assignment) -> ! {
     // copy of a connection the accepting threads were handling.
     crate::listener::close_copied_connections(&listening);
     PHASE.store(IN_INIT, Ordering::SeqCst);
+    // Before the control thread, which reads what it sets.
+    if let Some(cell) = hang_report {
+        hang_report::arm(interp, cell, concurrency > 1, signals);
+    }
     if let Err(error) = spawn_control(leave.as_raw_fd(), signal_pipe, super::hooks::mask(hooked), slot, graceful) {
         give_up(slot, &format!("couldn't start: {error}"));
-    }
-    if let Some(cell) = hang_report {
-        hang_report::arm(interp, cell, concurrency > 1);
     }
     // Before `-init`, which may set a handler of its own.
     super::stderr_log::report_background_errors(interp);
@@ -613,10 +614,9 @@ fn wait_for_leave(leave: RawFd, signal_pipe: Option<RawFd>, thread: tcl::ThreadI
         if let Some(fd) = signal_pipe {
             fds.push(PollFd::new(fd, PollFlags::POLLIN));
         }
-        // While the worker's receiver is held, the supervisor's word that
-        // it is spared is also looked for once a second: a signal whose
-        // byte a full pipe dropped must not leave it taking nothing for good.
-        let timeout = if hang_report::receiver_held() { PollTimeout::from(1000u16) } else { PollTimeout::NONE };
+        // The supervisor's word that the worker is spared is also looked
+        // for once a second (`hang_report::looks_every_second`).
+        let timeout = if hang_report::looks_every_second() { PollTimeout::from(1000u16) } else { PollTimeout::NONE };
         match poll(&mut fds, timeout) {
             Ok(0) => {
                 hang_report::signalled();
