@@ -157,9 +157,9 @@ static INTERP: AtomicPtr<Tcl_Interp> = AtomicPtr::new(std::ptr::null_mut());
 static HANDLER: OnceLock<AsyncHandler> = OnceLock::new();
 
 /// Whether the control thread looks at the cell once a second, signal or
-/// not: with `-signals 0` the supervisor's word that a held worker is
-/// spared comes with no signal (and the receiver holds itself, which does
-/// not wake the control thread).
+/// not: above `-concurrency 1` with `-signals 0`, the supervisor's word
+/// that a held worker is spared comes with no signal (and the receiver
+/// holds itself, which does not wake the control thread).
 static LOOK_WITHOUT_SIGNAL: AtomicBool = AtomicBool::new(false);
 
 /// In a worker, on its Tcl thread: answers the supervisor's questions
@@ -167,7 +167,7 @@ static LOOK_WITHOUT_SIGNAL: AtomicBool = AtomicBool::new(false);
 /// `Cell::own_loop`. `signals`: whether the pool handles signals (and so
 /// asks with one).
 pub fn arm(interp: Interp, cell: &'static Cell, watch_own_loop: bool, signals: bool) {
-    LOOK_WITHOUT_SIGNAL.store(!signals, Ordering::SeqCst);
+    LOOK_WITHOUT_SIGNAL.store(watch_own_loop && !signals, Ordering::SeqCst);
     // Fresh pages hold zeroes (`SharedArray::leak`); where the system kept
     // the old ones, the last worker's question must not hold this one's
     // receiver (`question_pending`). Nothing is asked before it serves.
@@ -249,9 +249,9 @@ pub fn watch_receiver(gate: Gate) {
 }
 
 /// Whether the control thread should look at the cell once a second
-/// (calling `signalled`): with `-signals 0` always, and while it holds the
-/// worker's receiver, since a signal whose byte a full pipe dropped must
-/// not leave the worker taking nothing for good.
+/// (calling `signalled`): always with `LOOK_WITHOUT_SIGNAL`, and while it
+/// holds the worker's receiver, since a signal whose byte a full pipe
+/// dropped must not leave the worker taking nothing for good.
 pub fn looks_every_second() -> bool {
     LOOK_WITHOUT_SIGNAL.load(Ordering::SeqCst) || receiver().1
 }
