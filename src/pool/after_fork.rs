@@ -147,6 +147,5 @@ fn in_child() {
         }
     });
     super::wake::in_child();
-    super::hang_report::in_child();
     signals::in_child();
 }

@@ -29,7 +29,7 @@
 
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU32, AtomicU8, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, MutexGuard, Once, OnceLock};
 use std::time::Instant;
 
 use nix::sys::signal::Signal;
@@ -179,6 +179,8 @@ pub fn arm(interp: Interp, cell: &'static Cell, watch_own_loop: bool, signals: b
     let depth = interp.eval_global(&Obj::new_string("info frame")).map(|level| level.to_string_lossy());
     BASE.store(depth.ok().and_then(|level| level.parse::<i64>().ok()).map_or(0, |level| level - 1), Ordering::SeqCst);
     let _ = HANDLER.get_or_init(|| tcl::create_async(on_async, std::ptr::null_mut()));
+    static WATCH_FORKS: Once = Once::new();
+    WATCH_FORKS.call_once(|| crate::fork_safety::on_fork(|| {}, || {}, in_child));
     if watch_own_loop {
         tcl::create_event_source(own_loop_setup, own_loop_check);
     }
@@ -187,7 +189,7 @@ pub fn arm(interp: Interp, cell: &'static Cell, watch_own_loop: bool, signals: b
 /// In any child forked in a worker (by a handler, TclX's `fork`): it is
 /// not the worker, and neither answers for it nor says that it waits in
 /// its loop (its copy of the event source would).
-pub fn in_child() {
+fn in_child() {
     CELL.store(std::ptr::null_mut(), Ordering::SeqCst);
 }
 
