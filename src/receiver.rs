@@ -23,7 +23,7 @@
 //! non-blocking system call and no wakeup; nothing of its data is read.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 
 use nix::errno::Errno;
@@ -54,6 +54,11 @@ pub enum Outcome {
 enum Mode {
     Idle,
     Armed,
+    /// Held by another thread (`Gate`): takes nothing until released;
+    /// `wanted` is whether it is to be armed then.
+    Held {
+        wanted: bool,
+    },
     Quit,
 }
 
@@ -73,6 +78,13 @@ impl Shared {
 
     fn armed(&self) -> bool {
         *self.mode() == Mode::Armed
+    }
+
+    /// Leaves the wait queue of an armed receiver (under its lock).
+    fn leave_wait_queue(&self) {
+        if self.waiter.leave(self.queue.as_fd()) {
+            pass_on_wakeup(&self.queue, &self.stats);
+        }
     }
 
     /// Takes the next connection without waiting, stamped and counted; a
@@ -136,7 +148,16 @@ impl Receiver {
     /// then hands it over as if the receiver had delivered it.
     pub fn arm(&self) -> Result<Option<Outcome>, Errno> {
         let mut mode = self.shared.mode();
+        if let Mode::Held { .. } = *mode {
+            // Armed when the gate opens again.
+            *mode = Mode::Held { wanted: true };
+            return Ok(None);
+        }
         if *mode != Mode::Idle {
+            return Ok(None);
+        }
+        if hold_wanted() {
+            *mode = Mode::Held { wanted: true };
             return Ok(None);
         }
         let taken = match self.shared.take() {
@@ -156,13 +177,20 @@ impl Receiver {
     /// Leaves the wait queue; after this returns no connection is taken.
     pub fn disarm(&self) {
         let mut mode = self.shared.mode();
-        if *mode == Mode::Armed {
-            let spent = self.shared.waiter.leave(self.shared.queue.as_fd());
-            *mode = Mode::Idle;
-            if spent {
-                pass_on_wakeup(&self.shared.queue, &self.shared.stats);
+        match *mode {
+            Mode::Armed => {
+                self.shared.leave_wait_queue();
+                *mode = Mode::Idle;
             }
+            Mode::Held { .. } => *mode = Mode::Held { wanted: false },
+            Mode::Idle | Mode::Quit => {}
         }
+    }
+
+    /// A handle by which another thread can stop this receiver taking
+    /// connections, and let it take them again.
+    pub fn gate(&self) -> Gate {
+        Gate(Arc::clone(&self.shared))
     }
 
     /// In a forked child: the thread does not exist here. Close our copies
@@ -173,6 +201,60 @@ impl Receiver {
         }
         std::mem::forget(self.thread.take());
         std::mem::forget(self);
+    }
+}
+
+/// Asked before every connection a receiver of this process takes: true
+/// holds the receiver, as `Gate::hold` does, until another thread releases
+/// it. Set once, by a pool's worker: a hold that the supervisor asked for
+/// in memory it shares with the worker then takes effect at once, not
+/// when the worker's control thread gets to run.
+static HOLD_WHEN: OnceLock<fn() -> bool> = OnceLock::new();
+
+/// Makes `check` the process's `HOLD_WHEN`.
+pub fn hold_when(check: fn() -> bool) {
+    let _ = HOLD_WHEN.set(check);
+}
+
+fn hold_wanted() -> bool {
+    HOLD_WHEN.get().is_some_and(|check| check())
+}
+
+/// A receiver as another thread holds it (a pool's worker's control
+/// thread, while the supervisor decides whether the worker is hung: a
+/// connection taken then would be killed with it). Holding takes effect at
+/// once, under the receiver's own lock: after `hold` returns no connection
+/// is taken, whatever the interpreter's thread is doing (it may be stuck in
+/// a handler, and is not waited for). A registration made or cancelled
+/// meanwhile is remembered and applied at `release`.
+#[derive(Clone)]
+pub struct Gate(Arc<Shared>);
+
+impl Gate {
+    pub fn hold(&self) {
+        let mut mode = self.0.mode();
+        match *mode {
+            Mode::Armed => {
+                self.0.leave_wait_queue();
+                *mode = Mode::Held { wanted: true };
+            }
+            Mode::Idle => *mode = Mode::Held { wanted: false },
+            Mode::Held { .. } | Mode::Quit => {}
+        }
+    }
+
+    /// Takes connections again if a registration is pending: joining the
+    /// wait queue wakes the receiver's thread for a connection already
+    /// waiting, as `arm` does. (Joining fails only when the kernel has no
+    /// memory for the wait-queue entry; the registration then stays
+    /// pending unarmed, and its interpreter takes no more connections.)
+    pub fn release(&self) {
+        let mut mode = self.0.mode();
+        let Mode::Held { wanted } = *mode else { return };
+        *mode = Mode::Idle;
+        if wanted && self.0.waiter.join(self.0.queue.as_fd()).is_ok() {
+            *mode = Mode::Armed;
+        }
     }
 }
 
@@ -232,6 +314,13 @@ fn wait_loop(shared: &Shared, deliver: impl Fn(Outcome)) {
         let outcome = {
             let mut mode = shared.mode();
             if *mode != Mode::Armed {
+                continue;
+            }
+            if hold_wanted() {
+                // Held before the thread that holds it got to it: the
+                // wakeup goes on to another receiver.
+                shared.leave_wait_queue();
+                *mode = Mode::Held { wanted: true };
                 continue;
             }
             match shared.take() {

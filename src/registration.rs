@@ -334,6 +334,11 @@ impl InterpState {
         pointer as usize
     }
 
+    /// The gate of `port`'s receiver (`receiver::Gate`), once registered.
+    pub fn gate(&self, port: u16) -> Option<receiver::Gate> {
+        self.registrations.borrow().iter().find(|r| r.port == port).map(|r| r.receiver.gate())
+    }
+
     pub fn is_waiting(&self, port: u16) -> bool {
         self.registrations.borrow().iter().any(|r| r.port == port && r.handler.is_some())
     }

@@ -10,22 +10,22 @@ use nix::sys::signal::kill;
 
 use crate::tcl::Obj;
 
-use super::hang_report::{Asked, ANSWERED, ASKED, REPORT_SIGNAL, TAKEN};
+use super::hang_report::{Asked, ANSWERED, ASKED, HELD, REPORT_SIGNAL, SPARED, TAKEN};
 use super::model::events::WorkerId;
 use super::state::{LogEntry, Pool};
 
-/// How long a worker has to answer before the log says it cannot.
 /// How long a worker's Tcl thread has to answer once its control thread
-/// has taken the question...
+/// has taken the question (above `-concurrency 1`, to get back to its own
+/// event loop)...
 const GRACE: Duration = Duration::from_millis(500);
 /// ...and how long its control thread has to take it, on a machine so
 /// loaded that it has not run yet.
 const TAKE_LIMIT: Duration = Duration::from_secs(3);
-/// Questions asked of a worker of a pool with `-concurrency` above 1
-/// before one answered from inside a command each time is taken as
-/// stuck: an event-driven worker may happen to answer from inside the
-/// handler it runs at that moment, but not every time.
-const TRIES: u8 = 3;
+
+const SPARED_NOTE: &str = "spared: it waits in its event loop with no handler running, \
+    serving its other connections (-concurrency above 1)";
+const NESTED_NOTE: &str = "killed: a handler waits in an event loop of its own (vwait, update) \
+    and did not return to the worker's loop: stuck, as at -concurrency 1";
 
 impl Pool {
     /// Workers asked for their stack: those whose question is settled now,
@@ -48,15 +48,21 @@ impl Pool {
 
     /// A worker busy on one connection for longer than `-timeout` (the
     /// model's decision: `model::turn`): the log says who and since when,
-    /// and asks for the stack; the worker is killed once it has answered
-    /// or `GRACE` is over. With `-concurrency 1`, from the question on the
-    /// worker takes no more connections (one it took during the grace
-    /// would be killed with it) and is replaced at once. Above 1, the
-    /// timeout concerns the worker, not one connection: one that answers
-    /// from its event loop (no command of it running: it waits for its
-    /// clients and serves the others) is spared, and asked again after
-    /// another `-timeout`; one stuck in a command is killed, its other
-    /// connections with it. Returns whether it is spared once settled now.
+    /// asks for the stack, and the worker is killed (by the model) once it
+    /// has answered or `GRACE` is over. From the question on the worker
+    /// takes no more connections (its receiver reads the question in the
+    /// shared cell: one taken during the grace would be killed with it);
+    /// with `-concurrency 1` it is also asked to leave and replaced at
+    /// once. Above 1, the timeout concerns the worker, not one connection:
+    /// a worker that waits in its own event loop with no handler running,
+    /// at the question or at any moment of the grace, waits for clients
+    /// that say nothing and serves the others: it is spared (it takes
+    /// connections again), and asked again after another `-timeout`. One
+    /// that does not (stuck in a command, or in a `vwait` of a handler) is
+    /// killed, its other connections with it. Whether it waits is read in
+    /// memory it shares with the supervisor (`hang_report`), not asked:
+    /// no thread of a worker has to run, on a loaded machine, for it to
+    /// be spared. Returns whether it is spared once settled now.
     pub(super) fn ask_stack(
         &mut self,
         index: usize,
@@ -78,50 +84,58 @@ impl Pool {
             "timeout",
             vec![("pid", Obj::new_int(pid.as_raw().into())), ("peer", peer.clone()), ("busy", Obj::new_double(busy))],
         ));
+        let mut own_loop = 0;
         if let Some(cell) = self.hangs.cell(self.children[index].slot) {
-            cell.len.store(0, Ordering::Relaxed);
-            cell.idle.store(0, Ordering::Relaxed);
-            cell.state.store(ASKED, Ordering::SeqCst);
-            let _ = kill(pid, REPORT_SIGNAL);
+            own_loop = cell.own_loop.load(Ordering::SeqCst);
+            // A worker that waits in its own loop right now is spared
+            // below without a question. With -signals 0 nothing is
+            // asked (the script may trap SIGWINCH), but whether it
+            // waits in its loop is read all the same.
+            let waiting = !leaving && own_loop & 1 == 1;
+            if !waiting {
+                cell.len.store(0, Ordering::Relaxed);
+                cell.from_loop.store(0, Ordering::Relaxed);
+                // The worker's receiver holds itself from this store on.
+                if self.config.signals {
+                    cell.state.store(ASKED, Ordering::SeqCst);
+                    let _ = kill(pid, REPORT_SIGNAL);
+                } else {
+                    cell.state.store(HELD, Ordering::SeqCst);
+                }
+            }
         }
-        self.children[index].hang = Some(Asked { tries: 1, at: Instant::now(), taken: None, peer, busy });
+        self.children[index].hang = Some(Asked { own_loop, at: Instant::now(), taken: None, peer, busy });
         self.answer_or_kill(index, entries)
     }
 
     /// Whether the question is settled: `Some(spared)`.
     fn answer_or_kill(&mut self, index: usize, entries: &mut Vec<LogEntry>) -> Option<bool> {
         let cell = self.hangs.cell(self.children[index].slot);
+        let several = self.config.concurrency > 1;
         let asked = self.children[index].hang.as_mut()?;
         let state = cell.map(|cell| cell.state.load(Ordering::SeqCst));
-        if state == Some(TAKEN) && asked.taken.is_none() {
+        if matches!(state, Some(TAKEN | ANSWERED)) && asked.taken.is_none() {
             asked.taken = Some(Instant::now());
         }
-        // Above -concurrency 1, a worker that answered from its event loop
-        // is waiting for its clients, not stuck.
-        let several = self.config.concurrency > 1;
-        let idle = cell.is_some_and(|cell| cell.idle.load(Ordering::SeqCst) == 1);
-        let spared = several && state == Some(ANSWERED) && idle;
-        if several && state == Some(ANSWERED) && !idle && asked.tries < TRIES {
-            // Answered from inside a command: perhaps the handler it ran at
-            // that moment; asked again.
-            asked.tries += 1;
-            asked.at = Instant::now();
-            asked.taken = None;
-            let pid = self.children[index].pid;
-            if let Some(cell) = cell {
-                cell.len.store(0, Ordering::Relaxed);
-                cell.state.store(ASKED, Ordering::SeqCst);
-                let _ = kill(pid, REPORT_SIGNAL);
-            }
-            return None;
-        }
+        let spared = several && cell.is_some_and(|cell| cell.in_own_loop_since(asked.own_loop));
+        let in_grace = asked.taken.is_some_and(|at| at.elapsed() < GRACE);
         let (stack, note) = match (cell, state) {
-            (Some(cell), Some(ANSWERED)) if spared => (
-                cell.read(),
-                "spared: it answered from its event loop, serving its other connections (-concurrency above 1)".into(),
-            ),
+            (Some(cell), state) if spared => {
+                (if state == Some(ANSWERED) { cell.read() } else { String::new() }, SPARED_NOTE.into())
+            }
+            (_, _) if !self.config.signals && several && asked.at.elapsed() < GRACE => return None,
+            (_, _) if !self.config.signals => {
+                (String::new(), "the stack could not be read: the pool leaves signals alone (-signals 0)".into())
+            }
+            (Some(cell), Some(ANSWERED)) if !several => (cell.read(), String::new()),
+            // Above -concurrency 1 the worker has the whole grace to get
+            // back to its loop: an answer from inside a command may be
+            // from the handler it ran at that moment.
+            (Some(_), Some(ANSWERED | TAKEN)) if in_grace => return None,
+            (Some(cell), Some(ANSWERED)) if cell.from_loop.load(Ordering::SeqCst) == 1 => {
+                (cell.read(), NESTED_NOTE.into())
+            }
             (Some(cell), Some(ANSWERED)) => (cell.read(), String::new()),
-            (Some(_), Some(TAKEN)) if asked.taken.is_some_and(|at| at.elapsed() < GRACE) => return None,
             (Some(_), Some(TAKEN)) => (
                 String::new(),
                 format!(
@@ -137,13 +151,12 @@ impl Pool {
                     TAKE_LIMIT.as_secs()
                 ),
             ),
-            (None, _) => {
-                (String::new(), "the stack could not be read: the pool leaves signals alone (-signals 0)".into())
-            }
+            // Every pool with -timeout has its cells (`HangsInPool::new`).
+            (None, _) => (String::new(), String::new()),
         };
         let child = &self.children[index];
         let asked = child.hang.as_ref()?;
-        let pid = child.pid;
+        let (pid, slot) = (child.pid, child.slot);
         let fields = vec![
             ("pid", Obj::new_int(pid.as_raw().into())),
             ("peer", asked.peer.clone()),
@@ -157,6 +170,19 @@ impl Pool {
         self.hangs.last = Some(Obj::new_dict(report));
         entries.push(self.entry("hang", fields));
         if spared {
+            // It takes connections again (its control thread reads the
+            // state when the signal comes), and is timed again from now:
+            // asked again after another -timeout.
+            if let Some(cell) = self.hangs.cell(slot) {
+                if matches!(state, Some(ASKED | TAKEN | ANSWERED | HELD)) {
+                    cell.state.store(SPARED, Ordering::SeqCst);
+                    // With -signals 0 its control thread finds the word in
+                    // its once-a-second look.
+                    if self.config.signals {
+                        let _ = kill(pid, REPORT_SIGNAL);
+                    }
+                }
+            }
             // Timed again from now (the model's part): asked again after
             // another -timeout.
             self.children[index].hang = None;

@@ -72,7 +72,7 @@ pub fn create(interp: Interp, state: *const InterpState, port: u16, mut config: 
             .map(|p| (Arc::clone(&p.worker_end), Arc::clone(&p.counters)))
             .ok_or_else(|| unknown_pool(port))?;
         claim_supervisor_thread()?;
-        let reports_wanted = config.timeout.is_some() && config.signals;
+        let reports_wanted = config.timeout.is_some();
         let started = Scoreboard::new(MAX_WORKERS * 2)
             .and_then(|scoreboard| Ok((scoreboard, RecyclingInPool::new()?)))
             .and_then(|(scoreboard, recycling)| {

@@ -324,11 +324,12 @@ fn serve(assignment: Assignment) -> ! {
     // copy of a connection the accepting threads were handling.
     crate::listener::close_copied_connections(&listening);
     PHASE.store(IN_INIT, Ordering::SeqCst);
+    // Before the control thread, which reads what it sets.
+    if let Some(cell) = hang_report {
+        hang_report::arm(interp, cell, concurrency > 1, signals);
+    }
     if let Err(error) = spawn_control(leave.as_raw_fd(), signal_pipe, super::hooks::mask(hooked), slot, graceful) {
         give_up(slot, &format!("couldn't start: {error}"));
-    }
-    if let Some(cell) = hang_report {
-        hang_report::arm(interp, cell);
     }
     // Before `-init`, which may set a handler of its own.
     super::stderr_log::report_background_errors(interp);
@@ -374,6 +375,12 @@ fn serve(assignment: Assignment) -> ! {
     // to the queue there.
     tcl::create_exit_handler(on_exit);
     with_worker(|w| w.register());
+    if hang_report.is_some() {
+        // SAFETY: see `Worker::interp_state`.
+        if let Some(gate) = unsafe { &*state }.gate(port) {
+            hang_report::watch_receiver(gate);
+        }
+    }
     signals::notify_supervisor();
     loop {
         // In a child forked by a handler this is never true: it serves its
@@ -385,7 +392,9 @@ fn serve(assignment: Assignment) -> ! {
             unsafe { &*state }.give_back_all();
             tcl::exit(0);
         }
-        tcl::do_one_event();
+        // The worker's own loop, told from loops nested in its handlers
+        // (`hang_report`).
+        tcl::do_one_event_of_own_loop();
     }
 }
 
@@ -605,7 +614,14 @@ fn wait_for_leave(leave: RawFd, signal_pipe: Option<RawFd>, thread: tcl::ThreadI
         if let Some(fd) = signal_pipe {
             fds.push(PollFd::new(fd, PollFlags::POLLIN));
         }
-        match poll(&mut fds, PollTimeout::NONE) {
+        // The supervisor's word that the worker is spared is also looked
+        // for once a second (`hang_report::looks_every_second`).
+        let timeout = if hang_report::looks_every_second() { PollTimeout::from(1000u16) } else { PollTimeout::NONE };
+        match poll(&mut fds, timeout) {
+            Ok(0) => {
+                hang_report::signalled();
+                continue;
+            }
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => continue,
             Err(_) => return,

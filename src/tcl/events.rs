@@ -202,6 +202,35 @@ pub fn do_one_event() {
     unsafe { stub!(tcl_DoOneEvent)(0) };
 }
 
+/// The flags of `do_one_event_of_own_loop`: every kind of event, as
+/// `Tcl_DoOneEvent(0)`, with one bit that names no kind cleared. Tcl hands
+/// `Tcl_DoOneEvent`'s flags unchanged to every event source's setup and
+/// check procedures (Notifier.3), and a loop nested in what this one
+/// dispatches (`vwait`, `update`, an extension's own) passes 0, which Tcl
+/// makes `TCL_ALL_EVENTS` (every bit but `TCL_DONT_WAIT`), or a few kinds:
+/// never this value.
+pub const OWN_LOOP_EVENTS: c_int = tcl_sys::TCL_ALL_EVENTS as c_int & !(1 << 30);
+
+/// `do_one_event` for a thread's outermost loop, whose waits an event
+/// source can then tell from those of loops nested in it
+/// (`OWN_LOOP_EVENTS`).
+pub fn do_one_event_of_own_loop() {
+    // SAFETY: runs this thread's event loop.
+    unsafe { stub!(tcl_DoOneEvent)(OWN_LOOP_EVENTS) };
+}
+
+/// The setup or check procedure of an event source: client data and the
+/// flags of the `Tcl_DoOneEvent` that calls it.
+pub type EventSourceProc = unsafe extern "C" fn(*mut c_void, c_int);
+
+/// Adds an event source to the calling thread's notifier, for as long as
+/// the thread lives: Tcl calls `setup` before each wait of the thread's
+/// event loops and `check` after it.
+pub fn create_event_source(setup: EventSourceProc, check: EventSourceProc) {
+    // SAFETY: plain function pointers with no client data to outlive.
+    unsafe { stub!(tcl_CreateEventSource)(Some(setup), Some(check), ptr::null_mut()) }
+}
+
 /// Ends the process as Tcl's `exit` does: exit handlers run, channels are
 /// flushed and closed.
 #[allow(unreachable_code)] // Tcl 9 declares Tcl_Exit as not returning; 8.6 does not.
