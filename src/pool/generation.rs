@@ -144,6 +144,14 @@ impl Supervisor {
         if let Some((message, code)) = upgrade_refused(pending(|p| p.handed_over)) {
             return Err(TclError::new(message, &["SOCKETSERVER", "UPGRADE", code]));
         }
+        // A stop asked for (a stop signal, `pool stop`) wins: a next
+        // generation would bring back the service the operator stopped.
+        if self.exit_when_stopped || self.pools.iter().any(|p| p.model.phase.stopping()) {
+            return Err(TclError::new(
+                "can't upgrade: this generation is stopping",
+                &["SOCKETSERVER", "UPGRADE", "STOPPING"],
+            ));
+        }
         let listeners = port_table::table().listener_fds();
         // The default command is this program as it was started, in the
         // directory it was started in; one given is run where we are now.

@@ -87,8 +87,14 @@ pub(super) struct Supervisor {
     /// The process the pools belong to; a forked child has none.
     pub(super) pid: Pid,
     pub(super) pools: Vec<Pool>,
-    /// A signal asked for the stop: exit once every pool is gone.
+    /// A signal asked for the stop, or the service was handed to a next
+    /// generation: exit once every pool is gone.
     pub(super) exit_when_stopped: bool,
+    /// A stop signal (TERM, INT) came since the pools were last all gone:
+    /// a second one stops without waiting for busy workers. Apart from
+    /// `exit_when_stopped`, which a hand-over sets too: the first TERM to
+    /// a generation draining after an upgrade is still graceful.
+    pub(super) stop_signalled: bool,
     /// Nesting depth of `pool wait`.
     pub(super) waiting: u32,
     /// Exit the process once the supervisor's state is released.
@@ -108,6 +114,7 @@ thread_local! {
         pid: Pid::from_raw(0),
         pools: Vec::new(),
         exit_when_stopped: false,
+        stop_signalled: false,
         waiting: 0,
         exit_requested: false,
         upgrading: None,

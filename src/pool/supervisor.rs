@@ -298,6 +298,7 @@ impl Supervisor {
         self.pid = pid;
         self.pools.drain(..).for_each(keep_parents_pool);
         self.exit_when_stopped = false;
+        self.stop_signalled = false;
         self.upgrading = None;
         self.had.clear();
     }
@@ -390,7 +391,8 @@ impl Supervisor {
                 // it went: nobody's any more, nothing is held over.
                 Signal::SIGTERM | Signal::SIGINT if ports.is_empty() => {}
                 Signal::SIGTERM | Signal::SIGINT => {
-                    let again = self.exit_when_stopped;
+                    let again = self.stop_signalled;
+                    self.stop_signalled = true;
                     self.exit_when_stopped = true;
                     self.cancel_upgrade();
                     for &port in &ports {
@@ -471,6 +473,11 @@ impl Supervisor {
         if self.exit_when_stopped && self.waiting == 0 {
             self.exit_requested = true;
         }
+        // Consumed: a `pool wait` returned instead, and pools the script
+        // makes after it start afresh (one TERM is graceful again, and
+        // their end by `pool stop` does not exit the process).
+        self.exit_when_stopped = false;
+        self.stop_signalled = false;
     }
 }
 

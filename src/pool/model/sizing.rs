@@ -104,12 +104,16 @@ impl Sizing {
     }
 
     /// The range one worker up (SIGTTIN) or down (SIGTTOU): both bounds
-    /// move, within 1 and `MAX_WORKERS`; a fixed pool moves by one.
+    /// move; a fixed pool moves by one. At 1 (down) or `MAX_WORKERS` (up)
+    /// nothing moves: clamping each bound alone would narrow the range for
+    /// good (`2-4`, three TTOU, three TTIN gave a fixed 4).
     pub fn shifted(&self, up: bool) -> (usize, usize) {
-        if up {
-            ((self.min + 1).min(MAX_WORKERS), (self.max + 1).min(MAX_WORKERS))
+        if up && self.max < MAX_WORKERS {
+            (self.min + 1, self.max + 1)
+        } else if !up && self.min > 1 {
+            (self.min - 1, self.max - 1)
         } else {
-            (self.min.saturating_sub(1).max(1), self.max.saturating_sub(1).max(1))
+            (self.min, self.max)
         }
     }
 
@@ -172,5 +176,32 @@ impl Sizing {
         self.last_change = Some(now);
         self.reason = format!("{}: {reason}", if grow { "grow" } else { "shrink" });
         Some(Change { grow, reason, after: since_last })
+    }
+}
+
+#[cfg(test)]
+mod shift_tests {
+    use super::*;
+
+    fn range(min: usize, max: usize) -> Sizing {
+        let mut sizing = Sizing::fixed(1);
+        sizing.set_range(min, max, min);
+        sizing
+    }
+
+    #[test]
+    fn a_shift_keeps_the_range_width_at_its_ends() {
+        let mut sizing = range(2, 4);
+        for _ in 0..3 {
+            let (min, max) = sizing.shifted(false);
+            sizing.set_range(min, max, min);
+        }
+        assert_eq!((sizing.min, sizing.max), (1, 3));
+        for _ in 0..3 {
+            let (min, max) = sizing.shifted(true);
+            sizing.set_range(min, max, min);
+        }
+        assert_eq!((sizing.min, sizing.max), (4, 6));
+        assert_eq!(range(MAX_WORKERS - 2, MAX_WORKERS).shifted(true), (MAX_WORKERS - 2, MAX_WORKERS));
     }
 }
