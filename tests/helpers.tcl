@@ -183,6 +183,18 @@ proc settledFds {{pid {}}} {
     return $last
 }
 
+# fdsGrowth before ?pid? --
+#	How many descriptors a process holds beyond $before, counted once it
+#	is back to $before (or below: a baseline taken while one was still on
+#	its way out) or the watchdog fires. Sockets closed by another thread
+#	or process take a moment, longer on a loaded machine than two equal
+#	reads 50 ms apart can tell (settledFds); a leak never comes back, so it
+#	still shows, after the watchdog.
+proc fdsGrowth {before {pid {}}} {
+    waitFor "\[openFds [list $pid]\] <= $before"
+    expr {max(0, [openFds $pid] - $before)}
+}
+
 # freshTclsh script --
 #	Runs $script in a new tclsh that has the package on its path and
 #	returns {exitcode output}. A crash gives a non-zero exit code.
