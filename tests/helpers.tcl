@@ -252,6 +252,31 @@ proc freePort {} {
     return $port
 }
 
+# connectFrom source host port --
+#	A client socket from address $source to $host:$port, and its own
+#	port, chosen here (-myport) below the ephemeral range. Asking the
+#	socket instead (fconfigure -sockname) also looks its address up by
+#	name: 127.0.0.10 and the like are in no hosts file, and a resolver
+#	that drops a burst of reverse look-ups (this machine's, with four such
+#	tests at once) held the caller for its 5 s timeout, long enough for
+#	HAProxy's own client timeout (5 s) to close the connection before the
+#	request was sent (haproxy-1.1: "no reply: eof", tcplog "cD").
+proc connectFrom {source host port} {
+    set low 32768
+    catch {
+        set f [open /proc/sys/net/ipv4/ip_local_port_range]
+        set low [lindex [read $f] 0]
+        close $f
+    }
+    for {set i 0} {$i < 100} {incr i} {
+        set mine [expr {10000 + int(rand() * ($low - 11024))}]
+        if {![catch {socket -myaddr $source -myport $mine $host $port} chan]} {
+            return [list $chan $mine]
+        }
+    }
+    return -code error $chan
+}
+
 # abStart url ?option ...? --
 #	Starts ab in the background, sending requests to $url until abStop
 #	(and for 120 s at most, so that nothing is left running). A test that
