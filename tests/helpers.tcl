@@ -183,6 +183,18 @@ proc settledFds {{pid {}}} {
     return $last
 }
 
+# fdsGrowth before ?pid? --
+#	How many descriptors a process holds beyond $before, counted once it
+#	is back to $before (or below: a baseline taken while one was still on
+#	its way out) or the watchdog fires. Sockets closed by another thread
+#	or process take a moment, longer on a loaded machine than two equal
+#	reads 50 ms apart can tell (settledFds); a leak never comes back, so it
+#	still shows, after the watchdog.
+proc fdsGrowth {before {pid {}}} {
+    waitFor "\[openFds [list $pid]\] <= $before"
+    expr {max(0, [openFds $pid] - $before)}
+}
+
 # freshTclsh script --
 #	Runs $script in a new tclsh that has the package on its path and
 #	returns {exitcode output}. A crash gives a non-zero exit code.
@@ -238,6 +250,31 @@ proc freePort {} {
     set port [lindex [fconfigure $probe -sockname] 2]
     close $probe
     return $port
+}
+
+# connectFrom source host port --
+#	A client socket from address $source to $host:$port, and its own
+#	port, chosen here (-myport) below the ephemeral range. Asking the
+#	socket instead (fconfigure -sockname) also looks its address up by
+#	name: 127.0.0.10 and the like are in no hosts file, and a resolver
+#	that drops a burst of reverse look-ups (this machine's, with four such
+#	tests at once) held the caller for its 5 s timeout, long enough for
+#	HAProxy's own client timeout (5 s) to close the connection before the
+#	request was sent (haproxy-1.1: "no reply: eof", tcplog "cD").
+proc connectFrom {source host port} {
+    set low 32768
+    catch {
+        set f [open /proc/sys/net/ipv4/ip_local_port_range]
+        set low [lindex [read $f] 0]
+        close $f
+    }
+    for {set i 0} {$i < 100} {incr i} {
+        set mine [expr {10000 + int(rand() * ($low - 11024))}]
+        if {![catch {socket -myaddr $source -myport $mine $host $port} chan]} {
+            return [list $chan $mine]
+        }
+    }
+    return -code error $chan
 }
 
 # abStart url ?option ...? --
