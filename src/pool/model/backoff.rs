@@ -14,7 +14,7 @@ pub const RELOAD_FAILURES: u32 = 5;
 /// Back-off after the first failure, doubled for each further one...
 const FIRST: Duration = Duration::from_millis(100);
 /// ...up to this.
-const CAP: Duration = Duration::from_secs(30);
+pub const CAP: Duration = Duration::from_secs(30);
 
 /// The back-off before the next try after `failures` failures in a row.
 pub fn delay(failures: u32) -> Duration {
