@@ -110,7 +110,14 @@ pub fn dispatch(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj]) -> T
             }
         },
         "reload" => {
-            supervisor::ports(optional_port("?port?")?)?.into_iter().for_each(supervisor::reload);
+            // A stopping pool named is an error; without a port, the pools
+            // that stop are left alone.
+            let port = optional_port("?port?")?;
+            let ports = supervisor::ports(port)?;
+            if let Some(port) = port {
+                supervisor::refuse_if_stopping(port)?;
+            }
+            ports.into_iter().for_each(supervisor::reload);
             empty()
         }
         "resize" => {
@@ -120,6 +127,7 @@ pub fn dispatch(state: &InterpState, interp: Interp, objv: &[*mut Tcl_Obj]) -> T
             let port = parse_port(interp, port)?;
             let (min, max) = sizing::parse_workers(interp, workers)?;
             supervisor::ports(Some(port))?;
+            supervisor::refuse_if_stopping(port)?;
             supervisor::resize(port, min, max);
             empty()
         }

@@ -147,7 +147,7 @@ impl Pool {
         out.sample("queue_wait_seconds_count", None, queue.waits as f64);
         out.family("reloads_total", "counter", "Rolling reloads started.");
         out.sample("reloads_total", None, self.reloads().into());
-        out.gauge("generation", "The generation of workers the pool serves with.", self.model.generation.into());
+        out.gauge("generation", "The pool's generation of workers: the one starting during a reload, else the one serving (back to the previous one when a reload is abandoned).", self.model.generation.into());
         out.gauge(
             "reload_failed",
             "1 when the last reload was abandoned (the previous generation serves on).",

@@ -153,6 +153,19 @@ pub fn ports_to_wait(port: Option<u16>) -> TclResult<Vec<u16>> {
     }
 }
 
+/// Refuses a change of a stopping pool's workers (`pool resize`, `pool
+/// reload` of its port): nothing is forked for it any more.
+pub fn refuse_if_stopping(port: u16) -> TclResult<()> {
+    let stopping = with_supervisor(|sup| sup.index(port).is_some_and(|i| sup.pools[i].model.phase.stopping()));
+    if stopping {
+        return Err(TclError::new(
+            format!("the pool on port {port} is stopping"),
+            &["SOCKETSERVER", "POOL", "STOPPING", &port.to_string()],
+        ));
+    }
+    Ok(())
+}
+
 /// A rolling reload: a new generation, then the old one leaves.
 pub fn reload(port: u16) {
     with_supervisor(|sup| sup.reload(port));

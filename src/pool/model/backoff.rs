@@ -14,7 +14,7 @@ pub const RELOAD_FAILURES: u32 = 5;
 /// Back-off after the first failure, doubled for each further one...
 const FIRST: Duration = Duration::from_millis(100);
 /// ...up to this.
-const CAP: Duration = Duration::from_secs(30);
+pub const CAP: Duration = Duration::from_secs(30);
 
 /// The back-off before the next try after `failures` failures in a row.
 pub fn delay(failures: u32) -> Duration {
@@ -79,12 +79,17 @@ impl FailureRun {
         self.failed_at.is_some_and(|at| forked > at)
     }
 
-    /// Whether a worker forked at `forked`, ready, `served` connections,
-    /// ends the run at `now`: forked after the failure, and lived a while
-    /// or served (a pool that recycles after a few connections has
-    /// workers that never live long under load).
-    pub fn proven_by(&self, forked: Instant, served: u64, now: Instant) -> bool {
-        self.forked_since(forked) && (now.saturating_duration_since(forked) >= YOUNG || served > 0)
+    /// Whether a worker forked at `forked`, ready since `ready_at`,
+    /// `served` connections, ends the run at `now`: forked or become ready
+    /// after the failure, and lived a while or served (a pool that
+    /// recycles after a few connections has workers that never live long
+    /// under load). Ready after the failure whenever it was forked: the
+    /// replacement of a recycled worker, forked before that worker was
+    /// killed, may be the only worker left to start, and a run that only
+    /// a later fork could end would stop recycling and sizing for good.
+    pub fn proven_by(&self, forked: Instant, ready_at: Option<Instant>, served: u64, now: Instant) -> bool {
+        (self.forked_since(forked) || ready_at.is_some_and(|at| self.forked_since(at)))
+            && (now.saturating_duration_since(forked) >= YOUNG || served > 0)
     }
 
     /// How many of `wanted` workers may be forked now: all of them, or,

@@ -38,6 +38,8 @@ pub mod timeouts;
 mod turn;
 
 #[cfg(test)]
+mod recovery_tests;
+#[cfg(test)]
 mod simulation;
 
 /// What a worker is doing, as the supervisor last observed it (its slot).

@@ -60,6 +60,10 @@ pub struct Worker {
     pub hang: Option<Hang>,
     /// Seen registered or serving once: a clean exit then is no failed start.
     pub was_ready: bool,
+    /// When it was first seen registered or serving: one ready after the
+    /// last failure ends the run, whenever it was forked (a replacement
+    /// forked before a failure is the only one left to end it).
+    pub ready_at: Option<Instant>,
 }
 
 impl Worker {
@@ -137,6 +141,9 @@ impl Model {
             Event::Slot { worker, slot } => {
                 if let Some(w) = self.worker_mut(worker) {
                     w.slot = slot;
+                    if slot.state.ready() {
+                        w.ready_at.get_or_insert(now);
+                    }
                 }
             }
             Event::Exited { worker, slot, status } => self.exited(worker, slot, status, now, &mut out),
@@ -212,6 +219,7 @@ impl Model {
             leaving_since: None,
             hang: None,
             was_ready: false,
+            ready_at: None,
         });
         out.push(Action::Fork { worker: id, generation: self.generation });
     }
@@ -353,7 +361,12 @@ impl Model {
         out.push(Action::Log(Note::Reload { generation: self.generation }));
     }
 
+    /// A stopping pool keeps its range: nothing is forked for it any more
+    /// (`pool resize` is refused, SIGTTIN and SIGTTOU change nothing).
     fn resize(&mut self, min: usize, max: usize, out: &mut Vec<Action>) {
+        if self.phase.stopping() {
+            return;
+        }
         self.target = self.sizing.set_range(min, max, self.target);
         out.push(Action::Log(Note::Resized { min, max, target: self.target }));
     }

@@ -1,9 +1,10 @@
 //! Reload progress: a reload starts a new generation; it is done once the
 //! new generation's workers are ready (as many as the target), and
 //! abandoned after `RELOAD_FAILURES` failed starts in a row, when the
-//! newest generation that still has a ready worker serves on (the one
-//! that served before the reload, unless a reload during this one got
-//! that far) and the next reload tries again.
+//! generation that served before it serves on and is restored to the
+//! target; the abandoned generation's workers, ready ones included, are
+//! told to leave as the old one's become ready again, and none of it is
+//! forked any more. The next reload tries again.
 
 use super::backoff::{FailureRun, RELOAD_FAILURES};
 
@@ -62,15 +63,13 @@ impl Reload {
 
     /// Ends a running reload when its generation is ready (`ready` of
     /// `target`), or abandons it after too many failures in a row (which
-    /// then end: the generation that serves on is not backed off);
-    /// `newest_ready` names the newest generation with a ready worker.
-    pub fn settle(
-        &mut self,
-        ready: usize,
-        target: usize,
-        failures: &mut FailureRun,
-        newest_ready: impl FnOnce() -> Option<u32>,
-    ) -> Option<Settled> {
+    /// then end: the generation that serves on is not backed off). The
+    /// one that served before the reload serves on, even when a few of
+    /// the abandoned generation's workers are ready: a generation that
+    /// served is known to work, one that fails 5 times in a row is not
+    /// (serving on with its few ready workers, it was forked and backed
+    /// off for good and the old one never restored).
+    pub fn settle(&mut self, ready: usize, target: usize, failures: &mut FailureRun) -> Option<Settled> {
         let Reload::Running { previous } = *self else { return None };
         if ready >= target {
             *self = Reload::Done;
@@ -83,6 +82,6 @@ impl Reload {
         let count = failures.failures;
         failures.end();
         *self = Reload::Failed { reason: reason.clone() };
-        Some(Settled::Abandoned { serve: newest_ready().unwrap_or(previous), failures: count, reason })
+        Some(Settled::Abandoned { serve: previous, failures: count, reason })
     }
 }

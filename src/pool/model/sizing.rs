@@ -146,7 +146,12 @@ impl Sizing {
             return None;
         }
         let Load { idle, busy, starting, queued } = load;
-        let surplus_since = if idle > self.max_spare { Some(self.surplus_since.unwrap_or(now)) } else { None };
+        // A worker starting counts as idle for the wait: the replacement of
+        // a recycled worker (whose turn holder no longer counts) is one in
+        // a moment, and must not restart it (a pool recycling every few
+        // connections never shrank under light load when it did).
+        let surplus_since =
+            if idle + starting > self.max_spare { Some(self.surplus_since.unwrap_or(now)) } else { None };
         self.surplus_since = surplus_since;
         let since_last = self.last_change.map(|at| now.saturating_duration_since(at));
         if since_last.is_some_and(|since| since < INTERVAL) {
@@ -161,7 +166,7 @@ impl Sizing {
             (true, counts)
         } else if *target < self.max && queued > starting {
             (true, format!("{counts}, {queued} queued"))
-        } else if *target > self.min && idle_for.is_some_and(|idle_for| idle_for >= self.idle_timeout) {
+        } else if *target > self.min && idle > 0 && idle_for.is_some_and(|idle_for| idle_for >= self.idle_timeout) {
             (false, format!("{idle} idle for {:.1} s", idle_for.unwrap_or_default().as_secs_f64()))
         } else {
             return None;

@@ -47,8 +47,8 @@ impl Model {
         }
     }
 
-    /// A worker of the current generation forked after the last failure
-    /// that is ready and outlives its youth ends the run: one still in
+    /// A worker of the current generation forked (or become ready) after
+    /// the last failure that is ready and outlives its youth ends the run: one still in
     /// `-init` has not shown that the code works (an `-init` that fails
     /// after a while would otherwise never back off further). Older
     /// workers say nothing about the code that fails now (a reload's new
@@ -59,7 +59,7 @@ impl Model {
                 && w.retired.is_none()
                 && w.killed.is_none()
                 && w.slot.state.ready()
-                && self.failures.proven_by(w.forked, w.slot.served, now)
+                && self.failures.proven_by(w.forked, w.ready_at, w.slot.served, now)
         };
         if self.failures.failed_at().is_some() && self.workers.iter().any(proves) {
             self.failures.end();
@@ -79,15 +79,7 @@ impl Model {
 
     fn settle_reload(&mut self, out: &mut Vec<Action>) {
         let ready = self.ready_count();
-        let workers = &self.workers;
-        let newest_ready = || {
-            workers
-                .iter()
-                .filter(|w| w.retired.is_none() && w.killed.is_none() && w.slot.state.ready())
-                .map(|w| w.generation)
-                .max()
-        };
-        match self.reload.settle(ready, self.target, &mut self.failures, newest_ready) {
+        match self.reload.settle(ready, self.target, &mut self.failures) {
             None => {}
             Some(Settled::Done) => out.push(Action::Log(Note::Reloaded { generation: self.generation })),
             Some(Settled::Abandoned { serve, failures, reason }) => {

@@ -18,6 +18,9 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 
+use super::recycling::Turn;
+use super::Observed;
+
 mod pool;
 
 use pool::SimPool;
@@ -194,5 +197,35 @@ fn a_due_worker_sent_sigterm_is_no_recycle() {
     pool.apply(&Event::Term(1));
     pool.apply(&Event::Wait(5));
     assert_eq!(pool.figures.recycled, 0, "{:?}", pool.figures);
+    pool.stop();
+}
+
+/// `-workers 2 -maxlifetime 3`: a worker due by age whose replacement is
+/// starting is killed -9, one failure. The replacement, forked before
+/// it, ends the run once ready, and recycling goes on (before: the run
+/// never ended; recycling and sizing stopped for good).
+#[test]
+fn a_turn_holder_killed_while_its_replacement_starts() {
+    let mut pool = SimPool::new(2, 2, None, Some(Duration::from_secs(3)), None);
+    pool.step();
+    let mut killed = false;
+    for _ in 0..100 {
+        pool.apply(&Event::Wait(1));
+        let m = &pool.model;
+        let holder = m.workers.iter().find(|w| matches!(w.turn, Some(Turn::Held(_)))).map(|w| w.id);
+        let starting = m.workers.iter().any(|w| w.slot.state == Observed::Starting);
+        if let (Some(n), true) = (holder.and_then(|id| pool.live_position(id)), starting) {
+            pool.apply(&Event::KillNine(n));
+            killed = true;
+            break;
+        }
+    }
+    assert!(killed, "no turn holder with its replacement starting");
+    assert!(!pool.model.failures.healthy(), "the kill is a failure");
+    // Past the bound of the invariant "a run of failures ends".
+    pool.apply(&Event::Wait(250));
+    pool.apply(&Event::Wait(250));
+    assert!(pool.model.failures.healthy(), "the run of failures never ended");
+    assert!(pool.figures.recycled >= 2, "recycling stopped: {:?}", pool.figures);
     pool.stop();
 }

@@ -8,6 +8,7 @@
 
 use std::time::{Duration, Instant};
 
+use super::super::backoff;
 use super::super::events::{Action, Counter, Event as ModelEvent, ExitStatus, Note, SlotView, WorkerId};
 use super::super::exits::Outcome;
 use super::super::pool::{Model, Settings, Worker};
@@ -83,6 +84,8 @@ pub(super) struct SimPool {
     /// Since when no failure backs off and `-init` works (for the turn
     /// bound: replacements could start all that time).
     healthy_since: Instant,
+    /// Since when `-init` works (a run of failures must end after).
+    init_works_since: Instant,
     max_connections: Option<u64>,
     max_lifetime: Option<Duration>,
     init: Init,
@@ -141,6 +144,7 @@ impl SimPool {
             workers: Vec::new(),
             figures: Figures::default(),
             healthy_since: now,
+            init_works_since: now,
             max_connections,
             max_lifetime,
             init: Init::Works,
@@ -225,6 +229,12 @@ impl SimPool {
         if max_connections.is_some_and(|limit| w.received >= limit) && w.due.is_none() {
             w.due = Some(Reason::Connections);
         }
+    }
+
+    /// The position among live workers (as events pick them) of `id`.
+    pub(super) fn live_position(&self, id: WorkerId) -> Option<u8> {
+        let mut live = self.workers.iter().filter(|w| w.alive());
+        live.position(|w| w.id == id).and_then(|n| u8::try_from(n).ok())
     }
 
     pub(super) fn apply(&mut self, event: &Event) {
@@ -423,6 +433,9 @@ impl SimPool {
         if !self.model.failures.healthy() || self.init != Init::Works {
             self.healthy_since = self.now;
         }
+        if self.init != Init::Works {
+            self.init_works_since = self.now;
+        }
         self.check(&before);
     }
 
@@ -505,6 +518,14 @@ impl SimPool {
                 w.id,
                 waited
             );
+        }
+        // A run of failures ends once `-init` works: the next try is at
+        // most a back-off away, and is ready and past its youth soon after
+        // (a run nothing could end stopped recycling and sizing for good).
+        let bound = backoff::CAP + INIT_TIMEOUT + INIT_TIME + backoff::YOUNG + TICK * 3;
+        if let Some(at) = m.failures.failed_at().filter(|&at| at >= self.init_works_since) {
+            let stuck = !m.phase.stopping() && self.now.saturating_duration_since(at) > bound;
+            assert!(!stuck, "a run of {} failures never ended", m.failures.failures);
         }
         // The serving count stays within the range (turn holders and
         // workers leaving are not counted; their replacements are).
