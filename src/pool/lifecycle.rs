@@ -40,6 +40,7 @@ pub(super) struct Told {
 fn view(slot: &Slot) -> SlotView {
     SlotView {
         state: observed(slot.state()).unwrap_or(Observed::Stopping),
+        was_ready: slot.was_ready(),
         served: slot.served(),
         open: slot.open(),
         due: due(slot),

@@ -69,6 +69,10 @@ pub struct Slot {
     open: AtomicU32,
     /// Set by the supervisor: register no more, leave when done.
     leave_requested: AtomicU32,
+    /// Set by the worker once it is ready (its `-init` done), never
+    /// cleared: its state may say `stopping` before the supervisor looked,
+    /// and a ready worker that leaves did not fail to start.
+    ready_once: AtomicU32,
     /// Connections whose channels the worker has closed.
     served: AtomicU64,
     /// Connections closed for a bad PROXY protocol header.
@@ -102,7 +106,14 @@ impl Slot {
         State::from_u32(self.state.load(Relaxed))
     }
     pub fn set_state(&self, state: State) {
+        if matches!(state, State::Idle | State::Busy) {
+            self.ready_once.store(1, Relaxed);
+        }
         self.state.store(state as u32, Relaxed);
+    }
+    /// Whether the worker has been ready (idle or busy) since its fork.
+    pub fn was_ready(&self) -> bool {
+        self.ready_once.load(Relaxed) != 0
     }
     pub fn open(&self) -> u32 {
         self.open.load(Relaxed)
@@ -205,6 +216,7 @@ impl Slot {
         self.generation.store(generation, Relaxed);
         self.open.store(0, Relaxed);
         self.leave_requested.store(0, Relaxed);
+        self.ready_once.store(0, Relaxed);
         self.served.store(0, Relaxed);
         self.proxy_errors.store(0, Relaxed);
         self.proxy_untrusted.store(0, Relaxed);

@@ -18,6 +18,9 @@ pub type WorkerId = u64;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SlotView {
     pub state: Observed,
+    /// It has been ready (idle or busy) since its fork, whatever `state`
+    /// says now: it may have left before the supervisor looked.
+    pub was_ready: bool,
     /// Connections served (closed).
     pub served: u64,
     /// Connections open now.
@@ -29,7 +32,8 @@ pub struct SlotView {
 }
 
 impl SlotView {
-    pub const STARTING: SlotView = SlotView { state: Observed::Starting, served: 0, open: 0, due: None, busy_since: 0 };
+    pub const STARTING: SlotView =
+        SlotView { state: Observed::Starting, was_ready: false, served: 0, open: 0, due: None, busy_since: 0 };
 }
 
 /// How a worker ended, as `waitpid` said, and what its slot said last.

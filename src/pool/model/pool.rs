@@ -266,7 +266,7 @@ impl Model {
                 && slot.state == Observed::Stopping
                 && slot.due.is_some()
                 && (w.turn.is_some() || w.authorised),
-            ready: w.was_ready || slot.state.ready(),
+            ready: w.was_ready || slot.was_ready || slot.state.ready(),
         });
         // Why it failed, as the log and an abandoned reload say it.
         let reason = if !status.failure.is_empty() {

@@ -24,6 +24,11 @@ pub(super) struct SimWorker {
     init: Init,
     /// What its slot says.
     pub(super) state: Observed,
+    /// Its slot has said idle or busy once.
+    was_ready: bool,
+    /// SIGTERM from outside that lands the moment its `-init` is done:
+    /// ready and gone again before the supervisor looks.
+    term_after_init: bool,
     /// Asked to leave (its leave pipe closed).
     pub(super) leave_asked: bool,
     /// SIGKILL received.
@@ -53,6 +58,7 @@ impl SimWorker {
     fn slot(&self) -> SlotView {
         SlotView {
             state: self.state,
+            was_ready: self.was_ready,
             served: self.served,
             open: (self.received - self.served) as u32,
             due: self.due,
@@ -172,7 +178,10 @@ impl SimPool {
         for w in self.workers.iter_mut().filter(|w| w.alive()) {
             if w.state == Observed::Starting && !w.sigkilled {
                 match w.init {
-                    Init::Works if now >= w.forked + INIT_TIME => w.state = Observed::Idle,
+                    Init::Works if now >= w.forked + INIT_TIME => {
+                        w.state = if w.term_after_init { Observed::Stopping } else { Observed::Idle };
+                        w.was_ready = true;
+                    }
                     Init::Fails if now >= w.forked + INIT_TIME => w.exited = Some((false, false)),
                     _ => {}
                 }
@@ -225,6 +234,7 @@ impl SimPool {
         }
         w.open.push(end);
         w.state = Observed::Busy;
+        w.was_ready = true;
         w.received += 1;
         if max_connections.is_some_and(|limit| w.received >= limit) && w.due.is_none() {
             w.due = Some(Reason::Connections);
@@ -276,6 +286,8 @@ impl SimPool {
                     let w = &mut self.workers[i];
                     if w.state.ready() {
                         w.state = Observed::Stopping;
+                    } else if w.state == Observed::Starting {
+                        w.term_after_init = true;
                     }
                 }
             }
@@ -326,6 +338,8 @@ impl SimPool {
                     forked: self.now,
                     init: self.init,
                     state: Observed::Starting,
+                    was_ready: false,
+                    term_after_init: false,
                     leave_asked: false,
                     sigkilled: false,
                     authorised: false,
@@ -409,7 +423,12 @@ impl SimPool {
             let w = self.workers.remove(index);
             let text = if signaled { "signal SIGKILL".to_string() } else { format!("exit {}", u8::from(!clean)) };
             let status = ExitStatus { clean, signaled, text, failure: String::new() };
+            let failed_before = self.figures.exits[4];
             self.tell(ModelEvent::Exited { worker: w.id, slot: w.slot(), status });
+            // A worker that was ready did not fail to start, even if the
+            // supervisor never saw it ready.
+            let failed = self.figures.exits[4] > failed_before;
+            assert!(!(failed && w.was_ready && !signaled), "worker {} was ready, counted as a failed start", w.id);
         }
         // A worker asked for its stack answers within the next turn, and
         // is killed (`-concurrency 1`).
