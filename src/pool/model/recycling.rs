@@ -18,9 +18,9 @@
 //! never retired while its replacement cannot start (an `-init` that
 //! fails, a database down), and the pool never drains below its size by
 //! its own recycling. A turn ends when its worker has closed its last
-//! connection, or, once the pool is its size again, after `HOLD`: a worker that
-//! leaves slowly (one connection held for hours) does not keep the others
-//! waiting. No turn is given, and no worker authorised, while failures
+//! connection, or `HOLD` after it was retired, the pool its size again: a
+//! worker that leaves slowly (one connection held for hours) does not keep
+//! the others waiting. No turn is given, and no worker authorised, while failures
 //! back off or a reload is under way (a reload replaces them anyway).
 
 use std::time::{Duration, Instant};

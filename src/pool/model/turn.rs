@@ -290,6 +290,13 @@ impl Model {
                 out.push(Action::Authorise { worker: w.id, may_leave });
             }
         }
+        // A turn's `HOLD` counts from its worker's retirement, when the
+        // pool is its size again: one that waited longer than `HOLD` for
+        // its replacement would otherwise end its turn the moment it is
+        // retired, and the next worker would leave while it still serves.
+        for &index in &plan.retire {
+            self.workers[index].turn = Some(Turn::Held(now));
+        }
         let leaving: Vec<_> = plan.retire.iter().map(|&index| self.workers[index].id).collect();
         for id in leaving {
             self.retire(now, 1, Retired::Recycle, |w| w.id == id, out);

@@ -538,6 +538,18 @@ impl SimPool {
                 waited
             );
         }
+        // Retired for recycling while still serving: no more at once than
+        // the pool's turns, but for one that has served on for `HOLD`
+        // since it was retired (a slow leaver keeps nobody waiting).
+        let draining = m
+            .workers
+            .iter()
+            .filter(|w| w.retired == Some(Retired::Recycle) && w.slot.open > 0 && w.slot.state != Observed::Starting)
+            .filter(|w| {
+                w.leaving_since.is_some_and(|since| self.now.saturating_duration_since(since) < recycling::HOLD)
+            })
+            .count();
+        assert!(draining <= recycling::bound(m.sizing.max), "{draining} retired for recycling serve at once");
         // A run of failures ends once `-init` works: the next try is at
         // most a back-off away, and is ready and past its youth soon after
         // (a run nothing could end stopped recycling and sizing for good).
