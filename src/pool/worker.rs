@@ -577,7 +577,9 @@ fn spawn_control(
         move || {
             wait_for_leave(leave, signal_pipe, thread, hooked);
             if PHASE.compare_exchange(IN_INIT, LEFT_IN_INIT, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
-                // Left by itself, as it would have after `-init`: not a failure.
+                // Leaves as it would after `-init`, with status 0 (the pool
+                // still counts a worker that left before it was ready as a
+                // failed start).
                 slot.set_state(State::Stopping);
                 // SAFETY: _exit ends every thread of the process at once; the
                 // worker holds no connection yet, and `-init`, running on the

@@ -25,6 +25,8 @@ pub struct ExitFacts {
     pub left_due: bool,
     /// It had registered (its `-init` done) before it left.
     pub ready: bool,
+    /// It left within `backoff::YOUNG` of its fork.
+    pub young: bool,
 }
 
 /// The category of an exit.
@@ -80,10 +82,14 @@ pub fn classify(facts: ExitFacts) -> Outcome {
     if !facts.current {
         return Outcome::Superseded;
     }
-    // A worker that was ready and left cleanly having received nothing
-    // (a SIGTERM from outside to an idle worker) did not fail to start:
-    // its code works, it is lost and replaced at once, not backed off.
-    let left_cleanly = facts.clean && facts.ready;
+    // A worker that was ready a while and left cleanly having received
+    // nothing (a SIGTERM from outside to an idle worker) did not fail to
+    // start: it is lost and replaced at once, not backed off. One that
+    // left as young served nothing either, and says no more: an
+    // application whose workers exit as soon as they are ready, or a
+    // process that ends each worker as it appears, would otherwise have
+    // the pool fork hundreds of times a second.
+    let left_cleanly = facts.clean && facts.ready && !facts.young;
     if failed_start && (facts.signaled || (!facts.received && !left_cleanly)) {
         Outcome::Failed
     } else {
@@ -106,6 +112,7 @@ mod tests {
             received: true,
             left_due: false,
             ready: true,
+            young: false,
         }
     }
 
@@ -125,5 +132,10 @@ mod tests {
         assert_eq!(classify(ExitFacts { received: false, ..facts() }), Outcome::Lost);
         let init_fails = ExitFacts { received: false, clean: false, ready: false, ..facts() };
         assert_eq!(classify(init_fails), Outcome::Failed);
+        // One that exits as soon as it is ready, having served nothing: a
+        // failed start, backed off.
+        assert_eq!(classify(ExitFacts { received: false, young: true, ..facts() }), Outcome::Failed);
+        // Young, but it served: lost.
+        assert_eq!(classify(ExitFacts { young: true, ..facts() }), Outcome::Lost);
     }
 }

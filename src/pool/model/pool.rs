@@ -267,6 +267,7 @@ impl Model {
                 && slot.due.is_some()
                 && (w.turn.is_some() || w.authorised),
             ready: w.was_ready || slot.was_ready || slot.state.ready(),
+            young: now.saturating_duration_since(w.forked) < super::backoff::YOUNG,
         });
         // Why it failed, as the log and an abandoned reload say it.
         let reason = if !status.failure.is_empty() {
@@ -307,8 +308,14 @@ impl Model {
             }
             // (One killed at `-inittimeout` was counted at its kill.)
             Outcome::Failed => backoff = self.count_failed_start(reason, w.forked, now),
-            // It served: the code works.
-            Outcome::Lost => self.failures.end(),
+            // It served, or was ready a while: the code works, if it was
+            // started after the last failure (one started before says
+            // nothing of the code that fails now).
+            Outcome::Lost => {
+                if self.failures.proven_by(w.forked, w.ready_at, slot.served, now) {
+                    self.failures.end();
+                }
+            }
             // Counted when it is gone, killed or left after the question.
             Outcome::TimedOut => out.push(Action::Count(Counter::TimedOut)),
             Outcome::Retired | Outcome::Stopped { .. } | Outcome::Superseded => {}
