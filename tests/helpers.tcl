@@ -39,16 +39,24 @@ testConstraint exclusiveWakeup [expr {![info exists ::env(SOCKETSERVER_PORTABLE)
 
 set ::workers {}
 
+# A pipe whose write end only this process keeps: the workers it forks
+# see its end of file when it is gone.
+lassign [chan pipe] ::testAliveRead ::testAliveWrite
+
 # forkWorker script --
 #	Forks a worker process that evaluates $script at global level and then
-#	serves events until killed. The worker exits by itself after the
-#	watchdog period, so a failing test leaves no process behind.
+#	serves events until killed. The worker exits by itself once the test
+#	process is gone, so a failing test leaves no process behind. (Not
+#	after a fixed time: a test of several requests on a loaded machine
+#	outlasted the 16 s its workers were given, and its last request
+#	found none.)
 proc forkWorker {script} {
     flush stdout
     flush stderr
     set pid [fork]
     if {$pid == 0} {
-        after [expr {$::watchdogMs * 2}] {exit 3}
+        close $::testAliveWrite
+        fileevent $::testAliveRead readable {exit 3}
         # A test that closes its port while a worker still waits is not an
         # error worth printing: anything on stderr fails the test file.
         interp bgerror {} {apply {{msg opts} {
