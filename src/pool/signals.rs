@@ -69,10 +69,14 @@ thread_local! {
 
 /// Makes the process's pipe (once) and returns its read end.
 pub fn pipe_read_end() -> nix::Result<RawFd> {
+    // Where close-on-exec is not set atomically, no fork may come between
+    // making the pipe and marking it. The fork guard is taken before
+    // `HANDLING`, in the order a fork takes them (`before_fork` holds the
+    // guard while this room's `prepare` locks `HANDLING`): the other order
+    // deadlocks with a fork in another thread.
+    let _no_fork = (!crate::sys::CLOEXEC_IS_ATOMIC).then(crate::fork_safety::hold_off_forks);
     let mut handling = handling();
     if handling.is_none() {
-        // Where close-on-exec is not set atomically, no fork may come between.
-        let _no_fork = (!crate::sys::CLOEXEC_IS_ATOMIC).then(crate::fork_safety::hold_off_forks);
         let (read_end, write_end) = crate::sys::pipe_cloexec(true)?;
         WRITE_END.store(write_end.as_raw_fd(), Ordering::SeqCst);
         *handling = Some(Handling { read_end, _write_end: write_end, previous: Vec::new() });
