@@ -192,7 +192,15 @@ pub fn plan(workers: &[Candidate], target: usize, ready_without: usize, can_star
     // at once past `-maxconnections`, or authorised to leave by
     // themselves): never the last ready one, so a replacement that cannot
     // start (an `-init` that fails) leaves the pool serving.
-    let mut early = ready_without.saturating_sub(1);
+    //
+    // A worker authorised on an earlier turn may leave by itself at any
+    // moment, before the supervisor sees it go: it is kept out of the
+    // count first. (Two workers at their limit at once, one authorised:
+    // the other was retired at once too, and with an `-init` that fails
+    // the pool served nothing.) It may keep its authorisation below.
+    let authorised_before = workers.iter().filter(serving).filter(|c| c.authorised).count();
+    let reserved = authorised_before.min(ready_without.saturating_sub(1));
+    let mut early = ready_without.saturating_sub(1) - reserved;
     let mut waiting: Vec<&Candidate> = workers.iter().filter(serving).filter(|c| due(c)).collect();
     waiting.sort_by_key(|c| c.forked);
     for c in waiting {
@@ -213,7 +221,66 @@ pub fn plan(workers: &[Candidate], target: usize, ready_without: usize, can_star
     let mut others: Vec<&Candidate> =
         workers.iter().filter(serving).filter(|c| !due(c) && !plan.turns.contains(&c.index)).collect();
     others.sort_by_key(|c| (std::cmp::Reverse(c.served), c.forked));
-    let free = bound(target).saturating_sub(held).min(early);
+    let free = bound(target).saturating_sub(held).min(early + reserved);
     plan.authorised = others.iter().take(free).map(|c| c.index).collect();
     plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready(index: usize, forked: Instant, due: Option<Reason>, authorised: bool) -> Candidate {
+        Candidate {
+            index,
+            forked,
+            current: true,
+            state: Observed::Idle,
+            leaving: false,
+            due,
+            turn: None,
+            recycle_at: None,
+            served: 3,
+            open: 0,
+            authorised,
+        }
+    }
+
+    /// Two workers at their limit at once, one of them authorised to
+    /// leave by itself on an earlier turn: the other is not retired before
+    /// its replacement is ready, since the authorised one may be gone
+    /// already (before: both left, and with an `-init` that fails the
+    /// pool served nothing).
+    #[test]
+    fn an_authorised_worker_is_not_counted_on_to_stay() {
+        let now = Instant::now();
+        let workers = [ready(0, now, Some(Reason::Connections), false), ready(1, now, Some(Reason::Connections), true)];
+        let plan = plan(&workers, 2, 2, true, now);
+        assert!(plan.retire.is_empty(), "{plan:?}");
+        // One at a time, and it keeps its authorisation or its turn.
+        assert_eq!(plan.turns.len() + plan.authorised.len(), 1, "{plan:?}");
+    }
+
+    /// Without an earlier authorisation, one of two at their limit leaves
+    /// at once (the pool is healthy), as before.
+    #[test]
+    fn one_of_two_at_their_limit_leaves_at_once() {
+        let now = Instant::now();
+        let workers =
+            [ready(0, now, Some(Reason::Connections), false), ready(1, now, Some(Reason::Connections), false)];
+        let plan = plan(&workers, 2, 2, true, now);
+        assert_eq!(plan.retire, vec![0]);
+    }
+
+    /// A steady pool keeps one worker authorised from turn to turn.
+    #[test]
+    fn an_authorisation_is_kept_from_turn_to_turn() {
+        let now = Instant::now();
+        let first = plan(&[ready(0, now, None, false), ready(1, now, None, false)], 2, 2, true, now);
+        assert_eq!(first.authorised.len(), 1);
+        let chosen = first.authorised[0];
+        let workers = [ready(0, now, None, chosen == 0), ready(1, now, None, chosen == 1)];
+        let second = plan(&workers, 2, 2, true, now);
+        assert_eq!(second.authorised, vec![chosen]);
+    }
 }
