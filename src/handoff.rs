@@ -264,8 +264,11 @@ pub fn send_connection(queue: BorrowedFd<'_>, conn: &Connection, flags: MsgFlags
 }
 
 /// How long a worker handing a connection back waits for room in the
-/// queue's direction back (`send_back`).
-pub const GIVE_BACK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+/// queue's direction back (`send_back`). Room comes in bursts (the
+/// re-queueing thread drops 64 garbage messages, then pauses 50 ms), and a
+/// worker flooding the way back competes for each: on a loaded machine one
+/// second gave a flooder every burst about once in 25 tries, five do not.
+pub const GIVE_BACK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Sends a connection back from a worker, as `send_connection`; where the
 /// way back is full, waits for room for up to `wait` (a few polls) rather
@@ -285,10 +288,11 @@ pub fn send_back(queue: BorrowedFd<'_>, conn: &Connection, wait: std::time::Dura
         if left.is_zero() {
             return Err(Errno::EAGAIN);
         }
-        // At most 20 ms at a time: a wake-up for room may go to another
-        // sender, and some systems do not report room for datagrams.
-        let timeout =
-            PollTimeout::try_from(left.min(std::time::Duration::from_millis(20))).unwrap_or(PollTimeout::ZERO);
+        // At most 5 ms at a time: a wake-up for room may go to another
+        // sender (the kernel reports room only once the buffer is three
+        // quarters empty), and some systems do not report room for
+        // datagrams; trying often is what wins room freed in a burst.
+        let timeout = PollTimeout::try_from(left.min(std::time::Duration::from_millis(5))).unwrap_or(PollTimeout::ZERO);
         let _ = poll(&mut [PollFd::new(queue, PollFlags::POLLOUT)], timeout);
     }
 }
