@@ -51,9 +51,12 @@ use crate::sys::{self, Waker};
 
 /// How long to pause when accept or send fails for lack of resources.
 const BACKOFF: Duration = Duration::from_millis(50);
-/// How many times (a millisecond apart) stopping signals the threads before
-/// it falls back to shutting the listeners down.
-const SIGNAL_ROUNDS: u32 = 500;
+/// How long stopping signals the threads (a millisecond apart) before it
+/// falls back to shutting the listeners down. Long enough for a thread
+/// that a loaded machine has not run yet: a listener shared with another
+/// holder (systemd, the next generation of an upgrade) stops listening
+/// for that holder too once shut down.
+const SIGNAL_FOR: Duration = Duration::from_secs(5);
 /// Messages handed back and dropped in a row before the re-queueing thread
 /// pauses (`BACKOFF`) before the next.
 const DROPPED_BEFORE_PAUSE: u32 = 64;
@@ -223,10 +226,11 @@ impl AcceptLoop {
         self.shared.stop.wake();
         // A thread that checked `stopping` just before it entered accept4
         // misses a first signal: send again until every thread has returned.
-        let mut rounds = 0;
+        let fallback_at = std::time::Instant::now() + SIGNAL_FOR;
+        let mut shut_down = false;
         while !self.finished.iter().all(|f| f.load(Ordering::SeqCst)) {
-            rounds += 1;
-            if rounds == SIGNAL_ROUNDS {
+            if !shut_down && std::time::Instant::now() >= fallback_at {
+                shut_down = true;
                 // A handler of the script's for SIGURG restarts accept4:
                 // then only shutdown() wakes the threads, shared socket or not.
                 for listener in &self.shared.listeners {
